@@ -1,0 +1,4 @@
+"""The SmolLM2 (Llama) family in JAX: model, weights in/out, sampling, training, evaluation."""
+
+from kdjax.llm.config import LlamaConfig, PRESETS, get_preset
+from kdjax.llm.model import Llama, KVCache, forward, init_params, token_logprobs

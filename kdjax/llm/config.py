@@ -1,0 +1,98 @@
+"""Llama configuration and the named presets (SmolLM2 family plus tiny CPU presets)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  vocab_size: int = 49152
+  hidden_size: int = 576
+  intermediate_size: int = 1536
+  num_layers: int = 30
+  num_heads: int = 9
+  num_kv_heads: int = 3
+  head_dim: int = 64
+  rope_theta: float = 100000.0
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 8192
+  tie_embeddings: bool = True
+  bos_token_id: int = 1
+  eos_token_id: int = 2
+  # Numerics: parameters are stored in param_dtype; matmuls run in dtype (bfloat16 on accelerators).
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each layer in the backward pass (memory for compute)
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw) -> "LlamaConfig":
+    return dataclasses.replace(self, **kw)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "LlamaConfig":
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+  def num_params(self) -> int:
+    d, f, v, hd = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+    attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+    per_layer = attn + 3 * d * f + 2 * d
+    return v * d * (1 if self.tie_embeddings else 2) + self.num_layers * per_layer + d
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), matmuls and attention scores."""
+    d, hd, n = self.hidden_size, self.head_dim, self.num_layers
+    matmul = 2 * (self.num_params() - self.vocab_size * d * (1 if self.tie_embeddings else 2)
+                  + self.vocab_size * d)
+    attn = 2 * 2 * n * self.num_heads * hd * seq_len / 2  # causal: half the scores on average
+    return 3.0 * (matmul + attn)
+
+
+def _smollm2(**kw) -> LlamaConfig:
+  return LlamaConfig(vocab_size=49152, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=8192,
+                     tie_embeddings=True, **kw)
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "smollm2-135m": _smollm2(hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                             num_kv_heads=3, rope_theta=100000.0),
+    "smollm2-360m": _smollm2(hidden_size=960, intermediate_size=2560, num_layers=32, num_heads=15,
+                             num_kv_heads=5, rope_theta=100000.0),
+    "smollm2-1.7b": _smollm2(hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=32,
+                             num_kv_heads=32, rope_theta=130000.0),
+    # Full SmolLM2 vocabulary, small body: the smoke-run teacher and benchmarks.
+    "tiny-49k": _smollm2(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
+                         num_kv_heads=2, rope_theta=100000.0),
+    # Full vocabulary, smaller still: smoke-run students.
+    "micro-49k": _smollm2(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2,
+                          num_kv_heads=1, rope_theta=100000.0),
+    # Small vocabulary: unit tests.
+    "test-tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
+                             max_position_embeddings=512, tie_embeddings=True),
+    "test-tiny-untied": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                    num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16,
+                                    rope_theta=10000.0, max_position_embeddings=512,
+                                    tie_embeddings=False),
+}
+
+
+def get_preset(name: str) -> LlamaConfig:
+  from kdjax.cli import UserError
+  if name not in PRESETS:
+    raise UserError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+  return PRESETS[name]

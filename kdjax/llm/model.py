@@ -1,0 +1,228 @@
+"""The Llama architecture (SmolLM2) in Flax linen.
+
+RMSNorm, rotary embeddings, grouped-query attention, SwiGLU, tied or untied embeddings, causal +
+padding masks, an explicit KV cache, layers under `nn.scan` (one compiled layer, any depth).
+Every parameter carries logical axis names; `kdjax.sharding` maps them onto a device mesh.
+
+Shapes in names: B batch, T query length, S cache/key length, D hidden, H heads, K kv heads,
+G = H // K query heads per kv head, E head_dim, F MLP width, V vocabulary, L layers.
+
+Parameter tree (the canonical layout; convert.py maps checkpoints onto it):
+  embed/embedding                 [V, D]        (vocab, embed)
+  layers/attn_norm/scale          [L, D]        (layers, norm)
+  layers/attn/{q,k,v}/kernel      [L, D, H|K, E](layers, embed, heads|kv_heads, head_dim)
+  layers/attn/o/kernel            [L, H, E, D]  (layers, heads, head_dim, embed)
+  layers/mlp_norm/scale           [L, D]
+  layers/mlp/{gate,up}/kernel     [L, D, F]     (layers, embed, mlp)
+  layers/mlp/down/kernel          [L, F, D]     (layers, mlp, embed)
+  final_norm/scale                [D]
+  lm_head/kernel                  [D, V]        (embed, vocab)   only when not tied
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from kdjax.llm.config import LlamaConfig
+
+_MASKED = -1e30  # finite: a fully padded row gives a uniform softmax, never NaN
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer, written in slot order. mask_BxS marks filled, unpadded slots."""
+  k_LxBxSxKxE: jax.Array
+  v_LxBxSxKxE: jax.Array
+  mask_BxS: jax.Array   # bool
+  index: jax.Array      # int32 scalar: the next slot to write
+
+  @classmethod
+  def empty(cls, config: LlamaConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    dtype = dtype or config.compute_dtype
+    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+               jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32))
+
+
+def rotary(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding, HF Llama's convention (rotate the two halves of head_dim)."""
+  e = x_BxTxNxE.shape[-1]
+  inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_E2
+  cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
+  sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
+  x = x_BxTxNxE.astype(jnp.float32)
+  x1, x2 = x[..., : e // 2], x[..., e // 2:]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxE.dtype)
+
+
+def _init(names, init=nn.initializers.normal(0.02)):
+  return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x_BxTxD.shape[-1],),
+                       self.param_dtype)
+    x = x_BxTxD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(name, shape_in, features, axes, cfg, axis=-1):
+  return nn.DenseGeneral(features=features, axis=axis, use_bias=False, dtype=cfg.compute_dtype,
+                         param_dtype=jnp.dtype(cfg.param_dtype), kernel_init=_init(axes),
+                         name=name)
+
+
+class Attention(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, allowed_BxTxS, layer_cache):
+    c = self.config
+    h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
+    q = _dense("q", None, (h, e), ("embed", "heads", "head_dim"), c)(x_BxTxD)
+    kk = _dense("k", None, (k, e), ("embed", "kv_heads", "head_dim"), c)(x_BxTxD)
+    v = _dense("v", None, (k, e), ("embed", "kv_heads", "head_dim"), c)(x_BxTxD)
+    q = rotary(q, positions_BxT, c.rope_theta)
+    kk = rotary(kk, positions_BxT, c.rope_theta)
+    new_cache = None
+    if layer_cache is not None:
+      cache_k, cache_v, index = layer_cache
+      kk = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
+      new_cache = (kk, v)
+    b, t = x_BxTxD.shape[:2]
+    q_BxTxKxGxE = q.reshape(b, t, k, h // k, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, kk.astype(q.dtype),
+                        preferred_element_type=jnp.float32) * (e ** -0.5)
+    scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
+    out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(c.compute_dtype)).reshape(b, t, h, e)
+    o = nn.DenseGeneral(features=c.hidden_size, axis=(-2, -1), use_bias=False,
+                        dtype=c.compute_dtype, param_dtype=jnp.dtype(c.param_dtype),
+                        kernel_init=_init(("heads", "head_dim", "embed")), name="o")
+    return o(out), new_cache
+
+
+class MLP(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    c = self.config
+    gate = _dense("gate", None, c.intermediate_size, ("embed", "mlp"), c)(x_BxTxD)
+    up = _dense("up", None, c.intermediate_size, ("embed", "mlp"), c)(x_BxTxD)
+    return _dense("down", None, c.hidden_size, ("mlp", "embed"), c)(nn.silu(gate) * up)
+
+
+class Block(nn.Module):
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer_cache, positions_BxT, allowed_BxTxS):
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, jnp.dtype(c.param_dtype), name=name)
+    attn_out, new_cache = Attention(c, name="attn")(norm("attn_norm")(x_BxTxD), positions_BxT,
+                                                   allowed_BxTxS, layer_cache)
+    x_BxTxD = x_BxTxD + attn_out
+    x_BxTxD = x_BxTxD + MLP(c, name="mlp")(norm("mlp_norm")(x_BxTxD))
+    return x_BxTxD, new_cache
+
+
+class Llama(nn.Module):
+  """Causal LM. __call__(tokens, positions, attention_mask, cache) -> (logits_BxTxV f32, cache)."""
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None,
+               attention_mask_BxT: Optional[jax.Array] = None,
+               cache: Optional[KVCache] = None):
+    c = self.config
+    b, t = tokens_BxT.shape
+    if attention_mask_BxT is None:
+      attention_mask_BxT = jnp.ones((b, t), bool)
+    attention_mask_BxT = attention_mask_BxT.astype(bool)
+    if positions_BxT is None:
+      positions_BxT = jnp.maximum(jnp.cumsum(attention_mask_BxT, axis=1) - 1, 0)
+      if cache is not None:  # continue counting from the filled slots
+        positions_BxT = positions_BxT + jnp.sum(cache.mask_BxS, axis=1, keepdims=True)
+
+    if cache is None:
+      causal_TxS = jnp.tril(jnp.ones((t, t), bool))
+      allowed_BxTxS = causal_TxS[None] & attention_mask_BxT[:, None, :]
+      layer_caches = None
+    else:
+      s = cache.mask_BxS.shape[1]
+      key_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, attention_mask_BxT,
+                                                         cache.index, axis=1)
+      slot_S = jnp.arange(s)
+      causal_TxS = slot_S[None, :] <= (cache.index + jnp.arange(t))[:, None]
+      allowed_BxTxS = causal_TxS[None] & key_mask_BxS[:, None, :]
+      layer_caches = (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE, jnp.broadcast_to(cache.index, (c.num_layers,)))
+
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
+                     param_dtype=jnp.dtype(c.param_dtype),
+                     embedding_init=_init(("vocab", "embed")), name="embed")
+    x_BxTxD = embed(tokens_BxT)
+
+    block = Block
+    if c.remat:
+      block = nn.remat(Block, prevent_cse=False)
+    layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
+                     metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxTxD, new_layer_caches = layers(c, name="layers")(x_BxTxD, layer_caches, positions_BxT,
+                                                         allowed_BxTxS)
+    x_BxTxD = RMSNorm(c.rms_norm_eps, c.compute_dtype, jnp.dtype(c.param_dtype),
+                      name="final_norm")(x_BxTxD)
+    if c.tie_embeddings:
+      logits = embed.attend(x_BxTxD)
+    else:
+      logits = _dense("lm_head", None, c.vocab_size, ("embed", "vocab"), c)(x_BxTxD)
+    logits = logits.astype(jnp.float32)
+
+    new_cache = None
+    if cache is not None:
+      new_cache = KVCache(new_layer_caches[0], new_layer_caches[1], key_mask_BxS, cache.index + t)
+    return logits, new_cache
+
+
+def init_params(config: LlamaConfig, rng: jax.Array, unbox: bool = True):
+  """Random parameters (normal(0.02), norms at one). With unbox=False, keeps the logical metadata."""
+  variables = Llama(config).init(rng, jnp.zeros((1, 4), jnp.int32))
+  params = variables["params"]
+  return nn.meta.unbox(params) if unbox else params
+
+
+def logical_axes(config: LlamaConfig):
+  """The logical axis names of every parameter, as a pytree of PartitionSpecs like the params."""
+  abstract = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+  return nn.get_partition_spec(abstract["params"])
+
+
+def forward(config: LlamaConfig, params, tokens_BxT, attention_mask_BxT=None, positions_BxT=None):
+  """Logits [B, T, V] (float32) of a full sequence, no cache."""
+  logits, _ = Llama(config).apply({"params": params}, tokens_BxT, positions_BxT, attention_mask_BxT)
+  return logits
+
+
+def token_logprobs(config: LlamaConfig, params, input_ids_BxT, attention_mask_BxT=None):
+  """log p(token_{t+1} | tokens_<=t) for t in [0, T-1): [B, T-1], zero where the target is padding."""
+  if attention_mask_BxT is None:
+    attention_mask_BxT = jnp.ones(input_ids_BxT.shape, bool)
+  logits = forward(config, params, input_ids_BxT, attention_mask_BxT)[:, :-1]
+  targets = input_ids_BxT[:, 1:]
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.where(attention_mask_BxT[:, 1:].astype(bool), picked - logz, 0.0)

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kdjax",
+    version="0.1.0",
+    description="Knowledge distillation for generative models, in JAX: the GMM and SmolLM2 studies.",
+    packages=find_packages(include=["kdjax", "kdjax.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.11",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "numpy",
+        "absl-py",
+        "matplotlib",
+        "tqdm",
+        "gguf>=0.16",
+        "safetensors",
+        "datasets>=3",
+        "transformers>=4.50",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "scipy",
+            "scikit-learn",
+            # Test-only reference implementation (transformers' LlamaForCausalLM). Pinned: this is a
+            # CPU build; an unpinned torch pulls a multi-GB CUDA build.
+            "torch==2.13.0",
+            "accelerate",
+        ],
+    },
+)
