@@ -1,0 +1,1 @@
+"""KD objectives: on densities (the GMM study) and on logits (the LLM study)."""
