@@ -1,0 +1,162 @@
+"""Start JAX's multi-controller runtime (jax.distributed) from the environment, once per process.
+
+Every kdjax entry point calls `initialize()` before any other JAX work. Where the processes learn
+about each other, in order of precedence:
+
+  KDJAX_CLUSTER      auto (default) | env | slurm | tpu | none: force one of the cases below.
+  KDJAX_COORDINATOR  host:port of process 0's coordinator ("env" case; launch/local.sh and
+                     launch/slurm.sbatch set it), with
+  KDJAX_NUM_PROCESSES, KDJAX_PROCESS_ID   the process count and this process's index, and optionally
+  KDJAX_LOCAL_DEVICE_COUNT   fake CPU devices for this process (forces the CPU platform; the
+                     processes then talk through gloo collectives).
+  KDJAX_INIT_TIMEOUT seconds to wait for all processes to join (default 300).
+
+Without KDJAX_COORDINATOR: inside a SLURM job step with SLURM_NTASKS > 1 ("slurm"), or on a TPU VM
+pod slice (GKE's TPU_WORKER_HOSTNAMES with several hosts, or KDJAX_CLUSTER=tpu, which
+launch/tpu_pod.sh sets), jax.distributed.initialize() is called without arguments and detects the
+cluster itself. Otherwise there is one process and nothing to initialise ("none").
+
+Whatever the case, every process logs `process_index=I process_count=N` and its devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Mapping
+
+from absl import logging
+
+from kdjax.cli import UserError
+
+CLUSTERS = ("auto", "env", "slurm", "tpu", "none")
+_SLURM_STEP_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_LOCALID")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What `initialize` will do: the detected case and the jax.distributed.initialize kwargs."""
+  cluster: str  # "env" | "slurm" | "tpu" | "none"
+  kwargs: dict
+  local_device_count: int | None = None  # fake CPU devices per process ("env" case only)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  cluster: str
+  process_index: int
+  process_count: int
+  local_device_count: int
+  device_count: int
+
+
+_info: ProcessInfo | None = None
+
+
+def _int_env(env: Mapping[str, str], name: str, minimum: int) -> int:
+  text = env.get(name)
+  if text is None or not text.strip():
+    raise UserError(f"{name} is not set (needed with KDJAX_COORDINATOR)")
+  try:
+    value = int(text)
+  except ValueError:
+    raise UserError(f"{name}={text!r}: expected an integer") from None
+  if value < minimum:
+    raise UserError(f"{name}={value}: expected an integer >= {minimum}")
+  return value
+
+
+def plan(env: Mapping[str, str] | None = None) -> Plan:
+  """Decide, from the environment alone (no JAX calls), how this process joins the others."""
+  env = os.environ if env is None else env
+  cluster = env.get("KDJAX_CLUSTER", "auto").strip() or "auto"
+  if cluster not in CLUSTERS:
+    raise UserError(f"KDJAX_CLUSTER={cluster!r}: expected one of {', '.join(CLUSTERS)}")
+  timeout = 300
+  if env.get("KDJAX_INIT_TIMEOUT"):
+    timeout = _int_env(env, "KDJAX_INIT_TIMEOUT", 1)
+
+  if cluster == "auto":
+    if env.get("KDJAX_COORDINATOR"):
+      cluster = "env"
+    elif all(v in env for v in _SLURM_STEP_VARS) and int(env["SLURM_NTASKS"] or 1) > 1:
+      cluster = "slurm"
+    elif len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
+      cluster = "tpu"
+    else:
+      cluster = "none"
+
+  if cluster == "none":
+    return Plan("none", {})
+  if cluster in ("slurm", "tpu"):
+    # jax's own cluster detection (SLURM_* variables; TPU metadata server or GKE variables).
+    return Plan(cluster, {"initialization_timeout": timeout})
+
+  coordinator = env.get("KDJAX_COORDINATOR", "")
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f"KDJAX_COORDINATOR={coordinator!r}: expected host:port")
+  num_processes = _int_env(env, "KDJAX_NUM_PROCESSES", 1)
+  process_id = _int_env(env, "KDJAX_PROCESS_ID", 0)
+  if process_id >= num_processes:
+    raise UserError(f"KDJAX_PROCESS_ID={process_id}: must be < KDJAX_NUM_PROCESSES={num_processes}")
+  local_devices = None
+  if env.get("KDJAX_LOCAL_DEVICE_COUNT"):
+    local_devices = _int_env(env, "KDJAX_LOCAL_DEVICE_COUNT", 1)
+  kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
+                process_id=process_id, initialization_timeout=timeout)
+  if local_devices is not None:
+    # Fake CPU devices: no accelerator to enumerate, so no cluster auto-detection either.
+    kwargs["cluster_detection_method"] = "deactivate"
+  return Plan("env", kwargs, local_devices)
+
+
+def initialize(env: Mapping[str, str] | None = None) -> ProcessInfo:
+  """Join the other processes (if any) and log this process's place among them. Idempotent.
+
+  Must run before anything touches a JAX backend (jax.devices(), an array, a jit call): JAX fixes
+  its process count when the backend starts.
+  """
+  global _info
+  if _info is not None:
+    return _info
+  import jax  # imported here so that `plan` stays importable without side effects
+  from jax._src import xla_bridge
+
+  p = plan(env)
+  if p.cluster != "none" and not jax.distributed.is_initialized():
+    if xla_bridge.backends_are_initialized():
+      raise UserError("kdjax.distributed.initialize() must run before any JAX computation "
+                      f"(cluster={p.cluster}), but a JAX backend is already started")
+    if p.local_device_count is not None:
+      jax.config.update("jax_platforms", "cpu")
+      jax.config.update("jax_num_cpu_devices", p.local_device_count)
+    # Cross-process collectives on CPU go through gloo (TCP), bootstrapped by the coordinator.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logging.info("kdjax.distributed: cluster=%s jax.distributed.initialize(%s)", p.cluster,
+                 ", ".join(f"{k}={v!r}" for k, v in p.kwargs.items()))
+    jax.distributed.initialize(**p.kwargs)
+
+  _info = ProcessInfo(
+      cluster=p.cluster if jax.distributed.is_initialized() or p.cluster == "none" else "none",
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      local_device_count=jax.local_device_count(), device_count=jax.device_count())
+  logging.info("process_index=%d process_count=%d cluster=%s local_devices=%s (%d of %d devices)",
+               _info.process_index, _info.process_count, _info.cluster,
+               [str(d) for d in jax.local_devices()], _info.local_device_count, _info.device_count)
+  return _info
+
+
+def is_primary() -> bool:
+  """True on process 0, the one that writes results, plots, summaries and TensorBoard."""
+  import jax
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Barrier: every process waits here until all arrive (a no-op for one process)."""
+  import jax
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
