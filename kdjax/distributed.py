@@ -1,22 +1,25 @@
 """Start JAX's multi-controller runtime (jax.distributed) from the environment, once per process.
 
-Every kdjax entry point calls `initialize()` before any other JAX work. Where the processes learn
-about each other, in order of precedence:
+Every kdjax entry point calls `initialize()` before any other JAX work. The environment says how
+this process finds the others (the launchers in launch/ set these variables):
 
-  KDJAX_CLUSTER      auto (default) | env | slurm | tpu | none: force one of the cases below.
-  KDJAX_COORDINATOR  host:port of process 0's coordinator ("env" case; launch/local.sh and
-                     launch/slurm.sbatch set it), with
-  KDJAX_NUM_PROCESSES, KDJAX_PROCESS_ID   the process count and this process's index, and optionally
-  KDJAX_LOCAL_DEVICE_COUNT   fake CPU devices for this process (forces the CPU platform; the
-                     processes then talk through gloo collectives).
-  KDJAX_INIT_TIMEOUT seconds to wait for all processes to join (default 300).
+  KDJAX_CLUSTER       auto (default) | env | slurm | tpu | none: which case below; auto picks "env"
+                      if KDJAX_COORDINATOR is set, else "slurm" inside a SLURM job step of several
+                      tasks, else "tpu" when GKE's TPU_WORKER_HOSTNAMES lists several hosts, else
+                      "none" (one process: nothing to initialise).
+  KDJAX_COORDINATOR   host:port of process 0's coordinator service ("env"; optional for "slurm",
+                      where jax otherwise derives it from SLURM_STEP_NODELIST and the job id).
+  KDJAX_NUM_PROCESSES, KDJAX_PROCESS_ID    process count and this process's index ("env").
+  KDJAX_LOCAL_DEVICE_COUNT   fake CPU devices for this process ("env"; forces the CPU platform,
+                      whose cross-process collectives then go through gloo). launch/local.sh.
+  KDJAX_LOCAL_DEVICE_IDS     "0,1": the accelerators this process drives ("slurm"; default: all it
+                      can see, i.e. whatever SLURM bound to the task).
+  KDJAX_INIT_TIMEOUT  seconds to wait for every process to join (default 300).
 
-Without KDJAX_COORDINATOR: inside a SLURM job step with SLURM_NTASKS > 1 ("slurm"), or on a TPU VM
-pod slice (GKE's TPU_WORKER_HOSTNAMES with several hosts, or KDJAX_CLUSTER=tpu, which
-launch/tpu_pod.sh sets), jax.distributed.initialize() is called without arguments and detects the
-cluster itself. Otherwise there is one process and nothing to initialise ("none").
-
-Whatever the case, every process logs `process_index=I process_count=N` and its devices.
+"slurm" takes the process count and index from SLURM_NTASKS / SLURM_PROCID (launch/slurm.sbatch);
+"tpu" calls jax.distributed.initialize() bare, which asks the TPU VM metadata server
+(launch/tpu_pod.sh sets KDJAX_CLUSTER=tpu). Whatever the case, every process logs
+`process_index=I process_count=N` and its devices.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ _info: ProcessInfo | None = None
 def _int_env(env: Mapping[str, str], name: str, minimum: int) -> int:
   text = env.get(name)
   if text is None or not text.strip():
-    raise UserError(f"{name} is not set (needed with KDJAX_COORDINATOR)")
+    raise UserError(f"{name} is not set")
   try:
     value = int(text)
   except ValueError:
@@ -65,6 +68,22 @@ def _int_env(env: Mapping[str, str], name: str, minimum: int) -> int:
   if value < minimum:
     raise UserError(f"{name}={value}: expected an integer >= {minimum}")
   return value
+
+
+def _coordinator(env: Mapping[str, str]) -> str:
+  coordinator = env.get("KDJAX_COORDINATOR", "")
+  host, _, port = coordinator.rpartition(":")
+  if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UserError(f"KDJAX_COORDINATOR={coordinator!r}: expected host:port")
+  return coordinator
+
+
+def _device_ids(env: Mapping[str, str]) -> list[int] | None:
+  ids = env.get("KDJAX_LOCAL_DEVICE_IDS", "").strip()
+  try:
+    return [int(t) for t in ids.split(",")] if ids else None
+  except ValueError:
+    raise UserError(f"KDJAX_LOCAL_DEVICE_IDS={ids!r}: expected comma-separated integers") from None
 
 
 def plan(env: Mapping[str, str] | None = None) -> Plan:
@@ -80,7 +99,7 @@ def plan(env: Mapping[str, str] | None = None) -> Plan:
   if cluster == "auto":
     if env.get("KDJAX_COORDINATOR"):
       cluster = "env"
-    elif all(v in env for v in _SLURM_STEP_VARS) and int(env["SLURM_NTASKS"] or 1) > 1:
+    elif all(v in env for v in _SLURM_STEP_VARS) and env["SLURM_NTASKS"].strip() not in ("", "1"):
       cluster = "slurm"
     elif len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
       cluster = "tpu"
@@ -89,14 +108,23 @@ def plan(env: Mapping[str, str] | None = None) -> Plan:
 
   if cluster == "none":
     return Plan("none", {})
-  if cluster in ("slurm", "tpu"):
-    # jax's own cluster detection (SLURM_* variables; TPU metadata server or GKE variables).
-    return Plan(cluster, {"initialization_timeout": timeout})
+  if cluster == "tpu":
+    # jax's own detection: the TPU VM metadata server (or GKE's TPU_* variables).
+    return Plan("tpu", {"initialization_timeout": timeout})
+  if cluster == "slurm":
+    kwargs = dict(num_processes=_int_env(env, "SLURM_NTASKS", 1),
+                  process_id=_int_env(env, "SLURM_PROCID", 0), initialization_timeout=timeout)
+    if kwargs["process_id"] >= kwargs["num_processes"]:
+      raise UserError(f"SLURM_PROCID={kwargs['process_id']}: must be < SLURM_NTASKS")
+    if env.get("KDJAX_COORDINATOR"):
+      kwargs["coordinator_address"] = _coordinator(env)
+    # jax would otherwise pin each process to the one device numbered SLURM_LOCALID, wrong both for
+    # one process per node (it would drive GPU 0 only) and under SLURM's per-task GPU binding
+    # (the task's one visible GPU is number 0). An empty list means: every device this task sees.
+    kwargs["local_device_ids"] = _device_ids(env) or []
+    return Plan("slurm", kwargs)
 
-  coordinator = env.get("KDJAX_COORDINATOR", "")
-  host, _, port = coordinator.rpartition(":")
-  if not host or not port.isdigit() or not 0 < int(port) < 65536:
-    raise UserError(f"KDJAX_COORDINATOR={coordinator!r}: expected host:port")
+  coordinator = _coordinator(env)
   num_processes = _int_env(env, "KDJAX_NUM_PROCESSES", 1)
   process_id = _int_env(env, "KDJAX_PROCESS_ID", 0)
   if process_id >= num_processes:
@@ -106,6 +134,8 @@ def plan(env: Mapping[str, str] | None = None) -> Plan:
     local_devices = _int_env(env, "KDJAX_LOCAL_DEVICE_COUNT", 1)
   kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
                 process_id=process_id, initialization_timeout=timeout)
+  if _device_ids(env):
+    kwargs["local_device_ids"] = _device_ids(env)
   if local_devices is not None:
     # Fake CPU devices: no accelerator to enumerate, so no cluster auto-detection either.
     kwargs["cluster_detection_method"] = "deactivate"

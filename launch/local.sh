@@ -65,7 +65,7 @@ trap 'stop_all; exit 130' INT TERM
 for ((i = 0; i < num_processes; i++)); do
   (
     export KDJAX_COORDINATOR="127.0.0.1:${port}" KDJAX_NUM_PROCESSES="$num_processes"
-    export KDJAX_PROCESS_ID="$i" KDJAX_LOCAL_DEVICE_COUNT="$devices"
+    export KDJAX_PROCESS_ID="$i" KDJAX_LOCAL_DEVICE_COUNT="$devices" KDJAX_CLUSTER=env
     export JAX_COORDINATOR_BIND_ADDRESS="127.0.0.1:${port}" JAX_PLATFORMS=cpu
     export XLA_FLAGS="$xla_flags"
     "$@" 2>&1 | sed -u "s/^/[p${i}] /"
