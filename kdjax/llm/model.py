@@ -51,7 +51,7 @@ def rotary(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.
   """Rotary position embedding, HF Llama's convention (rotate the two halves of head_dim)."""
   e = x_BxTxNxE.shape[-1]
   inv_freq_E2 = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_E2
+  angles_BxTxE2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_E2[None, None, :]
   cos = jnp.cos(angles_BxTxE2)[:, :, None, :]
   sin = jnp.sin(angles_BxTxE2)[:, :, None, :]
   x = x_BxTxNxE.astype(jnp.float32)
@@ -75,7 +75,7 @@ class RMSNorm(nn.Module):
                        self.param_dtype)
     x = x_BxTxD.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale.astype(jnp.float32)).astype(self.dtype)
+    return (x * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))).astype(self.dtype)
 
 
 def _dense(name, shape_in, features, axes, cfg, axis=-1):
