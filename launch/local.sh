@@ -48,7 +48,8 @@ stop_all() {
   for pid in "${pids[@]}"; do
     kill -TERM -- "-$pid" 2>/dev/null || true
   done
-  for _ in $(seq 50); do  # up to 5 s to exit cleanly, then SIGKILL
+  # JAX treats SIGTERM as a preemption notice and keeps running, so after 2 s: SIGKILL.
+  for _ in $(seq 20); do
     local alive=0
     for pid in "${pids[@]}"; do
       if kill -0 -- "-$pid" 2>/dev/null; then alive=1; fi
