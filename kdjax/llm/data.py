@@ -1,0 +1,223 @@
+"""Token datasets on disk and a deterministic, resumable, per-process batch iterator.
+
+On disk a dataset is a directory of shards `shard-00000`, `shard-00001`, ... each an HF `datasets`
+Dataset (save_to_disk) with columns input_ids (list[int32]), text (str, may be empty) and length
+(int32). `ShardWriter` writes each shard into a temporary directory and renames it into place, so
+a killed writer leaves only complete shards, and a restarted one continues after them.
+
+`BatchIterator` turns a dataset into fixed-shape batches: rows are truncated or padded to
+`seq_len` (pad id + attention mask), shuffled per epoch by (seed, epoch), and the batch at data
+position (epoch, index) is a pure function of those two numbers, so a resumed run reads exactly
+the batches an uninterrupted one would. Each process materialises only the rows of the global batch
+that its devices hold; `global_batch` assembles them into one global jax.Array.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from typing import Iterable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from kdjax.cli import UserError
+
+_SHARD = re.compile(r"^shard-(\d{5})$")
+
+
+def _features():
+  import datasets
+  return datasets.Features({
+      "input_ids": datasets.Sequence(datasets.Value("int32")),
+      "text": datasets.Value("string"),
+      "length": datasets.Value("int32"),
+  })
+
+
+def shard_dirs(directory: str) -> list[str]:
+  if not os.path.isdir(directory):
+    return []
+  names = sorted(n for n in os.listdir(directory) if _SHARD.match(n))
+  return [os.path.join(directory, n) for n in names]
+
+
+def num_complete_shards(directory: str) -> int:
+  """How many shards are complete (partial ones live under temporary names and do not count)."""
+  return len(shard_dirs(directory))
+
+
+class ShardWriter:
+  """Appends shards to a dataset directory, atomically, numbering after the complete ones."""
+
+  def __init__(self, directory: str):
+    self.directory = directory
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):  # leftovers of a killed writer
+      if name.startswith(".tmp-shard-"):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+  def write(self, input_ids: Sequence[Sequence[int]], texts: Optional[Sequence[str]] = None) -> str:
+    """Write one shard; returns its path. texts default to empty strings."""
+    import datasets
+    input_ids = [np.asarray(row, np.int32).tolist() for row in input_ids]
+    texts = list(texts) if texts is not None else [""] * len(input_ids)
+    if len(texts) != len(input_ids):
+      raise ValueError(f"{len(texts)} texts for {len(input_ids)} sequences")
+    ds = datasets.Dataset.from_dict(
+        {"input_ids": input_ids, "text": texts, "length": [len(r) for r in input_ids]},
+        features=_features())
+    index = num_complete_shards(self.directory)
+    final = os.path.join(self.directory, f"shard-{index:05d}")
+    tmp = os.path.join(self.directory, f".tmp-shard-{index:05d}")
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+    ds.save_to_disk(tmp)
+    os.rename(tmp, final)
+    return final
+
+
+def load_dataset_dir(directory: str):
+  """All complete shards of `directory`, concatenated in order, as one datasets.Dataset."""
+  import datasets
+  paths = shard_dirs(directory)
+  if not paths:
+    what = "does not exist" if not os.path.exists(directory) else "holds no dataset shards"
+    raise UserError(f"dataset directory {directory} {what} (expected shard-00000, ...)")
+  try:
+    parts = [datasets.load_from_disk(p) for p in paths]
+  except (FileNotFoundError, ValueError) as e:
+    raise UserError(f"dataset directory {directory}: unreadable shard: "
+                    f"{' '.join(str(e).split())[:200]}") from None
+  for p, part in zip(paths, parts):
+    if not isinstance(part, datasets.Dataset) or "input_ids" not in part.column_names:
+      raise UserError(f"dataset shard {p} has no input_ids column")
+  ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+  if len(ds) == 0:
+    raise UserError(f"dataset directory {directory} is empty (0 sequences)")
+  return ds
+
+
+class TokenRows:
+  """Random access to the token rows of a dataset without copying it (arrow buffers, zero-copy)."""
+
+  def __init__(self, dataset):
+    if isinstance(dataset, (list, tuple)):  # plain lists of token ids (tests, small data)
+      self._chunks = [(np.concatenate([np.asarray(r, np.int32) for r in dataset] or
+                                      [np.zeros(0, np.int32)]),
+                       np.cumsum([0] + [len(r) for r in dataset]))]
+    else:
+      if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+      column = dataset.data.column("input_ids")
+      self._chunks = []
+      for chunk in column.chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        self._chunks.append((values, offsets))
+    sizes = [len(o) - 1 for _, o in self._chunks]
+    self._starts = np.cumsum([0] + sizes)
+    self.num_rows = int(self._starts[-1])
+
+  def __len__(self):
+    return self.num_rows
+
+  def row(self, i: int) -> np.ndarray:
+    c = int(np.searchsorted(self._starts, i, side="right") - 1)
+    values, offsets = self._chunks[c]
+    j = i - self._starts[c]
+    return values[offsets[j]:offsets[j + 1]]
+
+  def batch(self, indices: Iterable[int], seq_len: int, pad_id: int):
+    """Rows truncated / padded to seq_len: (input_ids [n, seq_len] int32, mask [n, seq_len] bool)."""
+    indices = list(indices)
+    ids = np.full((len(indices), seq_len), pad_id, np.int32)
+    mask = np.zeros((len(indices), seq_len), bool)
+    for k, i in enumerate(indices):
+      r = self.row(int(i))[:seq_len]
+      ids[k, :len(r)] = r
+      mask[k, :len(r)] = True
+    return ids, mask
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int], axis: int) -> np.ndarray:
+  """The global row indices (along `axis`) held by this process's devices, in ascending order."""
+  rows = set()
+  for index in sharding.addressable_devices_indices_map(tuple(global_shape)).values():
+    sl = index[axis]
+    rows.update(range(*sl.indices(global_shape[axis])))
+  return np.array(sorted(rows), np.int64)
+
+
+class BatchIterator:
+  """Deterministic batches of one dataset: position (epoch, index) -> the same rows, always.
+
+  Global batch `batch_size`; each epoch is a permutation of the rows seeded by (seed, epoch)
+  (no shuffle: dataset order), cut into `steps_per_epoch = len // batch_size` full batches (the
+  remainder is dropped in that epoch; it is seen in other epochs' permutations).
+  """
+
+  def __init__(self, dataset, batch_size: int, seq_len: int, seed: int = 0, pad_id: int = 0,
+               shuffle: bool = True, name: str = "dataset"):
+    self.rows = dataset if isinstance(dataset, TokenRows) else TokenRows(dataset)
+    self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
+    self.pad_id, self.shuffle = pad_id, shuffle
+    if len(self.rows) < batch_size:
+      raise UserError(f"{name} has {len(self.rows)} sequences, fewer than one batch of {batch_size}")
+    self.steps_per_epoch = len(self.rows) // batch_size
+    self._perm_epoch, self._perm = None, None
+
+  def position(self, step: int) -> tuple[int, int]:
+    """Data position (epoch, index) of global step `step` (0-based)."""
+    return divmod(int(step), self.steps_per_epoch)
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    if self._perm_epoch != epoch:
+      n = len(self.rows)
+      self._perm = (np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle
+                    else np.arange(n))
+      self._perm_epoch = epoch
+    return self._perm
+
+  def global_rows(self, epoch: int, index: int) -> np.ndarray:
+    if not 0 <= index < self.steps_per_epoch:
+      raise ValueError(f"batch index {index} outside epoch of {self.steps_per_epoch}")
+    b = self.batch_size
+    return self._permutation(epoch)[index * b:(index + 1) * b]
+
+  def local_batch(self, epoch: int, index: int, local_rows: Optional[np.ndarray] = None):
+    """This process's part: {'input_ids', 'attention_mask'} numpy arrays of len(local_rows) rows."""
+    rows = self.global_rows(epoch, index)
+    if local_rows is not None:
+      rows = rows[local_rows]
+    ids, mask = self.rows.batch(rows, self.seq_len, self.pad_id)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def eval_batches(dataset, batch_size: int, seq_len: int, pad_id: int = 0):
+  """Every row once, in order; the last batch is filled with all-padding rows (mask False)."""
+  rows = dataset if isinstance(dataset, TokenRows) else TokenRows(dataset)
+  n = len(rows)
+  for start in range(0, n, batch_size):
+    idx = list(range(start, min(start + batch_size, n)))
+    ids, mask = rows.batch(idx, seq_len, pad_id)
+    if len(idx) < batch_size:
+      fill = batch_size - len(idx)
+      ids = np.concatenate([ids, np.full((fill, seq_len), pad_id, np.int32)])
+      mask = np.concatenate([mask, np.zeros((fill, seq_len), bool)])
+    yield {"input_ids": ids, "attention_mask": mask}
+
+
+def global_batch(local: dict, sharding: jax.sharding.Sharding, global_shape: Sequence[int]) -> dict:
+  """Assemble each process's rows into global jax.Arrays of `global_shape` with `sharding`."""
+  return {k: jax.make_array_from_process_local_data(sharding, v, tuple(global_shape))
+          for k, v in local.items()}
+
+
+def synthetic_sequences(n: int, vocab_size: int, seed: int, min_len: int = 8,
+                        max_len: int = 64) -> list[np.ndarray]:
+  """n random token sequences of random lengths (deterministic in seed): smoke tests and demos."""
+  rng = np.random.default_rng([seed, 7919])
+  lengths = rng.integers(min_len, max_len + 1, size=n)
+  return [rng.integers(0, vocab_size, size=int(k), dtype=np.int32) for k in lengths]

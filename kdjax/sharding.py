@@ -1,0 +1,148 @@
+"""The device mesh and the ONE table of logical-axis rules.
+
+Model code names only logical axes (kdjax/llm/model.py: vocab, embed, heads, kv_heads, head_dim,
+mlp, norm, layers); this table maps each onto the mesh axes ('data', 'fsdp', 'tensor'):
+
+  * data   : pure data parallelism (parameters replicated, batch split).
+  * fsdp   : the batch is split AND parameters are sharded along their `embed` dimension
+             (ZeRO-3 / fully sharded data parallelism; XLA all-gathers them for each matmul).
+  * tensor : Megatron-style tensor parallelism over heads, MLP width and vocabulary.
+
+A parameter carrying a logical axis that no rule names is an error (a typo in model code must not
+silently replicate a 1.7B-parameter matrix). A dimension that does not divide evenly by the size of
+its mesh axes falls back to replication on that dimension: SmolLM2-135M has 9 heads and 3 kv heads,
+so on tensor=2 its attention projections are replicated over 'tensor' while its MLP (1536 wide),
+vocabulary (49152) and fsdp-sharded `embed` (576) dimensions are still split. Correct, just less
+memory-efficient; pick tensor=3 for that model to shard its heads too.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from kdjax.cli import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). THE table.
+LOGICAL_AXIS_RULES: dict[str, Optional[str | tuple[str, ...]]] = {
+    # parameters
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    "layers": None,
+    "students": None,     # leading axis of N students trained together (vmap)
+    # activations
+    "batch": ("data", "fsdp"),
+    "length": None,
+}
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over all devices. data=-1 takes what the others leave."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1:
+    if fsdp < 1 or tensor < 1 or n % (fsdp * tensor):
+      raise UserError(f"--mesh: fsdp={fsdp} x tensor={tensor} does not divide {n} devices")
+    data = n // (fsdp * tensor)
+  shape = (data, fsdp, tensor)
+  if min(shape) < 1 or math.prod(shape) != n:
+    raise UserError(f"--mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {math.prod(shape)} "
+                    f"devices, but {n} are available")
+  # Keep each process's devices contiguous (process-major order), so a process's batch rows are
+  # one contiguous slice of the global batch.
+  devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  grid = np.array(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+  """'data=2,fsdp=2,tensor=1' -> (2, 2, 1); missing axes are 1 except data (-1: the rest)."""
+  sizes = {"data": -1, "fsdp": 1, "tensor": 1}
+  for part in filter(None, (p.strip() for p in (text or "").split(","))):
+    name, _, value = part.partition("=")
+    if name not in sizes:
+      raise UserError(f"--mesh={text!r}: unknown axis {name!r}; axes are data, fsdp, tensor")
+    try:
+      sizes[name] = int(value)
+    except ValueError:
+      raise UserError(f"--mesh={text!r}: {name} must be an integer") from None
+    if sizes[name] < 1:
+      raise UserError(f"--mesh={text!r}: {name} must be >= 1")
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def _mesh_axes_size(mesh: Mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else axes
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def logical_to_mesh(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,
+                    where: str = "") -> P:
+  """One PartitionSpec from logical names, replicating dimensions the mesh does not divide."""
+  if len(logical) != len(shape):
+    raise ValueError(f"{where}: {len(logical)} logical axes for a rank-{len(shape)} array")
+  out, used = [], set()
+  for name, dim in zip(logical, shape):
+    if name is None:
+      out.append(None)
+      continue
+    if name not in LOGICAL_AXIS_RULES:
+      raise ValueError(f"{where}: logical axis {name!r} has no rule in kdjax.sharding."
+                       "LOGICAL_AXIS_RULES")
+    axes = LOGICAL_AXIS_RULES[name]
+    flat = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    flat = tuple(a for a in flat if a not in used)  # a mesh axis shards one dimension at most
+    size = _mesh_axes_size(mesh, flat) if flat else 1
+    if not flat or size == 1 or dim % size:
+      out.append(None)  # replicate: no rule, trivial axis, or not divisible
+      continue
+    used.update(flat)
+    out.append(flat[0] if len(flat) == 1 else flat)
+  return P(*out)
+
+
+def _is_spec(x):
+  return isinstance(x, P)
+
+
+def tree_shardings(logical_tree, abstract_tree, mesh: Mesh):
+  """NamedShardings for a pytree, given its logical PartitionSpecs and its shapes."""
+  def one(path, spec, abstract):
+    return NamedSharding(mesh, logical_to_mesh(tuple(spec), abstract.shape, mesh,
+                                               jax.tree_util.keystr(path)))
+  return jax.tree_util.tree_map_with_path(one, logical_tree, abstract_tree, is_leaf=_is_spec)
+
+
+def param_shardings(config, mesh: Mesh, num_students: Optional[int] = None):
+  """NamedShardings of the model's parameters (with a leading student axis if num_students)."""
+  from kdjax.llm import model
+  logical = model.logical_axes(config)
+  abstract = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  if num_students is not None:
+    logical = jax.tree.map(lambda s: P("students", *s), logical, is_leaf=_is_spec)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct((num_students,) + a.shape, a.dtype), abstract)
+  return tree_shardings(logical, abstract, mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, students: bool = False) -> NamedSharding:
+  """Sharding of a token batch [B, T] (or [N, B, T] with a student axis): batch over data x fsdp."""
+  batch = logical_to_mesh(("batch",), (mesh.shape["data"] * mesh.shape["fsdp"],), mesh)[0]
+  return NamedSharding(mesh, P(None, batch, None) if students else P(batch, None))
