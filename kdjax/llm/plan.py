@@ -1,0 +1,242 @@
+"""The SmolLM2 study's configuration, its validation, and the plan a --dry_run prints.
+
+`StudyConfig` holds every knob of the pipeline (kdjax/llm/pipeline.py); `validate` checks it without
+touching the disk beyond model specs' existence; `make_plan` estimates what each stage will do
+(sequences, tokens, FLOPs, memory per device) from model configs alone, never loading weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+from kdjax.cli import UserError, require
+from kdjax.llm.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """One run of the study. Field names are the flag names of experiments/llm.py."""
+  ground_truth: str = "gguf:default"     # p*: gguf:PATH|default, hf:DIR, ckpt:DIR, preset:NAME
+  tokenizer: str = ""                    # "" = the ground truth's; "bytes" = byte-level (tests)
+  prompt: str = "The"
+  teacher: str = "preset:tiny-49k"       # architecture of p' (trained from scratch)
+  student: str = "preset:micro-49k"      # architecture of p'' (trained from scratch)
+  temperatures: tuple = (0.8, 0.875, 0.95, 1.0)
+  num_seeds: int = 1
+  seed: int = 0
+  num_train: int = 4096                  # p* training sequences
+  num_val: int = 512                     # p* validation sequences (also recall's test set)
+  teacher_num_train: int = 4096          # teacher samples per temperature (KD training set)
+  teacher_num_val: int = 256             # teacher samples per temperature (KD validation set)
+  num_eval_samples: int = 512            # student samples per student (precision's test set)
+  max_new_tokens: int = 32
+  sample_batch_size: int = 64
+  shard_size: int = 512
+  teacher_epochs: int = 1
+  student_epochs: int = 1
+  batch_size: int = 32
+  learning_rate: float = 5e-4
+  warmup_fraction: float = 0.01
+  decay_fraction: float = 0.2
+  weight_decay: float = 0.1
+  eval_every: int = 0                    # teacher validation (best checkpoint) every N steps; 0 = per epoch
+  checkpoint_every: int = 50             # training checkpoints (resume after a kill) every N steps
+  eval_batch_size: int = 64
+  dtype: str = "float32"
+  mesh: str = ""                         # e.g. "data=1,fsdp=8,tensor=1"; "" = all devices on data
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["temperatures"] = list(self.temperatures)
+    return d
+
+  @property
+  def seeds(self) -> list[int]:
+    return [self.seed + i for i in range(self.num_seeds)]
+
+  def student_names(self) -> list[str]:
+    """'direct' then one 'kd_T<t>' per temperature, in flag order."""
+    return ["direct"] + [kd_name(t) for t in self.temperatures]
+
+
+def kd_name(temperature: float) -> str:
+  return f"kd_T{temperature:g}"
+
+
+def validate(cfg: StudyConfig) -> None:
+  """Every flag's range, with a one-line error naming the flag."""
+  require(len(cfg.temperatures) > 0, "--temperatures: give at least one temperature")
+  for t in cfg.temperatures:
+    require(math.isfinite(t) and t > 0, f"--temperatures: {t:g} is not a positive temperature")
+  require(len(set(kd_name(t) for t in cfg.temperatures)) == len(cfg.temperatures),
+          "--temperatures: a temperature is repeated")
+  for name in ("num_seeds", "num_train", "num_val", "teacher_num_train", "teacher_num_val",
+               "num_eval_samples", "max_new_tokens", "sample_batch_size", "shard_size",
+               "batch_size", "eval_batch_size"):
+    require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
+  require(cfg.seed >= 0, f"--seed={cfg.seed}: must be >= 0")
+  for name in ("eval_every", "checkpoint_every"):
+    require(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
+  for name in ("teacher_epochs", "student_epochs"):
+    require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
+  require(cfg.num_train >= cfg.batch_size and cfg.teacher_num_train >= cfg.batch_size,
+          f"--batch_size={cfg.batch_size}: more than --num_train or --teacher_num_train sequences")
+  for name in ("learning_rate",):
+    v = getattr(cfg, name)
+    require(math.isfinite(v) and v > 0, f"--{name}={v}: must be a positive number")
+  require(0 <= cfg.warmup_fraction < 1, f"--warmup_fraction={cfg.warmup_fraction}: must be in [0, 1)")
+  require(0 <= cfg.decay_fraction <= 1, f"--decay_fraction={cfg.decay_fraction}: must be in [0, 1]")
+  require(cfg.warmup_fraction + cfg.decay_fraction <= 1,
+          "--warmup_fraction + --decay_fraction must be <= 1")
+  require(cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay}: must be >= 0")
+  require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
+  require(bool(cfg.prompt), "--prompt: must not be empty")
+  for name in ("ground_truth", "teacher", "student"):
+    spec = getattr(cfg, name)
+    require(":" in spec, f"--{name}={spec!r}: expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME")
+  for name in ("teacher", "student"):
+    require(getattr(cfg, name).startswith("preset:"),
+            f"--{name}={getattr(cfg, name)!r}: the study trains from scratch; give preset:NAME")
+
+
+# ----------------------------------------------------------------------------- estimates
+
+
+def _forward_flops_per_token(c: LlamaConfig, context: int) -> float:
+  """Forward matmul FLOPs for one token with `context` keys (decode or teacher-forced)."""
+  return c.flops_per_token(2 * context) / 3.0  # flops_per_token assumes causal (T/2 keys) x3
+
+
+def _param_bytes(c: LlamaConfig, dtype: str) -> int:
+  return c.num_params() * (2 if dtype == "bfloat16" else 4)
+
+
+def _mesh_size(mesh: str) -> int:
+  """Devices the mesh spans; data=-1 (the default) takes all local devices."""
+  from kdjax.sharding import parse_mesh
+  data, fsdp, tensor = parse_mesh(mesh)
+  if data == -1:
+    import jax
+    data = max(1, jax.device_count() // (fsdp * tensor))
+  return data * fsdp * tensor
+
+
+def _sampling(c: LlamaConfig, sequences: int, seq_len: int, batch: int, devices: int, dtype: str):
+  tokens = sequences * seq_len
+  flops = tokens * _forward_flops_per_token(c, seq_len // 2)
+  act = 2 if dtype == "bfloat16" else 4
+  kv = 2 * c.num_layers * batch * seq_len * c.num_kv_heads * c.head_dim * act
+  logits = batch * c.vocab_size * 4 * 3  # logits, probabilities, cumulative sum
+  memory = (_param_bytes(c, dtype) + kv + logits) / devices
+  return tokens, flops, memory
+
+
+def _training(c: LlamaConfig, sequences: int, seq_len: int, epochs: float, batch: int,
+              devices: int, dtype: str, copies: int = 1):
+  tokens = int(sequences * epochs) * seq_len * copies
+  flops = tokens * c.flops_per_token(seq_len)
+  # params + grads in param dtype (f32) and two Adam moments; activations per layer ~ 16 B*T*D
+  # plus the f32 logits (and their gradient) of one batch.
+  state = c.num_params() * 4 * 4
+  act_bytes = 2 if dtype == "bfloat16" else 4
+  acts = batch * seq_len * (16 * c.hidden_size * c.num_layers * act_bytes + 2 * c.vocab_size * 4)
+  memory = copies * (state + acts) / devices
+  return tokens, flops, memory
+
+
+def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
+              prompt_len: Optional[int] = None) -> dict:
+  """What each stage will do, from model configs alone. `describe(spec)` -> LlamaConfig."""
+  validate(cfg)
+  gt, teacher, student = describe(cfg.ground_truth), describe(cfg.teacher), describe(cfg.student)
+  if cfg.dtype == "bfloat16":
+    teacher, student = (c.replace(dtype="bfloat16") for c in (teacher, student))
+  for name, c in (("teacher", teacher), ("student", student)):
+    require(c.vocab_size == gt.vocab_size,
+            f"--{name}={getattr(cfg, name)!r}: vocabulary {c.vocab_size} differs from the ground "
+            f"truth's {gt.vocab_size}")
+  devices = _mesh_size(cfg.mesh)
+  seq_len = (prompt_len or 1) + cfg.max_new_tokens
+  n_temps, n_seeds = len(cfg.temperatures), cfg.num_seeds
+  stages = []
+
+  def add(name, what, sequences, est):
+    tokens, flops, memory = est
+    stages.append({"stage": name, "what": what, "sequences": int(sequences), "tokens": int(tokens),
+                   "flops": float(flops), "memory_per_device_bytes": int(memory)})
+
+  n = cfg.num_train + cfg.num_val
+  add("1_sample_ground_truth", f"sample p* ({cfg.ground_truth}) at T=1: {cfg.num_train} train + "
+      f"{cfg.num_val} validation", n,
+      _sampling(gt, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
+  add("2_train_teacher", f"train teacher {cfg.teacher} from scratch, {cfg.teacher_epochs:g} epochs",
+      cfg.num_train, _training(teacher, cfg.num_train, seq_len, cfg.teacher_epochs, cfg.batch_size,
+                               devices, cfg.dtype))
+  n = (cfg.teacher_num_train + cfg.teacher_num_val) * n_temps * n_seeds
+  add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)} x {n_seeds} seeds",
+      n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
+  est_direct = _training(student, cfg.num_train, seq_len, cfg.student_epochs, cfg.batch_size,
+                         devices, cfg.dtype)
+  est_kd = _training(student, cfg.teacher_num_train, seq_len, cfg.student_epochs, cfg.batch_size,
+                     devices, cfg.dtype, copies=n_temps)
+  add("4_train_students", f"train {1 + n_temps} students {cfg.student} per seed (direct; "
+      f"{n_temps} KD vmapped together), {cfg.student_epochs:g} epochs",
+      (cfg.num_train + n_temps * cfg.teacher_num_train) * n_seeds,
+      (n_seeds * (est_direct[0] + est_kd[0]), n_seeds * (est_direct[1] + est_kd[1]),
+       max(est_direct[2], est_kd[2])))
+  n_students = (1 + n_temps) * n_seeds
+  s_tok, s_flops, s_mem = _sampling(student, cfg.num_eval_samples * n_students, seq_len,
+                                    cfg.sample_batch_size, devices, cfg.dtype)
+  p_tok = cfg.num_eval_samples * n_students * seq_len
+  p_flops = p_tok * _forward_flops_per_token(gt, seq_len // 2)
+  r_tok = cfg.num_val * n_students * seq_len
+  r_flops = r_tok * _forward_flops_per_token(student, seq_len // 2)
+  score_mem = (_param_bytes(gt, "float32") + cfg.eval_batch_size * seq_len * gt.vocab_size * 4 * 2)
+  add("5_score_students", f"sample each student ({cfg.num_eval_samples} at T=1), score them "
+      f"under p* (precision); score p* validation under each student (recall)",
+      cfg.num_eval_samples * n_students + cfg.num_val * n_students,
+      (s_tok + p_tok + r_tok, s_flops + p_flops + r_flops, max(s_mem, score_mem / devices)))
+  stages.append({"stage": "6_results", "what": "results.json, results.csv, figures",
+                 "sequences": 0, "tokens": 0, "flops": 0.0, "memory_per_device_bytes": 0})
+  models = {name: {"spec": getattr(cfg, name), "params": c.num_params(), "hidden": c.hidden_size,
+                   "layers": c.num_layers, "vocab": c.vocab_size}
+            for name, c in (("ground_truth", gt), ("teacher", teacher), ("student", student))}
+  return {"devices": devices, "seq_len": seq_len, "seeds": cfg.seeds,
+          "students": cfg.student_names(), "models": models, "stages": stages,
+          "total_flops": sum(s["flops"] for s in stages)}
+
+
+def _human(x: float, unit: str) -> str:
+  for prefix in ("", "K", "M", "G", "T", "P", "E"):
+    if abs(x) < 1000:
+      return f"{x:.3g} {prefix}{unit}"
+    x /= 1000.0
+  return f"{x:.3g} Z{unit}"
+
+
+def _gib(b: float) -> str:
+  return f"{b / 2**30:.3g} GiB"
+
+
+def format_plan(plan: dict) -> str:
+  lines = [f"plan: {plan['devices']} device(s), sequences of up to {plan['seq_len']} tokens, "
+           f"seeds {plan['seeds']}, students {plan['students']}"]
+  for name, m in plan["models"].items():
+    lines.append(f"  {name:13s} {m['spec']}: {m['params'] / 1e6:.1f}M params, hidden {m['hidden']}, "
+                 f"{m['layers']} layers, vocab {m['vocab']}")
+  for s in plan["stages"]:
+    lines.append(f"  {s['stage']}: {s['what']}")
+    if s["tokens"]:
+      lines.append(f"      {s['sequences']} sequences, {_human(s['tokens'], 'tokens')}, "
+                   f"~{_human(s['flops'], 'FLOP')}, ~{_gib(s['memory_per_device_bytes'])} per device")
+  lines.append(f"  total ~{_human(plan['total_flops'], 'FLOP')}")
+  lines += [f"  note: {n}" for n in plan.get("notes", [])]
+  return "\n".join(lines)
+
+
+def config_from_dict(d: dict[str, Any]) -> StudyConfig:
+  d = dict(d)
+  d["temperatures"] = tuple(d.get("temperatures", StudyConfig.temperatures))
+  return StudyConfig(**d)
