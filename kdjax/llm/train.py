@@ -318,7 +318,7 @@ class TrainConfig:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["train_data"] = list(self.train_data)
-    for k in ("progress", "log_every"):  # presentation only: not part of the run's identity
+    for k in ("progress", "log_every", "debug_nan_at_step"):  # not part of the run's identity
       d.pop(k)
     return d
 
@@ -402,9 +402,6 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
   validate(cfg)
   primary = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
-  same = _prepare(cfg, workdir, overwrite)
-  del same
-
   # --- models
   config, init_params = load_spec(cfg.model, cfg.seed)
   config = config.replace(dtype=cfg.dtype)
@@ -431,6 +428,7 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
     val_dir = resolve_dataset(cfg.val_data, workdir, config.vocab_size, cfg.seed + 999_999, "val")
     val_rows = data_lib.TokenRows(data_lib.load_dataset_dir(val_dir))
   total = cfg.steps or cfg.epochs * min(it.steps_per_epoch for it in iters)
+  _prepare(cfg, workdir, overwrite)  # inputs are valid: now the workdir may change
 
   # --- mesh, step, state
   mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
@@ -462,7 +460,8 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
     shardings = state_shardings(spec, mesh, abstract)
     state, meta = checkpointer.restore(latest, abstract_state(spec, shardings))
     positions = [list(p) for p in meta["data_position"]]
-    logging.info("resuming from %s (step %d)", checkpointer.step_dir(latest), latest)
+    if primary:
+      print(f"resuming from {checkpointer.step_dir(latest)} (step {latest} of {total})", flush=True)
   del init_params
   step_fn = compile_train_step(spec, shardings, bsharding, tshard)
   eval_fn = jax.jit(functools.partial(_eval_sums, spec=spec),
