@@ -172,9 +172,11 @@ def initialize(env: Mapping[str, str] | None = None) -> ProcessInfo:
       cluster=p.cluster if jax.distributed.is_initialized() or p.cluster == "none" else "none",
       process_index=jax.process_index(), process_count=jax.process_count(),
       local_device_count=jax.local_device_count(), device_count=jax.device_count())
-  logging.info("process_index=%d process_count=%d cluster=%s local_devices=%s (%d of %d devices)",
-               _info.process_index, _info.process_count, _info.cluster,
-               [str(d) for d in jax.local_devices()], _info.local_device_count, _info.device_count)
+  # Shown even where an entry point quiets INFO (orbax's chatter): one line per process matters.
+  level = logging.INFO if logging.level_info() else logging.WARNING
+  logging.log(level, "process_index=%d process_count=%d cluster=%s local_devices=%s (%d of %d devices)",
+              _info.process_index, _info.process_count, _info.cluster,
+              [str(d) for d in jax.local_devices()], _info.local_device_count, _info.device_count)
   return _info
 
 

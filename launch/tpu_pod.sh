@@ -5,7 +5,7 @@
 #     [--] COMMAND [ARGS...]
 #   bash launch/tpu_pod.sh --tpu=kd-v4-32 --zone=us-central2-b --dry_run python -m \
 #     experiments.train_lm --flagfile=experiments/flags/multihost_smoke.flags \
-#     --mesh=data:16 --workdir=/tmp/kd   (a shared workdir, e.g. a mounted bucket, for a real run)
+#     --mesh=data=16 --workdir=/tmp/kd   (a shared workdir, e.g. a mounted bucket, for a real run)
 #
 # Setup (skipped with --skip_setup): `git archive` of this checkout's HEAD is copied to every worker
 # (gcloud ... scp --worker=all), unpacked into ~/kdjax and pip-installed with jax[tpu] at the

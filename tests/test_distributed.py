@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kdjax import distributed
-from kdjax.cli import UserError
+from kdjax.cli import UserError, read_json
 from tests.conftest import REPO
 
 LAUNCH = os.path.join(REPO, "launch")
@@ -166,12 +166,45 @@ def test_local_validates_arguments(args):
   assert r.returncode == 2 and r.stderr.startswith("error: ")
 
 
+def test_multihost_smoke_matches_one_process(tmp_path):
+  """2 processes x 2 devices end where 1 process x 4 devices ends: same 4-device mesh, same data."""
+  import numpy as np
+  import jax
+  from kdjax import checkpoint
+
+  flagfile = "--flagfile=experiments/flags/multihost_smoke.flags"
+  multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
+  r = _run(["bash", f"{LAUNCH}/local.sh", "2", sys.executable, "-m", "experiments.train_lm",
+            flagfile, f"--workdir={multi}"], timeout=300)
+  assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+  for i in range(2):
+    assert f"process_index={i} process_count=2" in r.stdout
+  assert [l.startswith("[p0] {") for l in r.stdout.splitlines()].count(True) == 1  # summary: p0 only
+  assert not any(l.startswith("[p1] {") for l in r.stdout.splitlines())
+  r = _run([sys.executable, "-m", "experiments.train_lm", flagfile, f"--workdir={single}"],
+           timeout=300, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  assert r.returncode == 0, r.stderr[-4000:]
+
+  summaries = [read_json(os.path.join(d, "train_summary.json")) for d in (multi, single)]
+  assert [s["process_count"] for s in summaries] == [2, 1]
+  for s in summaries:
+    assert s["steps"] == 6 and s["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["3", "6"]
+  np.testing.assert_allclose(summaries[0]["final_loss"], summaries[1]["final_loss"], rtol=1e-5)
+  (_, p_multi), (_, p_single) = (checkpoint.load_model_checkpoint(os.path.join(d, "best"))
+                                 for d in (multi, single))
+  leaves_multi, leaves_single = jax.tree.leaves(p_multi), jax.tree.leaves(p_single)
+  assert len(leaves_multi) == len(leaves_single) > 0
+  for a, b in zip(leaves_multi, leaves_single):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- cluster dry runs
 
 
 def test_tpu_pod_dry_run_prints_the_commands(tmp_path):
   args = ["bash", f"{LAUNCH}/tpu_pod.sh", "--tpu=kd-v4-32", "--zone=us-central2-b", "--dry_run",
-          "python", "-m", "experiments.train_lm", "--mesh=data:16", "--note=it's mine"]
+          "python", "-m", "experiments.train_lm", "--mesh=data=16", "--note=it's mine"]
   r = _run(args, PYTHON=sys.executable, PATH="/usr/bin:/bin")
   assert r.returncode == 0, r.stderr
   import jax
@@ -184,7 +217,7 @@ def test_tpu_pod_dry_run_prints_the_commands(tmp_path):
       "'rm -rf kdjax && mkdir -p kdjax && tar -xzf kdjax.tar.gz -C kdjax && python3 -m pip "
       f"install -q -e ./kdjax '\\''jax[tpu]=={jax.__version__}'\\'''",
       "gcloud compute tpus tpu-vm ssh kd-v4-32 --zone us-central2-b --worker=all --command "
-      "'cd kdjax && KDJAX_CLUSTER=tpu python -m experiments.train_lm --mesh=data:16 "
+      "'cd kdjax && KDJAX_CLUSTER=tpu python -m experiments.train_lm --mesh=data=16 "
       "'\\''--note=it'\\''\\'\\'''\\''s mine'\\'''",
   ]
   # The printed line is runnable: a stub gcloud runs --command on "the worker" (a folder here),
@@ -202,7 +235,7 @@ def test_tpu_pod_dry_run_prints_the_commands(tmp_path):
   (tmp_path / "home" / "kdjax").mkdir(parents=True)
   r = _run(["bash", "-c", lines[-1]], PATH=f"{stubs}:/usr/bin:/bin", WORKER_HOME=str(tmp_path / "home"))
   assert r.returncode == 0, r.stderr
-  assert r.stdout.splitlines() == ["tpu", "<-m>", "<experiments.train_lm>", "<--mesh=data:16>",
+  assert r.stdout.splitlines() == ["tpu", "<-m>", "<experiments.train_lm>", "<--mesh=data=16>",
                                    "<--note=it's mine>"]
   r = _run(["bash", f"{LAUNCH}/tpu_pod.sh", "--zone=z", "true"], TPU_NAME="")
   assert r.returncode == 2 and "--tpu" in r.stderr
