@@ -303,11 +303,17 @@ def config_from_gguf(reader, path: str) -> LlamaConfig:
   scaling = _field(reader, "llama.rope.scaling.type", "none")
   if scaling not in ("none", None):
     raise UserError(f"gguf:{path}: rope scaling {scaling!r} is not supported")
+
+  def get(key, required=True):
+    value = _field(reader, "llama." + key)
+    if value is None and required:
+      raise UserError(f"gguf:{path}: metadata llama.{key} is missing")
+    return value
+
   try:
-    get = lambda k: _field(reader, "llama." + k)
     d, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length") or d // heads)
-    rot = get("rope.dimension_count")
+    head_dim = int(get("attention.key_length", False) or d // heads)
+    rot = get("rope.dimension_count", False)
     if rot is not None and int(rot) != head_dim:
       raise UserError(f"gguf:{path}: partial rotary ({rot} of {head_dim} dims) is not supported")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -316,15 +322,15 @@ def config_from_gguf(reader, path: str) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab, hidden_size=d, intermediate_size=int(get("feed_forward_length")),
         num_layers=int(get("block_count")), num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv") or heads), head_dim=head_dim,
-        rope_theta=_f32_to_float(get("rope.freq_base") or 10000.0),
+        num_kv_heads=int(get("attention.head_count_kv", False) or heads), head_dim=head_dim,
+        rope_theta=_f32_to_float(get("rope.freq_base", False) or 10000.0),
         rms_norm_eps=_f32_to_float(get("attention.layer_norm_rms_epsilon")),
         max_position_embeddings=int(get("context_length")),
         tie_embeddings="output.weight" not in names,
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
         eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)))
   except (TypeError, ValueError) as e:
-    raise UserError(f"gguf:{path}: incomplete llama metadata ({type(e).__name__}: {e})") from None
+    raise UserError(f"gguf:{path}: unusable llama metadata ({type(e).__name__}: {e})") from None
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -75,7 +75,7 @@ def load_model(spec: str) -> tuple[LlamaConfig, Any]:
   else:
     from kdjax.llm.model import init_params
     config, seed = _parse_preset(rest, spec)
-    return config, init_params(config, jax.random.key(seed))
+    return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
   return config, jax.tree.map(jnp.asarray, params)
 
 
