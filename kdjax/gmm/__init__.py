@@ -1,0 +1,1 @@
+"""The Gaussian-mixture distillation study: mixtures, EM, the vectorized sweep, its plots."""

@@ -1,0 +1,212 @@
+"""Gaussian mixtures as a pytree: density, reparameterized sampling, weight entropy, sharpening.
+
+A `Mixture` holds K Gaussians in D dimensions in unconstrained form, so the same pytree is what EM
+returns and what an optax optimizer updates:
+
+  logits  [K]        unnormalised log weights (weights = softmax(logits))
+  means   [K, D]
+  scales  [K, D]     diagonal covariance: log standard deviations, or
+          [K, D, D]  full covariance: a "raw" Cholesky factor L_raw; the covariance's Cholesky factor
+                     is L = tril(L_raw, -1) + diag(exp(diag(L_raw))) (the strict upper triangle is
+                     ignored), so every value of L_raw is a valid covariance.
+
+Which kind is told by shapes alone (scales.ndim == means.ndim for diagonal), so functions work on a
+single mixture, inside vmap, and under jit without a static flag.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class Mixture(NamedTuple):
+  logits: jax.Array  # [K]
+  means: jax.Array  # [K, D]
+  scales: jax.Array  # [K, D] (diag: log std) or [K, D, D] (full: raw Cholesky factor)
+
+
+def is_diag(m: Mixture) -> bool:
+  return m.scales.ndim == m.means.ndim
+
+
+def log_weights(m: Mixture) -> jax.Array:
+  return jax.nn.log_softmax(m.logits, axis=-1)
+
+
+def weights(m: Mixture) -> jax.Array:
+  return jax.nn.softmax(m.logits, axis=-1)
+
+
+def _eye(d: int, dtype) -> jax.Array:
+  return jnp.eye(d, dtype=dtype)
+
+
+def scale_tril(m: Mixture) -> jax.Array:
+  """Cholesky factors of the component covariances, [K, D, D]."""
+  d = m.means.shape[-1]
+  eye = _eye(d, m.means.dtype)
+  if is_diag(m):
+    return jnp.exp(m.scales)[..., :, None] * eye
+  diag = jnp.diagonal(m.scales, axis1=-2, axis2=-1)
+  return jnp.tril(m.scales, -1) + jnp.exp(diag)[..., :, None] * eye
+
+
+def covariances(m: Mixture) -> jax.Array:
+  """Component covariances, [K, D, D]."""
+  tril = scale_tril(m)
+  return jnp.einsum("...ij,...kj->...ik", tril, tril)
+
+
+def variances(m: Mixture) -> jax.Array:
+  """Diagonal of the component covariances, [K, D]."""
+  if is_diag(m):
+    return jnp.exp(2.0 * m.scales)
+  return jnp.diagonal(covariances(m), axis1=-2, axis2=-1)
+
+
+def from_moments(weights_K: jax.Array, means_KxD: jax.Array, cov: jax.Array) -> Mixture:
+  """Mixture from weights, means and covariances: cov [K, D] (diagonal variances) or [K, D, D]."""
+  logits = jnp.log(weights_K)
+  if cov.ndim == means_KxD.ndim:
+    return Mixture(logits, means_KxD, 0.5 * jnp.log(cov))
+  tril = jnp.linalg.cholesky(cov)
+  diag = jnp.diagonal(tril, axis1=-2, axis2=-1)
+  eye = _eye(means_KxD.shape[-1], means_KxD.dtype)
+  raw = jnp.tril(tril, -1) + jnp.log(diag)[..., :, None] * eye
+  return Mixture(logits, means_KxD, raw)
+
+
+def _component_log_prob_KxN(m: Mixture, x_NxD: jax.Array) -> jax.Array:
+  """log N(x_n; mu_k, Sigma_k), [K, N]: points along the minor axis (vectorizes well for small D)."""
+  d = m.means.shape[-1]
+  if is_diag(m):
+    inv_KxD = jnp.exp(-m.scales)
+    log_det_K = jnp.sum(m.scales, axis=-1)
+    quad_KxN = jnp.zeros((m.means.shape[0], x_NxD.shape[0]), x_NxD.dtype)
+    for i in range(d):  # static loop over dimensions: no [K, N, D] tensor with a tiny minor axis
+      z_KxN = (x_NxD[None, :, i] - m.means[:, i, None]) * inv_KxD[:, i, None]
+      quad_KxN = quad_KxN + jnp.square(z_KxN)
+  else:
+    eye = jnp.broadcast_to(jnp.eye(d, dtype=x_NxD.dtype), m.scales.shape)
+    inv_KxDxD = jax.scipy.linalg.solve_triangular(scale_tril(m), eye, lower=True)
+    diff_KxDxN = x_NxD.T[None, :, :] - m.means[:, :, None]
+    z_KxDxN = jnp.einsum("kde,ken->kdn", inv_KxDxD, diff_KxDxN)
+    quad_KxN = jnp.sum(jnp.square(z_KxDxN), axis=1)
+    log_det_K = jnp.sum(jnp.diagonal(m.scales, axis1=-2, axis2=-1), axis=-1)
+  return -0.5 * quad_KxN - log_det_K[:, None] - 0.5 * d * LOG_2PI
+
+
+def component_log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
+  """log N(x_n; mu_k, Sigma_k) for every point and component, [N, K] (weights not included)."""
+  return _component_log_prob_KxN(m, x_NxD).T
+
+
+def log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
+  """log p(x_n) under the mixture, [N]."""
+  joint_KxN = _component_log_prob_KxN(m, x_NxD) + log_weights(m)[:, None]
+  return jax.nn.logsumexp(joint_KxN, axis=0)
+
+
+def sample_components(m: Mixture, key: jax.Array, n: int) -> jax.Array:
+  """n reparameterized draws from EVERY component, [K, n, D]: x = mu_k + L_k eps.
+
+  Differentiable in means and scales; averaging a function over these draws with the mixture weights
+  gives an expectation under the mixture that is differentiable in the weights too (used by the
+  reverse-KL and JSD students).
+  """
+  k, d = m.means.shape
+  eps_KxNxD = jax.random.normal(key, (k, n, d), m.means.dtype)
+  if is_diag(m):
+    return m.means[:, None, :] + jnp.exp(m.scales)[:, None, :] * eps_KxNxD
+  return m.means[:, None, :] + jnp.einsum("kde,kne->knd", scale_tril(m), eps_KxNxD)
+
+
+def sample(m: Mixture, key: jax.Array, n: int) -> jax.Array:
+  """n draws from the mixture, [n, D]: a component per draw, then mu_k + L_k eps.
+
+  The component is chosen by inverse CDF (one uniform per draw, cheaper than a Gumbel per
+  component); the Gaussian part is reparameterized (differentiable in means and scales).
+  """
+  k, d = m.means.shape
+  key_c, key_e = jax.random.split(key)
+  cdf_K = jnp.cumsum(weights(m))
+  u_N = jax.random.uniform(key_c, (n,), m.means.dtype) * cdf_K[-1]
+  comp_N = jnp.sum(u_N[:, None] >= cdf_K[None, :-1], axis=-1)
+  eps_NxD = jax.random.normal(key_e, (n, d), m.means.dtype)
+  mu_NxD = m.means[comp_N]
+  if is_diag(m):
+    return mu_NxD + jnp.exp(m.scales)[comp_N] * eps_NxD
+  return mu_NxD + jnp.einsum("nde,ne->nd", scale_tril(m)[comp_N], eps_NxD)
+
+
+def weight_entropy(m: Mixture) -> jax.Array:
+  """Entropy of the mixture weights in nats, -sum_k w_k log w_k (0 log 0 = 0)."""
+  logw = log_weights(m)
+  return -jnp.sum(jnp.where(logw > -jnp.inf, jnp.exp(logw) * logw, 0.0), axis=-1)
+
+
+def sharpen(m: Mixture, beta: jax.Array) -> Mixture:
+  """The paper's entropy knob: weights^beta renormalised (beta=1: unchanged; beta->inf: argmax)."""
+  beta = jnp.asarray(beta, m.logits.dtype)
+  return m._replace(logits=beta * log_weights(m))
+
+
+def moment_match(m: Mixture, diag: bool) -> Mixture:
+  """The one Gaussian with the mixture's mean and covariance: the exact forward-KL optimum.
+
+  argmin_q KL(m || q) over single Gaussians q matches the first two moments; with a diagonal q only
+  the diagonal of the covariance is matched. This is the infinite-sample limit of fitting a
+  one-component student by maximum likelihood (EM) on samples of m.
+  """
+  w_K = weights(m)
+  mean_D = jnp.einsum("k,kd->d", w_K, m.means)
+  diff_KxD = m.means - mean_D[None]
+  if diag:
+    var_D = jnp.einsum("k,kd->d", w_K, variances(m) + jnp.square(diff_KxD))
+    return from_moments(jnp.ones((1,), w_K.dtype), mean_D[None], var_D[None])
+  outer = jnp.einsum("kd,ke->kde", diff_KxD, diff_KxD)
+  cov_DxD = jnp.einsum("k,kde->de", w_K, covariances(m) + outer)
+  return from_moments(jnp.ones((1,), w_K.dtype), mean_D[None], cov_DxD[None])
+
+
+# ----------------------------------------------------------------------------- ground truths
+
+
+def grid8(covariance: str = "diag", dtype=jnp.float32) -> Mixture:
+  """The paper's p*: 2-D, means on {-1,0,1}^2 without the centre, covariance 0.025 I, equal weights."""
+  means = [(i, j) for i in (-1.0, 0.0, 1.0) for j in (-1.0, 0.0, 1.0) if (i, j) != (0.0, 0.0)]
+  means_KxD = jnp.asarray(means, dtype)
+  return isotropic(means_KxD, 0.025, covariance)
+
+
+def isotropic(means_KxD: jax.Array, variance: float, covariance: str = "diag") -> Mixture:
+  """Equal-weight mixture of isotropic Gaussians with the given variance."""
+  k, d = means_KxD.shape
+  dtype = means_KxD.dtype
+  w = jnp.full((k,), 1.0 / k, dtype)
+  if covariance == "diag":
+    cov = jnp.full((k, d), variance, dtype)
+  else:
+    cov = jnp.broadcast_to(variance * jnp.eye(d, dtype=dtype), (k, d, d))
+  return from_moments(w, means_KxD, cov)
+
+
+def random_mixture(key: jax.Array, k: int, d: int, covariance: str = "diag",
+                   variance: float = 0.025, dtype=jnp.float32) -> Mixture:
+  """A random K-component ground truth in D dims: means uniform in [-1, 1]^D, Dirichlet(1) weights,
+  per-dimension variances in [0.5, 1.5] x `variance` (a random rotation of them when full)."""
+  k_mu, k_w, k_v, k_r = jax.random.split(key, 4)
+  means_KxD = jax.random.uniform(k_mu, (k, d), dtype, -1.0, 1.0)
+  w_K = jax.random.dirichlet(k_w, jnp.ones((k,), dtype))
+  var_KxD = variance * jax.random.uniform(k_v, (k, d), dtype, 0.5, 1.5)
+  if covariance == "diag":
+    return from_moments(w_K, means_KxD, var_KxD)
+  q_KxDxD, _ = jnp.linalg.qr(jax.random.normal(k_r, (k, d, d), dtype))
+  cov = jnp.einsum("kij,kj,klj->kil", q_KxDxD, var_KxD, q_KxDxD)
+  return from_moments(w_K, means_KxD, cov)

@@ -1,0 +1,214 @@
+"""The GMM distillation study: one (seed, beta) configuration as a pure function, the grid by vmap.
+
+Data flow of `run_config` (the paper's protocol, then four more students):
+  p* --n_train samples--> teacher (EM, K' components) --sharpen(beta)--> teacher_beta
+  students of K'' components:
+    direct  EM on the p* training samples (the baseline; does not depend on beta)
+    seqkd   EM on n_teacher_samples samples of teacher_beta (the paper's KD)
+    fkl     optax Adam on forward KL(teacher_beta || student), fresh teacher samples each step
+    rkl     optax Adam on reverse KL(student || teacher_beta), reparameterized student samples
+    jsd     optax Adam on the generalized JSD with mixing `jsd_mix`
+    exact   (K'' = 1 only) moment matching of teacher_beta: the forward-KL optimum, i.e. seqkd's
+            infinite-sample limit
+  metrics: precision E_{student}[log p*], recall E_{p*}[log student] with n_eval samples each;
+  the teacher's weight entropy at beta.
+
+Everything random comes from jax.random.PRNGKey(seed). The same seed uses the same random numbers at
+every beta (common random numbers: curves over beta are smooth, differences are due to beta).
+The seed and beta are array arguments; `StudyConfig` (shapes, objective list, optimiser settings)
+is static. `run_grid` vmaps over betas inside a `lax.map` over seeds (vmapped in chunks of
+`seed_chunk` seeds, which bounds memory): the teacher and the direct student depend only on the
+seed, so under the inner vmap they are computed once per seed, not once per beta.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax import metrics
+from kdjax.cli import require
+from kdjax.gmm import em
+from kdjax.gmm import mixture as mx
+from kdjax.gmm.mixture import Mixture
+from kdjax.objectives import density
+
+OBJECTIVES = ("direct", "seqkd", "fkl", "rkl", "jsd")
+GRADIENT_OBJECTIVES = ("fkl", "rkl", "jsd")
+EXACT = "exact"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """What is fixed across the grid (static under jit). Field names are the flag names."""
+  n_train: int = 100
+  teacher_components: int = 4
+  student_components: int = 1
+  covariance: str = "diag"
+  n_teacher_samples: int = 1000
+  n_eval: int = 10000
+  objectives: tuple[str, ...] = OBJECTIVES
+  em_init: str = "kmeans"
+  em_max_iter: int = 100
+  em_tol: float = 1e-3
+  reg_covar: float = 1e-6
+  steps: int = 300
+  batch_size: int = 128
+  learning_rate: float = 0.05
+  jsd_mix: float = 0.5
+  seed_chunk: int = 16
+
+  def __post_init__(self):
+    for name in ("n_train", "teacher_components", "student_components", "n_teacher_samples",
+                 "n_eval", "em_max_iter", "steps", "batch_size", "seed_chunk"):
+      require(int(getattr(self, name)) >= 1, f"--{name}={getattr(self, name)}: must be >= 1")
+    require(self.covariance in ("diag", "full"),
+            f"--covariance={self.covariance!r}: expected diag or full")
+    require(len(self.objectives) > 0, "--objectives: give at least one objective")
+    for obj in self.objectives:
+      require(obj in OBJECTIVES,
+              f"--objectives: unknown objective {obj!r}; expected some of {','.join(OBJECTIVES)}")
+    require(len(set(self.objectives)) == len(self.objectives),
+            f"--objectives={','.join(self.objectives)}: an objective is repeated")
+    require(self.em_init in em.INITS, f"--em_init={self.em_init!r}: expected one of {em.INITS}")
+    require(self.em_tol >= 0, f"--em_tol={self.em_tol}: must be >= 0")
+    require(self.reg_covar >= 0, f"--reg_covar={self.reg_covar}: must be >= 0")
+    require(self.learning_rate > 0, f"--learning_rate={self.learning_rate}: must be > 0")
+    require(0 < self.jsd_mix < 1, f"--jsd_mix={self.jsd_mix}: must be in (0, 1)")
+    require(self.teacher_components <= self.n_train,
+            f"--teacher_components={self.teacher_components}: more than --n_train={self.n_train}")
+    for name in ("n_train", "n_teacher_samples", "batch_size"):
+      require(self.student_components <= getattr(self, name),
+              f"--student_components={self.student_components}: more than --{name}="
+              f"{getattr(self, name)}")
+
+  @property
+  def diag(self) -> bool:
+    return self.covariance == "diag"
+
+  @property
+  def methods(self) -> tuple[str, ...]:
+    """The objectives run, plus the exact forward-KL limit when the student is one Gaussian."""
+    return self.objectives + ((EXACT,) if self.student_components == 1 else ())
+
+  def to_dict(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["objectives"] = ",".join(self.objectives)
+    return d
+
+
+def _gradient_init(cfg: StudyConfig, teacher: Mixture, key: jax.Array) -> Mixture:
+  """Start of a gradient-trained student: means at random teacher samples, covariance of a batch."""
+  x_NxD = mx.sample(teacher, key, cfg.batch_size)
+  k = cfg.student_components
+  means_KxD = x_NxD[:k]  # i.i.d. teacher samples already
+  w_K = jnp.full((k,), 1.0 / k, x_NxD.dtype)
+  diff_NxD = x_NxD - jnp.mean(x_NxD, axis=0)[None]
+  if cfg.diag:
+    cov = jnp.broadcast_to(jnp.mean(jnp.square(diff_NxD), axis=0)[None], means_KxD.shape)
+  else:
+    cov_DxD = diff_NxD.T @ diff_NxD / cfg.batch_size
+    cov = jnp.broadcast_to(cov_DxD[None], (k,) + cov_DxD.shape)
+  return mx.from_moments(w_K, means_KxD, cov + cfg.reg_covar if cfg.diag
+                         else cov + cfg.reg_covar * jnp.eye(means_KxD.shape[-1]))
+
+
+def train_student(cfg: StudyConfig, objective: str, teacher: Mixture,
+                  key: jax.Array) -> tuple[Mixture, jax.Array]:
+  """Adam on a density KD loss for cfg.steps steps; returns (student, loss per step)."""
+  loss = density.LOSSES[objective]
+  if objective == "jsd":
+    loss = partial(loss, mix=cfg.jsd_mix)
+  k_init, k_steps = jax.random.split(key)
+  student = _gradient_init(cfg, teacher, k_init)
+  opt = optax.adam(cfg.learning_rate)
+
+  def step(carry, k):
+    student, state = carry
+    value, grads = jax.value_and_grad(loss)(student, teacher, k, cfg.batch_size)
+    updates, state = opt.update(grads, state, student)
+    return (optax.apply_updates(student, updates), state), value
+
+  (student, _), losses = jax.lax.scan(step, (student, opt.init(student)),
+                                      jax.random.split(k_steps, cfg.steps))
+  return student, losses
+
+
+def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Array) -> dict:
+  """One (seed, beta) configuration end to end, for every objective in cfg.
+
+  Returns {"teacher_entropy": [], "precision": {method: []}, "recall": {method: []},
+  "students": {method: Mixture}, "teacher": Mixture (unsharpened)}.
+  """
+  key = jax.random.PRNGKey(seed)
+  (k_data, k_teacher, k_direct, k_seq_x, k_seq_init, k_grad, k_eval_star,
+   k_eval_student) = jax.random.split(key, 8)
+  fit = partial(em.fit, diag=cfg.diag, init=cfg.em_init, max_iter=cfg.em_max_iter, tol=cfg.em_tol,
+                reg_covar=cfg.reg_covar)
+
+  x_train_NxD = mx.sample(p_star, k_data, cfg.n_train)
+  teacher, _ = fit(k_teacher, x_train_NxD, cfg.teacher_components)
+  sharp = mx.sharpen(teacher, beta)
+
+  students: dict[str, Mixture] = {}
+  for i, obj in enumerate(cfg.objectives):
+    if obj == "direct":
+      students[obj], _ = fit(k_direct, x_train_NxD, cfg.student_components)
+    elif obj == "seqkd":
+      x_teacher_NxD = mx.sample(sharp, k_seq_x, cfg.n_teacher_samples)
+      students[obj], _ = fit(k_seq_init, x_teacher_NxD, cfg.student_components)
+    else:
+      students[obj], _ = train_student(cfg, obj, sharp, jax.random.fold_in(k_grad, i))
+  if cfg.student_components == 1:
+    students[EXACT] = mx.moment_match(sharp, cfg.diag)
+
+  x_star_NxD = mx.sample(p_star, k_eval_star, cfg.n_eval)
+  log_p_star = partial(mx.log_prob, p_star)
+  precision, recall = {}, {}
+  for name, student in students.items():
+    precision[name] = metrics.precision(log_p_star, mx.sample(student, k_eval_student, cfg.n_eval))
+    recall[name] = metrics.recall(partial(mx.log_prob, student), x_star_NxD)
+  return {"teacher_entropy": mx.weight_entropy(sharp), "precision": precision, "recall": recall,
+          "students": students, "teacher": teacher}
+
+
+def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax.Array) -> dict:
+  """`run_config` over every (seed, beta): the outputs gain leading [S, B] axes."""
+  def per_seed(seed):
+    return jax.vmap(lambda beta: run_config(cfg, p_star, seed, beta))(betas_B)
+
+  return jax.lax.map(per_seed, seeds_S, batch_size=seed_batch(cfg, seeds_S.shape[0]))
+
+
+def seed_batch(cfg: StudyConfig, num_seeds: int) -> int:
+  """Seeds vmapped together: the largest divisor of num_seeds <= seed_chunk (a divisor, so that
+  lax.map does not compile a second body for a remainder)."""
+  return max(c for c in range(1, min(cfg.seed_chunk, num_seeds) + 1) if num_seeds % c == 0)
+
+
+grid_fn = jax.jit(run_grid, static_argnums=0)
+
+
+def geometric_betas(beta_min: float, beta_max: float, num: int) -> jax.Array:
+  """num betas spaced geometrically from beta_min to beta_max, both included."""
+  return jnp.geomspace(beta_min, beta_max, num, dtype=jnp.float32)
+
+
+def compile_and_run(cfg: StudyConfig, p_star: Mixture, seeds_S, betas_B) -> tuple[dict, dict]:
+  """Compile the grid once (timed apart) and run it; returns (outputs, timing)."""
+  seeds_S = jnp.asarray(seeds_S, jnp.int32)
+  betas_B = jnp.asarray(betas_B, jnp.float32)
+  t0 = time.perf_counter()
+  compiled = grid_fn.lower(cfg, p_star, seeds_S, betas_B).compile()
+  t1 = time.perf_counter()
+  out = jax.block_until_ready(compiled(p_star, seeds_S, betas_B))
+  t2 = time.perf_counter()
+  timing = {"configs": int(seeds_S.shape[0] * betas_B.shape[0]), "compile_seconds": t1 - t0,
+            "sweep_seconds": t2 - t1}
+  return out, timing
