@@ -1,0 +1,142 @@
+"""kdjax.llm.train (and evaluate): accumulation, vmapped students, schedule, KD step, summary."""
+
+import hashlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import checkpoint as ckpt_lib
+from kdjax import sharding
+from kdjax.llm import data as data_lib
+from kdjax.llm import evaluate, model, train
+from kdjax.llm.config import get_preset
+
+CFG = get_preset("test-tiny")
+
+
+def _mesh1():
+  return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def _batch(rng, b, t, vocab=256, min_len=3):
+  """Token batch whose rows have different pad counts."""
+  ids = rng.integers(0, vocab, size=(b, t)).astype(np.int32)
+  lengths = rng.integers(min_len, t + 1, size=b)
+  mask = np.arange(t)[None, :] < lengths[:, None]
+  return {"input_ids": jnp.asarray(np.where(mask, ids, 0)), "attention_mask": jnp.asarray(mask)}
+
+
+def _spec(**kw):
+  return train.StepSpec(model=CFG, total_steps=10, **kw)
+
+
+@pytest.mark.parametrize("teacher", [False, True])
+def test_grad_accumulation_equals_full_batch(teacher):
+  params = model.init_params(CFG, jax.random.PRNGKey(0))
+  tparams = model.init_params(CFG, jax.random.PRNGKey(1)) if teacher else None
+  batch = _batch(np.random.default_rng(0), 8, 16)
+  kw = dict(teacher=CFG, objective="jsd", kd_temperature=2.0) if teacher else {}
+  f = jax.jit(train.loss_and_grads, static_argnums=3)
+  loss1, nll1, count1, g1 = f(params, batch, tparams, _spec(grad_accum=1, **kw))
+  loss4, nll4, count4, g4 = f(params, batch, tparams, _spec(grad_accum=4, **kw))
+  assert float(count1) == float(count4) == float(np.sum(np.asarray(batch["attention_mask"])[:, 1:]))
+  np.testing.assert_allclose(loss4, loss1, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(nll4, nll1, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4)):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+  if not teacher:  # the loss is the token-mean cross-entropy (not a mean of row means)
+    logp = jax.jit(model.token_logprobs, static_argnums=0)(CFG, params, batch["input_ids"],
+                                                           batch["attention_mask"])
+    expected = -float(jnp.sum(logp)) / float(count1)
+    np.testing.assert_allclose(float(loss1), expected, rtol=1e-5)
+    np.testing.assert_allclose(float(nll1), expected, rtol=1e-5)
+
+
+def test_wsd_schedule():
+  f = train.wsd_schedule(1.0, 100, 0.1, 0.2)
+  vals = np.array([float(f(s)) for s in range(100)])
+  np.testing.assert_allclose(vals[:10], (np.arange(10) + 1) / 10, rtol=1e-6)
+  np.testing.assert_allclose(vals[10:80], 1.0)
+  np.testing.assert_allclose(vals[80:], (100 - np.arange(80, 100)) / 20, rtol=1e-6)
+  assert float(train.wsd_schedule(2.0, 10, 0.0, 0.0)(0)) == 2.0
+
+
+def test_vmapped_students_equal_one_by_one():
+  n, steps = 3, 3
+  mesh = _mesh1()
+  spec_n = _spec(num_students=n, weight_decay=0.1)
+  spec_1 = _spec(weight_decay=0.1)
+  rng = np.random.default_rng(2)
+  batches = [[_batch(rng, 4, 16) for _ in range(n)] for _ in range(steps)]
+  state, sh = train.init_state(spec_n, mesh, seed=5)
+  students0 = [jax.tree.map(lambda x: np.asarray(x[i]), state["params"]) for i in range(n)]
+  assert not np.allclose(jax.tree.leaves(students0[0])[0], jax.tree.leaves(students0[1])[0])
+  bsh = sharding.batch_sharding(mesh, students=True)
+  step_n = train.compile_train_step(spec_n, sh, bsh)
+  losses_n = []
+  for bs in batches:
+    stacked = {k: jnp.stack([b[k] for b in bs]) for k in bs[0]}
+    state, m = step_n(state, stacked, None)
+    losses_n.append(np.asarray(m["loss"]))
+  step_1 = None
+  for i in range(n):
+    s1, sh1 = train.init_state(spec_1, mesh, seed=5, params=students0[i])
+    step_1 = step_1 or train.compile_train_step(spec_1, sh1, sharding.batch_sharding(mesh))
+    for k, bs in enumerate(batches):
+      s1, m1 = step_1(s1, bs[i], None)
+      np.testing.assert_allclose(float(m1["loss"]), losses_n[k][i], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(state["params"])):
+      np.testing.assert_allclose(np.asarray(b)[i], np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+def test_kd_step_runs_and_self_distillation_is_zero():
+  mesh = _mesh1()
+  spec = _spec(teacher=CFG, objective="fkl", kd_temperature=1.5)
+  state, sh = train.init_state(spec, mesh, seed=0)
+  teacher = jax.tree.map(np.asarray, state["params"])  # the student's own init: KL is zero
+  step = train.compile_train_step(spec, sh, sharding.batch_sharding(mesh))
+  batch = _batch(np.random.default_rng(3), 4, 16)
+  state, m = step(state, batch, teacher)
+  assert abs(float(m["loss"])) < 1e-6
+  assert np.isfinite(float(m["nll"])) and float(m["nll"]) > 1.0
+  other = model.init_params(CFG, jax.random.PRNGKey(9))
+  state, m = step(state, batch, other)
+  assert float(m["loss"]) > 1e-4 and np.isfinite(float(m["grad_norm"]))
+
+
+def test_evaluate_is_per_token_mean(tmp_path):
+  rng = np.random.default_rng(4)
+  seqs = [rng.integers(0, 256, size=k).astype(np.int32) for k in (3, 9, 17, 9, 3, 17)]
+  params = model.init_params(CFG, jax.random.PRNGKey(0))
+  total, count = 0.0, 0
+  logprobs = jax.jit(model.token_logprobs, static_argnums=0)
+  for s in seqs:  # one sequence at a time, no padding at all
+    total += float(jnp.sum(logprobs(CFG, params, jnp.asarray(s[None]))))
+    count += len(s) - 1
+  for bsz in (2, 5):
+    mean, ppl = evaluate.mean_token_loglik(CFG, params, seqs, batch_size=bsz, seq_len=32)
+    np.testing.assert_allclose(mean, total / count, rtol=1e-5)
+    np.testing.assert_allclose(ppl, np.exp(-total / count), rtol=1e-5)
+
+
+def test_train_summary_checksum_and_determinism(tmp_path):
+  cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:48",), batch_size=8,
+                          seq_len=24, steps=3, progress=False, checkpoint_every=2)
+  s1 = train.train(cfg, str(tmp_path / "a"))
+  saved = json.loads((tmp_path / "a" / "train_summary.json").read_text())
+  assert saved["params_checksum"] == s1["params_checksum"] and saved["steps"] == 4
+  assert np.isfinite(saved["final_loss"])
+  # the summary's checksum is sha256 over the float32 leaves of the final (= exported) params
+  config, params = ckpt_lib.load_model_checkpoint(str(tmp_path / "a" / "best"))
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(params):
+    h.update(np.asarray(leaf, np.float32).tobytes())
+  assert h.hexdigest() == s1["params_checksum"]
+  assert config == CFG
+  s2 = train.train(cfg, str(tmp_path / "b"))  # same flags, another workdir: identical
+  assert s2["params_checksum"] == s1["params_checksum"]
+  assert s2["final_loss"] == s1["final_loss"]

@@ -1,0 +1,96 @@
+"""kdjax.sharding: the rule table, fallbacks, mesh validation, and 2x2x2 training == 1 device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from kdjax import sharding
+from kdjax.cli import UserError
+from kdjax.llm import train
+from kdjax.llm.config import get_preset
+
+CFG = get_preset("test-tiny")
+
+
+def test_make_mesh_validates_device_count():
+  mesh = sharding.make_mesh(2, 2, 2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+  assert dict(sharding.make_mesh(-1, 2, 1).shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  with pytest.raises(UserError, match="= 4 devices, but 8 are available"):
+    sharding.make_mesh(2, 2, 1)
+  with pytest.raises(UserError, match="does not divide"):
+    sharding.make_mesh(-1, 3, 1)
+
+
+def test_parse_mesh():
+  assert sharding.parse_mesh("data=2,fsdp=2,tensor=1") == (2, 2, 1)
+  assert sharding.parse_mesh("") == (-1, 1, 1)
+  assert sharding.parse_mesh("fsdp=4") == (-1, 4, 1)
+  for bad in ("gpu=2", "data=x", "data=0"):
+    with pytest.raises(UserError, match="--mesh"):
+      sharding.parse_mesh(bad)
+
+
+def test_param_shardings_follow_the_table():
+  mesh = sharding.make_mesh(2, 2, 2)
+  sh = sharding.param_shardings(CFG, mesh)
+  assert sh["embed"]["embedding"].spec == P("tensor", "fsdp")
+  assert sh["layers"]["attn"]["q"]["kernel"].spec == P(None, "fsdp", "tensor", None)
+  assert sh["layers"]["attn"]["o"]["kernel"].spec == P(None, "tensor", None, "fsdp")
+  assert sh["layers"]["mlp"]["down"]["kernel"].spec == P(None, "tensor", "fsdp")
+  assert sh["final_norm"]["scale"].spec == P(None)
+  students = sharding.param_shardings(CFG, mesh, num_students=3)
+  assert students["layers"]["mlp"]["up"]["kernel"].spec == P(None, None, "fsdp", "tensor")
+
+
+def test_indivisible_dimension_is_replicated():
+  # SmolLM2-135M: 9 heads, 3 kv heads. On tensor=2 the heads stay whole, the MLP is split.
+  cfg = get_preset("smollm2-135m")
+  mesh = sharding.make_mesh(2, 2, 2)
+  sh = sharding.param_shardings(cfg, mesh)
+  assert sh["layers"]["attn"]["q"]["kernel"].spec == P(None, "fsdp", None, None)
+  assert sh["layers"]["attn"]["k"]["kernel"].spec == P(None, "fsdp", None, None)
+  assert sh["layers"]["mlp"]["gate"]["kernel"].spec == P(None, "fsdp", "tensor")
+  assert sharding.logical_to_mesh(("heads", "embed"), (9, 576), mesh) == P(None, "fsdp")
+
+
+def test_unknown_logical_axis_is_an_error():
+  mesh = sharding.make_mesh(2, 2, 2)
+  with pytest.raises(ValueError, match="'hiddn' has no rule"):
+    sharding.logical_to_mesh(("hiddn", "mlp"), (64, 128), mesh, "layers/typo/kernel")
+  tree = {"w": P("embed", "mpl")}
+  with pytest.raises(ValueError, match=r"\['w'\].*'mpl'"):
+    sharding.tree_shardings(tree, {"w": jax.ShapeDtypeStruct((64, 128), jnp.float32)}, mesh)
+
+
+def _run_steps(mesh, steps=3, grad_accum=1):
+  spec = train.StepSpec(model=CFG, total_steps=10, lr=1e-2, grad_accum=grad_accum,
+                        weight_decay=0.1)
+  state, sh = train.init_state(spec, mesh, seed=0)
+  bsh = sharding.batch_sharding(mesh)
+  step = train.compile_train_step(spec, sh, bsh)
+  rng = np.random.default_rng(0)
+  losses = []
+  for _ in range(steps):
+    ids = rng.integers(0, 256, size=(8, 16)).astype(np.int32)
+    mask = np.arange(16)[None] < rng.integers(4, 17, size=8)[:, None]
+    batch = jax.device_put({"input_ids": ids, "attention_mask": mask}, bsh)
+    state, m = step(state, batch, None)
+    losses.append(float(m["loss"]))
+  return losses, state
+
+
+def test_2x2x2_mesh_trains_like_one_device():
+  one, s1 = _run_steps(sharding.make_mesh(devices=jax.devices()[:1]))
+  mesh = sharding.make_mesh(2, 2, 2)
+  many, s8 = _run_steps(mesh, grad_accum=2)
+  q = s8["params"]["layers"]["attn"]["q"]["kernel"]
+  assert q.sharding.spec == P(None, "fsdp", "tensor", None)  # really sharded, not replicated
+  mu = s8["opt_state"][1][0].mu["layers"]["attn"]["q"]["kernel"]
+  assert mu.sharding.spec == q.sharding.spec  # optimizer moments sharded like their parameter
+  np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
