@@ -123,3 +123,23 @@ def test_unpermute_inverts_llama_cpp_permutation():
   # the interleaved pair (2i, 2i+1) of a GGUF head is HF's (i, i + E/2)
   np.testing.assert_array_equal(w_gguf[2], w_hf[1])
   np.testing.assert_array_equal(w_gguf[3], w_hf[1 + e // 2])
+
+
+def test_ckpt_spec(tmp_path):
+  """ckpt:DIR goes through kdjax.checkpoint; describe_spec reads only model_config.json + meta.json."""
+  from kdjax import checkpoint
+  from kdjax.cli import UserError
+  from kdjax.llm import describe_spec, load_tokenizer
+  config, params = load_model("preset:test-tiny-untied@3")
+  missing_tok = str(tmp_path / "no-tokenizer-here")
+  checkpoint.export_model(str(tmp_path / "ck"), config, params, meta={"tokenizer": f"hf:{missing_tok}"})
+  described, info = describe_spec(f"ckpt:{tmp_path / 'ck'}")
+  assert described == config and info["tokenizer"] == f"hf:{missing_tok}"
+  config2, params2 = load_model(f"ckpt:{tmp_path / 'ck'}")
+  assert config2 == config
+  np.testing.assert_array_equal(np.asarray(params2["lm_head"]["kernel"]),
+                                np.asarray(params["lm_head"]["kernel"]))
+  with pytest.raises(UserError, match="no-tokenizer-here"):  # the recorded tokenizer is the one used
+    load_tokenizer(f"ckpt:{tmp_path / 'ck'}")
+  with pytest.raises(UserError, match="model_config.json"):
+    describe_spec(f"ckpt:{tmp_path}")

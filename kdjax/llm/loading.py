@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kdjax.cli import UserError
+from kdjax.cli import UserError, read_json
 from kdjax.llm import convert
 from kdjax.llm.config import LlamaConfig, get_preset
 
@@ -103,18 +103,37 @@ def describe_spec(spec: str) -> tuple[LlamaConfig, dict]:
                 files=[os.path.basename(f) for f in files])
   elif scheme == "ckpt":
     folder = _require_dir(rest, spec)
-    from kdjax import checkpoint
-    describe = getattr(checkpoint, "read_model_config", None)
-    if describe is None:
-      raise UserError(f"model spec {spec!r}: kdjax.checkpoint cannot describe a checkpoint "
-                      "without loading it (no read_model_config)")
-    config = describe(folder)
-    info.update(path=os.path.abspath(folder))
+    config = _ckpt_config(folder)
+    info.update(path=os.path.abspath(folder), tokenizer=_ckpt_tokenizer_spec(folder))
   else:
     config, seed = _parse_preset(rest, spec)
     info.update(preset=rest.partition("@")[0], seed=seed)
   info["num_params"] = config.num_params()
   return config, info
+
+
+def _ckpt_config(folder: str) -> LlamaConfig:
+  """The config of a kdjax.checkpoint model export (model_config.json), without its params."""
+  from kdjax import checkpoint
+  path = os.path.join(folder, checkpoint.MODEL_CONFIG)
+  if not checkpoint.is_model_checkpoint(folder):
+    raise UserError(f"ckpt:{folder} is not a kdjax model checkpoint (needs {checkpoint.MODEL_CONFIG} "
+                    "and params/)")
+  try:
+    return LlamaConfig.from_dict(read_json(path))
+  except (OSError, ValueError, TypeError, AttributeError) as e:
+    raise UserError(f"{path}: unreadable model config ({e})") from None
+
+
+def _ckpt_tokenizer_spec(folder: str) -> str | None:
+  """The tokenizer spec an export recorded in meta.json under "tokenizer" (gguf:/hf:), if any."""
+  path = os.path.join(folder, "meta.json")
+  try:
+    meta = read_json(path) if os.path.isfile(path) else {}
+  except (OSError, ValueError) as e:
+    raise UserError(f"{path}: unreadable JSON ({e})") from None
+  value = meta.get("tokenizer") if isinstance(meta, dict) else None
+  return value if isinstance(value, str) and value else None
 
 
 # ----------------------------------------------------------------------------- tokenizers
@@ -151,8 +170,8 @@ def load_tokenizer(spec: str, tokenizer: str | None = None):
   """transformers tokenizer for a model spec.
 
   gguf:/hf: build it from the file/dir itself. ckpt:/preset: use `tokenizer` (a gguf:/hf: spec)
-  if given, else the spec a checkpoint recorded (kdjax.checkpoint.read_tokenizer_spec, when it
-  records one), else the real SmolLM2 GGUF (default_gguf_path()). A model whose vocabulary is
+  if given, else the spec a checkpoint export recorded in its meta.json ({"tokenizer": "gguf:..."}),
+  else the real SmolLM2 GGUF (default_gguf_path()). A model whose vocabulary is
   smaller than the tokenizer's (e.g. preset:test-tiny) is refused: its ids would be out of range.
   """
   scheme, rest = parse_spec(tokenizer or spec)
@@ -162,16 +181,12 @@ def load_tokenizer(spec: str, tokenizer: str | None = None):
     return _tokenizer_from("hf", os.path.abspath(_require_dir(rest, tokenizer or spec)))
   if tokenizer is not None:
     raise UserError(f"tokenizer spec {tokenizer!r}: expected gguf:PATH or hf:DIR")
-  recorded = None
-  if scheme == "ckpt":
-    from kdjax import checkpoint
-    read = getattr(checkpoint, "read_tokenizer_spec", None)
-    recorded = read(_require_dir(rest, spec)) if read is not None else None
+  recorded = _ckpt_tokenizer_spec(_require_dir(rest, spec)) if scheme == "ckpt" else None
   if recorded:
     return load_tokenizer(recorded)
   tok = _tokenizer_from("gguf", default_gguf_path())
-  config, _ = describe_spec(spec) if scheme == "preset" else (None, None)
-  if config is not None and config.vocab_size < len(tok):
+  config, _ = describe_spec(spec)
+  if config.vocab_size < len(tok):
     raise UserError(f"model spec {spec!r}: vocabulary {config.vocab_size} is smaller than the "
                     f"default SmolLM2 tokenizer's {len(tok)}; pass a matching tokenizer")
   return tok
