@@ -152,7 +152,7 @@ def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Arr
   fit = partial(em.fit, diag=cfg.diag, init=cfg.em_init, max_iter=cfg.em_max_iter, tol=cfg.em_tol,
                 reg_covar=cfg.reg_covar)
 
-  x_train_NxD = mx.sample(p_star, k_data, cfg.n_train)
+  x_train_NxD = training_data(cfg, p_star, seed)
   teacher, _ = fit(k_teacher, x_train_NxD, cfg.teacher_components)
   sharp = mx.sharpen(teacher, beta)
 
@@ -176,6 +176,24 @@ def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Arr
     recall[name] = metrics.recall(partial(mx.log_prob, student), x_star_NxD)
   return {"teacher_entropy": mx.weight_entropy(sharp), "precision": precision, "recall": recall,
           "students": students, "teacher": teacher}
+
+
+def training_data(cfg: StudyConfig, p_star: Mixture, seed) -> jax.Array:
+  """The n_train p* samples of a seed (the first of run_config's keys), [n_train, D]."""
+  k_data = jax.random.split(jax.random.PRNGKey(seed), 8)[0]
+  return mx.sample(p_star, k_data, cfg.n_train)
+
+
+def ground_truth(spec: str, seed: int = 0) -> Mixture:
+  """p* from --ground_truth: "grid8" (the paper's) or "random:K:D" (random_mixture, key = seed)."""
+  if spec == "grid8":
+    return mx.grid8()
+  parts = spec.split(":")
+  ok = len(parts) == 3 and parts[0] == "random" and all(p.isdigit() for p in parts[1:])
+  require(ok, f"--ground_truth={spec!r}: expected grid8 or random:K:D (e.g. random:6:3)")
+  k, d = int(parts[1]), int(parts[2])
+  require(k >= 1 and d >= 1, f"--ground_truth={spec!r}: K and D must be >= 1")
+  return mx.random_mixture(jax.random.PRNGKey(seed), k, d)
 
 
 def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax.Array) -> dict:

@@ -1,0 +1,182 @@
+"""Figures of the GMM study (matplotlib, Agg backend): metrics against beta, precision against
+recall, and density panels like the paper's."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import jax  # noqa: E402
+
+from kdjax import cli  # noqa: E402
+from kdjax.gmm.mixture import Mixture  # noqa: E402
+from kdjax.gmm.study import EXACT  # noqa: E402
+
+COLORS = {"direct": "black", "seqkd": "tab:red", "fkl": "tab:blue", "rkl": "tab:green",
+          "jsd": "tab:purple", EXACT: "tab:orange"}
+MARKERS = {"seqkd": "o", "fkl": "s", "rkl": "^", "jsd": "D", EXACT: "P"}
+
+
+def _save(fig, path: str) -> None:
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+  plt.close(fig)
+  cli.atomic_write_bytes(path, buf.getvalue())
+
+
+def _by_objective(rows, key):
+  """{objective: (betas [B], values [S, B])} from result rows (direct: betas None, values [S])."""
+  out = {}
+  for m in dict.fromkeys(r["objective"] for r in rows):
+    rs = [r for r in rows if r["objective"] == m]
+    seeds = sorted({r["seed"] for r in rs})
+    if m == "direct":
+      out[m] = (None, np.array([[r[key] for r in rs if r["seed"] == s][0] for s in seeds], float))
+      continue
+    betas = sorted({r["beta"] for r in rs})
+    table = {(r["seed"], r["beta"]): r[key] for r in rs}
+    vals = np.array([[np.nan if table[(s, b)] is None else table[(s, b)] for b in betas]
+                     for s in seeds], float)
+    out[m] = (np.array(betas), vals)
+  return out
+
+
+def plot_metric_vs_beta(rows, key: str, path: str) -> None:
+  """Mean over seeds (line) and +-1 standard deviation (band) of `key` against beta, log-x."""
+  data = _by_objective(rows, key)
+  all_betas = np.concatenate([b for b, _ in data.values() if b is not None] or [np.ones(1)])
+  lo, hi = all_betas.min(), all_betas.max()
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for m, (betas, vals) in data.items():
+    color = COLORS.get(m, None)
+    if betas is None:
+      mean, sd = np.nanmean(vals), np.nanstd(vals)
+      ax.axhline(mean, color=color, lw=1.5, label=f"{m} (no teacher)")
+      ax.axhspan(mean - sd, mean + sd, color=color, alpha=0.08)
+      continue
+    mean, sd = np.nanmean(vals, axis=0), np.nanstd(vals, axis=0)
+    style = "--" if m == EXACT else "-"
+    label = "exact fKL limit (moment matching)" if m == EXACT else m
+    ax.plot(betas, mean, style, color=color, lw=1.8, label=label)
+    if m != EXACT:
+      ax.fill_between(betas, mean - sd, mean + sd, color=color, alpha=0.15, lw=0)
+  ax.set_xscale("log")
+  ax.set_xlim(lo, hi if hi > lo else lo * 1.01)
+  ax.set_xlabel("teacher sharpening beta (log scale)")
+  name = {"precision": "precision  E_student[log p*(x)]",
+          "recall": "recall  E_p*[log student(x)]"}.get(key, key)
+  ax.set_ylabel(name)
+  n_seeds = next(iter(data.values()))[1].shape[0]
+  ax.set_title(f"{key} vs beta: mean and +-1 sd over {n_seeds} seeds")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def plot_precision_recall(rows, path: str) -> None:
+  """Seed-mean (recall, precision) per objective and beta, coloured by beta (log colour scale)."""
+  prec, rec = _by_objective(rows, "precision"), _by_objective(rows, "recall")
+  fig, ax = plt.subplots(figsize=(6.4, 4.8))
+  betas_all = [b for b, _ in prec.values() if b is not None]
+  norm = matplotlib.colors.LogNorm(vmin=min(b.min() for b in betas_all),
+                                   vmax=max(max(b.max() for b in betas_all),
+                                            min(b.min() for b in betas_all) * 1.01)
+                                   ) if betas_all else None
+  sc = None
+  for m in prec:
+    betas, p = prec[m]
+    r = rec[m][1]
+    if betas is None:
+      ax.scatter([np.nanmean(r)], [np.nanmean(p)], marker="*", s=220, color="black", zorder=5,
+                 label=f"{m}")
+      continue
+    pm, rm = np.nanmean(p, axis=0), np.nanmean(r, axis=0)
+    ax.plot(rm, pm, "--" if m == EXACT else "-", color=COLORS.get(m), lw=0.8, alpha=0.6)
+    sc = ax.scatter(rm, pm, c=betas, norm=norm, cmap="viridis", marker=MARKERS.get(m, "o"),
+                    s=22, label=m, edgecolors=COLORS.get(m), linewidths=0.6, zorder=4)
+  if sc is not None:
+    fig.colorbar(sc, ax=ax, label="beta")
+  ax.set_xlabel("recall  E_p*[log student(x)]")
+  ax.set_ylabel("precision  E_student[log p*(x)]")
+  ax.set_title("precision vs recall (seed means), coloured by beta")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+
+
+def _log_density_2d(m: Mixture, xy_Nx2: np.ndarray) -> np.ndarray:
+  """log density of the mixture's marginal over its first two dimensions, in numpy (no compiles)."""
+  m = jax.tree.map(np.asarray, m)
+  w_K = np.exp(m.logits - m.logits.max())
+  w_K = w_K / w_K.sum()
+  if m.scales.ndim == m.means.ndim:
+    tril = np.exp(m.scales)[:, :, None] * np.eye(m.means.shape[-1])
+  else:
+    diag = np.exp(np.diagonal(m.scales, axis1=-2, axis2=-1))
+    tril = np.tril(m.scales, -1) + diag[:, :, None] * np.eye(m.means.shape[-1])
+  cov_Kx2x2 = (tril @ np.swapaxes(tril, -1, -2))[:, :2, :2]
+  diff_KxNx2 = xy_Nx2[None] - m.means[:, None, :2]
+  prec_Kx2x2 = np.linalg.inv(cov_Kx2x2)
+  quad_KxN = np.einsum("knd,kde,kne->kn", diff_KxNx2, prec_Kx2x2, diff_KxNx2)
+  logdet_K = np.linalg.slogdet(cov_Kx2x2)[1]
+  comp_KxN = -0.5 * (quad_KxN + logdet_K[:, None] + 2 * np.log(2 * np.pi))
+  joint_KxN = comp_KxN + np.log(np.maximum(w_K, 1e-300))[:, None]
+  top_N = joint_KxN.max(axis=0)
+  return top_N + np.log(np.exp(joint_KxN - top_N[None]).sum(axis=0))
+
+
+def plot_densities(panels: list[tuple[str, Mixture]], path: str, points=None,
+                   extent: float = 2.0, n: int = 160) -> None:
+  """Filled density contours of each mixture (first two dimensions) in a row of panels; `points`
+  (e.g. the training samples) are drawn on the first panel."""
+  grid = np.linspace(-extent, extent, n, dtype=np.float32)
+  xx, yy = np.meshgrid(grid, grid)
+  xy_Nx2 = np.stack([xx.ravel(), yy.ravel()], axis=-1).astype(np.float64)
+  cols = min(4, len(panels))
+  rows_n = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows_n, cols, figsize=(3.0 * cols, 3.0 * rows_n), squeeze=False)
+  for ax in axes.ravel():
+    ax.set_axis_off()
+  for ax, (title, m) in zip(axes.ravel(), panels):
+    dens = np.exp(_log_density_2d(m, xy_Nx2)).reshape(n, n)
+    ax.set_axis_on()
+    ax.contourf(xx, yy, dens, levels=20, cmap="magma")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_aspect("equal")
+  if points is not None:
+    pts = np.asarray(points)
+    axes[0, 0].scatter(pts[:, 0], pts[:, 1], s=3, color="cyan", alpha=0.7)
+  _save(fig, path)
+
+
+def write_all(workdir: str, rows, p_star: Mixture, out: dict, methods, betas_B,
+              seed_index: int = 0, x_train=None) -> list[str]:
+  """All figures of a run; returns their paths. Density panels show seed `seed_index`."""
+  paths = [f"{workdir}/precision_vs_beta.png", f"{workdir}/recall_vs_beta.png",
+           f"{workdir}/precision_vs_recall.png", f"{workdir}/densities.png"]
+  plot_metric_vs_beta(rows, "precision", paths[0])
+  plot_metric_vs_beta(rows, "recall", paths[1])
+  plot_precision_recall(rows, paths[2])
+  pick = lambda tree, b: jax.tree.map(lambda a: a[seed_index, b], tree)
+  betas_B = np.asarray(betas_B)
+  b_last = len(betas_B) - 1
+  teacher = jax.tree.map(np.asarray, pick(out["teacher"], 0))
+
+  def sharpen(m, beta):  # mx.sharpen in numpy
+    logw = m.logits - m.logits.max()
+    return m._replace(logits=beta * (logw - np.log(np.exp(logw).sum())))
+
+  panels = [("p* (ground truth)", p_star),
+            (f"teacher, beta={betas_B[0]:g}", sharpen(teacher, float(betas_B[0]))),
+            (f"teacher, beta={betas_B[-1]:g}", sharpen(teacher, float(betas_B[-1])))]
+  for m in methods:
+    label = "direct student" if m == "direct" else f"{m} student, beta={betas_B[-1]:g}"
+    panels.append((label, pick(out["students"][m], b_last)))
+  plot_densities(panels, paths[3], points=x_train)
+  return paths
