@@ -1,0 +1,226 @@
+"""The SmolLM2 study pipeline (kdjax/llm/pipeline.py, plan.py, plots.py) at tiny size, in-process.
+
+The ground truth is a random test-tiny model (vocabulary 256) with a byte-level tokenizer; teacher
+and students are test-tiny presets trained from scratch on a few dozen 8-token samples. The
+numbers mean nothing; what is tested is the plumbing: stages, skip-when-done, resume, results.
+Kill-and-resume of the real entry point is in tests/test_experiments_llm.py.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from kdjax.cli import UserError
+from kdjax.llm import pipeline, plots
+from kdjax.llm.config import get_preset
+from kdjax.llm.plan import StudyConfig, format_plan, make_plan, validate
+
+TINY = StudyConfig(
+    ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny",
+    student="preset:test-tiny", temperatures=(0.8, 1.0), num_train=32, num_val=16,
+    teacher_num_train=32, teacher_num_val=8, num_eval_samples=16, max_new_tokens=8,
+    sample_batch_size=8, shard_size=8, teacher_epochs=2, student_epochs=1, batch_size=8,
+    learning_rate=3e-3, checkpoint_every=2, eval_batch_size=8)
+
+
+def _describe(spec):
+  return get_preset(spec.split(":", 1)[1].split("@")[0])
+
+
+@pytest.mark.parametrize("change, flag", [
+    ({"temperatures": (0.8, 0.0)}, "--temperatures"),
+    ({"temperatures": (-1.0,)}, "--temperatures"),
+    ({"temperatures": (float("nan"),)}, "--temperatures"),
+    ({"temperatures": ()}, "--temperatures"),
+    ({"temperatures": (0.8, 0.8)}, "--temperatures"),
+    ({"num_train": 0}, "--num_train"),
+    ({"num_eval_samples": 0}, "--num_eval_samples"),
+    ({"batch_size": 64}, "--batch_size"),
+    ({"teacher_epochs": 0}, "--teacher_epochs"),
+    ({"learning_rate": -1.0}, "--learning_rate"),
+    ({"warmup_fraction": 0.9, "decay_fraction": 0.5}, "--warmup_fraction"),
+    ({"teacher": "ckpt:/somewhere"}, "--teacher"),
+    ({"ground_truth": "model.gguf"}, "--ground_truth"),
+])
+def test_validate_names_the_flag(change, flag):
+  with pytest.raises(UserError, match=flag):
+    validate(dataclasses.replace(TINY, **change))
+
+
+def test_plan_counts_every_stage():
+  plan = make_plan(TINY, _describe, prompt_len=3)
+  stages = {s["stage"]: s for s in plan["stages"]}
+  assert list(stages) == ["1_sample_ground_truth", "2_train_teacher", "3_sample_teacher",
+                          "4_train_students", "5_score_students", "6_results"]
+  assert plan["seq_len"] == 3 + TINY.max_new_tokens
+  s1 = stages["1_sample_ground_truth"]
+  assert s1["sequences"] == TINY.num_train + TINY.num_val
+  assert s1["tokens"] == s1["sequences"] * plan["seq_len"]
+  assert stages["3_sample_teacher"]["sequences"] == 2 * (TINY.teacher_num_train + TINY.teacher_num_val)
+  assert stages["2_train_teacher"]["tokens"] == TINY.teacher_epochs * TINY.num_train * plan["seq_len"]
+  assert plan["students"] == ["direct", "kd_T0.8", "kd_T1"]
+  for s in plan["stages"][:-1]:
+    assert s["flops"] > 0 and s["memory_per_device_bytes"] > 0
+  # more seeds: more teacher samples and students, the same p* samples
+  plan3 = make_plan(dataclasses.replace(TINY, num_seeds=3), _describe, prompt_len=3)
+  st3 = {s["stage"]: s for s in plan3["stages"]}
+  assert st3["3_sample_teacher"]["sequences"] == 3 * stages["3_sample_teacher"]["sequences"]
+  assert st3["1_sample_ground_truth"]["sequences"] == s1["sequences"]
+  text = format_plan(plan)
+  for name in stages:
+    assert name in text
+
+
+def test_plan_refuses_mismatched_vocabulary():
+  cfg = dataclasses.replace(TINY, teacher="preset:micro-49k")
+  with pytest.raises(UserError, match="--teacher.*vocabulary"):
+    make_plan(cfg, _describe)
+
+
+def test_dry_run_loads_no_weights(monkeypatch):
+  from kdjax.llm import loading
+
+  def refuse(spec):
+    raise AssertionError(f"dry run loaded {spec}")
+  monkeypatch.setattr(loading, "load_model", refuse)
+  plan = pipeline.dry_run_plan(TINY)
+  assert plan["models"]["ground_truth"]["vocab"] == 256
+  # a ground truth absent from this machine is planned from the named preset, with a note
+  cfg = dataclasses.replace(TINY, ground_truth="hf:/nonexistent/SmolLM2-1.7B", tokenizer="bytes",
+                            teacher="preset:smollm2-360m", student="preset:smollm2-135m")
+  plan = pipeline.dry_run_plan(cfg, ground_truth_preset="smollm2-1.7b")
+  assert plan["models"]["ground_truth"]["params"] == get_preset("smollm2-1.7b").num_params()
+  assert any("nonexistent" in n for n in plan["notes"])
+  with pytest.raises(UserError, match="nonexistent"):
+    pipeline.dry_run_plan(cfg)
+
+
+ROWS = [
+    {"student": "direct", "temperature": None, "seed": 0, "precision": -3.0, "recall": -2.0,
+     "val_perplexity": 7.0},
+    {"student": "kd", "temperature": 0.8, "seed": 0, "precision": -2.0, "recall": -3.0,
+     "val_perplexity": 5.0},
+    {"student": "kd", "temperature": 0.8, "seed": 1, "precision": -1.0, "recall": -4.0,
+     "val_perplexity": 4.0},
+    {"student": "kd", "temperature": 1.0, "seed": 0, "precision": -2.5, "recall": -2.5,
+     "val_perplexity": 6.0},
+]
+
+
+def test_csv_figures_and_summary(tmp_path):
+  plots.write_csv(ROWS, str(tmp_path / "results.csv"))
+  with open(tmp_path / "results.csv") as f:
+    got = list(csv.DictReader(f))
+  assert [r["student"] for r in got] == ["direct", "kd", "kd", "kd"]
+  assert got[0]["temperature"] == "" and float(got[2]["precision"]) == -1.0
+  paths = plots.write_figures(ROWS, str(tmp_path))
+  for p in paths:
+    with open(p, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  s = plots.summarize(ROWS)
+  assert s["kd"][0.8]["precision"] == (-1.5, -2.0, -1.0)
+  assert s["direct"]["recall"] == (-2.0, -2.0, -2.0)
+  assert "0.8" in plots.format_table(ROWS)
+
+
+def _dataset_rows(path):
+  ds = pipeline.load_dataset(path)
+  return [list(r) for r in ds["input_ids"]], list(ds["text"]), list(ds["length"])
+
+
+def test_sample_dataset_resumes_exactly(tmp_path):
+  from kdjax.llm import loading
+  config, params = loading.load_model(TINY.ground_truth)
+  tok, prompt = pipeline.ByteTokenizer(), [84, 104, 101]
+  kw = dict(num=20, temperature=1.0, cfg=TINY, eos_id=-1)  # no EOS: every row full length
+  key = pipeline.seed_key(0, 0, 0)
+  full = str(tmp_path / "full")
+  pipeline.sample_dataset(full, config, params, prompt, tok, key, desc="", **kw)
+  ids, texts, lengths = _dataset_rows(full)
+  assert len(ids) == 20 and all(r[:3] == prompt and len(r) == 3 + 8 for r in ids)
+  assert lengths == [len(r) for r in ids] and texts[0] == tok.decode(ids[0])
+  assert pipeline.read_done(full)["shards"] == 3
+  # a run killed after two shards (the third never renamed into place) resumes to the same rows
+  part = str(tmp_path / "part")
+  shutil.copytree(full, part)
+  shutil.rmtree(os.path.join(part, "shard-00002"))
+  os.remove(os.path.join(part, pipeline.DONE))
+  pipeline.sample_dataset(part, config, params, prompt, tok, key, desc="", **kw)
+  assert _dataset_rows(part) == (ids, texts, lengths)
+  # and another key gives other samples
+  other = str(tmp_path / "other")
+  pipeline.sample_dataset(other, config, params, prompt, tok, pipeline.seed_key(1, 0, 0), desc="",
+                          **kw)
+  assert _dataset_rows(other)[0] != ids
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("study"))
+  rows = pipeline.run_study(TINY, workdir)
+  return workdir, rows
+
+
+def test_end_to_end_outputs(study):
+  workdir, rows = study
+  with open(os.path.join(workdir, "results.json")) as f:
+    saved = json.load(f)
+  assert saved == {"rows": rows}
+  assert [(r["student"], r["temperature"]) for r in rows] == [("direct", None), ("kd", 0.8),
+                                                              ("kd", 1.0)]
+  for r in rows:
+    assert r["seed"] == 0
+    assert np.isfinite([r["precision"], r["recall"], r["val_perplexity"]]).all()
+    assert r["precision"] < 0 and r["recall"] < 0 and r["val_perplexity"] > 1
+  direct = rows[0]  # the direct student's validation set is p*'s: perplexity = exp(-recall)
+  assert direct["val_perplexity"] == pytest.approx(np.exp(-direct["recall"]))
+  with open(os.path.join(workdir, "results.csv")) as f:
+    assert len(list(csv.DictReader(f))) == len(rows)
+  for name in plots.FIGURES:
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000
+  timings = json.load(open(os.path.join(workdir, "timings.json")))
+  assert set(timings) == {"1_sample_ground_truth", "2_train_teacher", "3_sample_teacher",
+                          "4_train_students", "5_score_students", "6_results"}
+  # the teacher's samples: one dataset per temperature and split, 8 new tokens after "The"
+  for t in ("0.8", "1"):
+    ids, _, _ = _dataset_rows(os.path.join(workdir, "seed_0", f"teacher_T{t}", "train"))
+    assert len(ids) == TINY.teacher_num_train and all(r[:3] == [84, 104, 101] for r in ids)
+
+
+def test_rerun_skips_finished_stages(study, monkeypatch):
+  workdir, rows = study
+  from kdjax.llm import loading, sampling, train
+
+  def refuse(*a, **k):
+    raise AssertionError("a finished stage ran again")
+  for module, name in ((train, "train"), (sampling, "sample"), (loading, "load_model")):
+    monkeypatch.setattr(module, name, refuse)
+  before = open(os.path.join(workdir, "results.json"), "rb").read()
+  assert pipeline.run_study(TINY, workdir) == rows
+  assert open(os.path.join(workdir, "results.json"), "rb").read() == before
+
+
+def test_rescoring_reproduces_the_scores(study):
+  """Deleting one student's score and the results: a rerun recomputes the same numbers."""
+  workdir, rows = study
+  shutil.rmtree(os.path.join(workdir, "seed_0", "scores", "kd_T0.8"))
+  shutil.rmtree(os.path.join(workdir, "seed_0", "student_samples", "kd_T0.8"))
+  os.remove(os.path.join(workdir, "results.json"))
+  assert pipeline.run_study(TINY, workdir) == rows
+
+
+def test_empty_dataset_is_a_clear_error(study, tmp_path):
+  workdir, _ = study
+  broken = str(tmp_path / "broken")
+  shutil.copytree(workdir, broken)
+  shutil.rmtree(os.path.join(broken, "seed_0", "students", "kd"))
+  for name in os.listdir(os.path.join(broken, "seed_0", "teacher_T0.8", "train")):
+    if name.startswith("shard-"):
+      shutil.rmtree(os.path.join(broken, "seed_0", "teacher_T0.8", "train", name))
+  with pytest.raises(UserError, match="teacher_T0.8/train.*no dataset shards"):
+    pipeline.run_study(TINY, broken)
