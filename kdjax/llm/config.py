@@ -80,6 +80,9 @@ PRESETS: dict[str, LlamaConfig] = {
     # Full vocabulary, smaller still: smoke-run students.
     "micro-49k": _smollm2(hidden_size=128, intermediate_size=384, num_layers=2, num_heads=2,
                           num_kv_heads=1, rope_theta=100000.0),
+    # Full vocabulary, one narrow layer: the smoke-run students (experiments/flags/llm_smoke.flags).
+    "nano-49k": _smollm2(hidden_size=64, intermediate_size=192, num_layers=1, num_heads=1,
+                         num_kv_heads=1, rope_theta=100000.0),
     # Small vocabulary: unit tests.
     "test-tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
                              num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10000.0,
