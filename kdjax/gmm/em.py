@@ -43,7 +43,7 @@ def m_step(x_NxD: jax.Array, resp_NxK: jax.Array, diag: bool, reg_covar) -> Mixt
     cov = jnp.einsum("nk,knd->kd", resp_NxK, jnp.square(diff_KxNxD)) / nk_K[:, None] + reg_covar
   else:
     cov = jnp.einsum("nk,knd,kne->kde", resp_NxK, diff_KxNxD, diff_KxNxD) / nk_K[:, None, None]
-    cov = cov + reg_covar * jnp.eye(d, dtype=x_NxD.dtype)
+    cov = cov + reg_covar * jnp.eye(d, dtype=x_NxD.dtype)[None]
   w_K = nk_K / n
   return mx.from_moments(w_K / jnp.sum(w_K), means_KxD, cov)
 

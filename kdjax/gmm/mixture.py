@@ -43,18 +43,17 @@ def weights(m: Mixture) -> jax.Array:
   return jax.nn.softmax(m.logits, axis=-1)
 
 
-def _eye(d: int, dtype) -> jax.Array:
-  return jnp.eye(d, dtype=dtype)
+def _diag_embed(v: jax.Array) -> jax.Array:
+  """[..., D] -> [..., D, D] diagonal matrices (rank-explicit, fine under strict rank promotion)."""
+  return v[..., :, None] * jnp.broadcast_to(jnp.eye(v.shape[-1], dtype=v.dtype), v.shape + v.shape[-1:])
 
 
 def scale_tril(m: Mixture) -> jax.Array:
   """Cholesky factors of the component covariances, [K, D, D]."""
-  d = m.means.shape[-1]
-  eye = _eye(d, m.means.dtype)
   if is_diag(m):
-    return jnp.exp(m.scales)[..., :, None] * eye
+    return _diag_embed(jnp.exp(m.scales))
   diag = jnp.diagonal(m.scales, axis1=-2, axis2=-1)
-  return jnp.tril(m.scales, -1) + jnp.exp(diag)[..., :, None] * eye
+  return jnp.tril(m.scales, -1) + _diag_embed(jnp.exp(diag))
 
 
 def covariances(m: Mixture) -> jax.Array:
@@ -77,8 +76,7 @@ def from_moments(weights_K: jax.Array, means_KxD: jax.Array, cov: jax.Array) -> 
     return Mixture(logits, means_KxD, 0.5 * jnp.log(cov))
   tril = jnp.linalg.cholesky(cov)
   diag = jnp.diagonal(tril, axis1=-2, axis2=-1)
-  eye = _eye(means_KxD.shape[-1], means_KxD.dtype)
-  raw = jnp.tril(tril, -1) + jnp.log(diag)[..., :, None] * eye
+  raw = jnp.tril(tril, -1) + _diag_embed(jnp.log(diag))
   return Mixture(logits, means_KxD, raw)
 
 

@@ -116,7 +116,7 @@ def _gradient_init(cfg: StudyConfig, teacher: Mixture, key: jax.Array) -> Mixtur
     cov_DxD = diff_NxD.T @ diff_NxD / cfg.batch_size
     cov = jnp.broadcast_to(cov_DxD[None], (k,) + cov_DxD.shape)
   return mx.from_moments(w_K, means_KxD, cov + cfg.reg_covar if cfg.diag
-                         else cov + cfg.reg_covar * jnp.eye(means_KxD.shape[-1]))
+                         else cov + cfg.reg_covar * jnp.eye(means_KxD.shape[-1])[None])
 
 
 def train_student(cfg: StudyConfig, objective: str, teacher: Mixture,
