@@ -400,16 +400,26 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
   a finished run returns its summary without training.
   """
   validate(cfg)
+  mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
   primary = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  require(cfg.batch_size % batch_shards == 0,
+          f"--batch_size={cfg.batch_size} is not a multiple of data x fsdp = {batch_shards}")
+  eval_b = cfg.eval_batch_size or cfg.batch_size
+  require(eval_b % batch_shards == 0,
+          f"--eval_batch_size={eval_b} is not a multiple of data x fsdp = {batch_shards}")
   # --- models
-  config, init_params = load_spec(cfg.model, cfg.seed)
+  if _is_preset(cfg.model):  # random init happens born sharded, below
+    config, init_params = get_preset(cfg.model.split(":", 1)[1]), None
+  else:  # host copies: identical on every process, placed on the mesh by jit below
+    config, init_params = load_spec(cfg.model, cfg.seed)
+    init_params = jax.device_get(init_params)
   config = config.replace(dtype=cfg.dtype)
-  if _is_preset(cfg.model):
-    init_params = None  # born sharded from the seed, below
   teacher_config, teacher_params = None, None
   if cfg.teacher:
     teacher_config, teacher_params = load_spec(cfg.teacher, cfg.seed + 1)
+    teacher_params = jax.device_get(teacher_params)
     teacher_config = teacher_config.replace(dtype=cfg.dtype)
     require(teacher_config.vocab_size == config.vocab_size,
             f"--teacher vocabulary {teacher_config.vocab_size} != student vocabulary "
@@ -430,11 +440,7 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
   total = cfg.steps or cfg.epochs * min(it.steps_per_epoch for it in iters)
   _prepare(cfg, workdir, overwrite)  # inputs are valid: now the workdir may change
 
-  # --- mesh, step, state
-  mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  require(cfg.batch_size % batch_shards == 0,
-          f"--batch_size={cfg.batch_size} is not a multiple of data x fsdp = {batch_shards}")
+  # --- step, state
   spec = StepSpec(model=config, total_steps=total, lr=cfg.lr, warmup_frac=cfg.warmup_frac,
                   decay_frac=cfg.decay_frac, weight_decay=cfg.weight_decay, clip=cfg.clip,
                   grad_accum=cfg.grad_accum, num_students=num_students, teacher=teacher_config,
@@ -470,9 +476,6 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
   b = cfg.batch_size
   gshape = (num_students, b, cfg.seq_len) if students else (b, cfg.seq_len)
   local_rows = data_lib.process_rows(bsharding, gshape, 1 if students else 0)
-  eval_b = cfg.eval_batch_size or b
-  require(eval_b % batch_shards == 0,
-          f"--eval_batch_size={eval_b} is not a multiple of data x fsdp = {batch_shards}")
   eval_sharding = sharding_lib.batch_sharding(mesh)
   eval_rows = data_lib.process_rows(eval_sharding, (eval_b, cfg.seq_len), 0)
 

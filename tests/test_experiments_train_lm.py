@@ -1,0 +1,87 @@
+"""experiments.train_lm end to end (students + online KD on a 2x2x2 mesh) and its one-line errors."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kdjax import checkpoint as ckpt_lib
+from kdjax.llm import data as data_lib
+from kdjax.llm.config import get_preset
+from tests.conftest import REPO
+
+
+def _cmd(*args):
+  return [sys.executable, "-m", "experiments.train_lm", "--progress=false", *args]
+
+
+def _dataset(path, n, seed):
+  data_lib.ShardWriter(str(path)).write(data_lib.synthetic_sequences(n, 256, seed))
+  return str(path)
+
+
+def test_students_with_online_kd_on_a_mesh(tmp_path):
+  d0, d1 = _dataset(tmp_path / "d0", 32, 0), _dataset(tmp_path / "d1", 32, 1)
+  w = str(tmp_path / "run")
+  args = [f"--workdir={w}", f"--train_data={d0},{d1}", "--val_data=synthetic:16",
+          "--teacher=preset:test-tiny", "--objective=jsd", "--kd_temperature=2",
+          "--batch_size=8", "--seq_len=24", "--steps=4", "--grad_accum=2", "--eval_every=2",
+          "--mesh=data=2,fsdp=2,tensor=2"]
+  r = subprocess.run(_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  printed = json.loads(r.stdout.strip().splitlines()[-1])
+  with open(os.path.join(w, "train_summary.json")) as f:
+    summary = json.load(f)
+  assert printed == summary
+  assert summary["num_students"] == 2 and summary["steps"] == 4
+  assert len(summary["student_checksums"]) == 2
+  assert summary["student_checksums"][0] != summary["student_checksums"][1]
+  assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert len(summary["best_val_perplexity"]) == 2 and summary["best_step"][0] in (2, 4)
+  for i in range(2):
+    config, _ = ckpt_lib.load_model_checkpoint(os.path.join(w, "best", str(i)))
+    assert config.replace(dtype="float32") == get_preset("test-tiny")
+  assert glob.glob(os.path.join(w, "tb", "events.out.tfevents.*"))
+  # the same workdir with another learning rate is refused, naming the flag
+  r = subprocess.run(_cmd(*args, "--lr=1e-3"), cwd=REPO, capture_output=True, text=True,
+                     timeout=600)
+  assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: workdir")
+  assert "--lr (was 0.0005, now 0.001)" in r.stderr
+
+
+BAD = [
+    (["--batch_size=0"], "--batch_size=0"),
+    (["--lr=-1"], "--lr=-1.0"),
+    (["--steps=abc"], "--steps"),
+    (["--dtype=int8"], "--dtype"),
+    (["--teacher=preset:test-tiny", "--objective=bogus"], "unknown distillation objective"),
+    (["--teacher=preset:test-tiny", "--kd_temperature=0"], "--kd_temperature=0.0"),
+    (["--train_data=/no/such/dir"], "dataset directory /no/such/dir does not exist"),
+    (["--model=preset:nope"], "unknown preset 'nope'"),
+    (["--mesh=data=3"], "--mesh: data=3"),
+    (["--flagfile=/no/such.flags"], "/no/such.flags"),
+    (["--grad_accum=3"], "--grad_accum=3"),
+    (["--steps=0"], "exactly one of --steps or --epochs"),
+    (["--train_data=synthetic:x"], "synthetic:N"),
+]
+
+
+def test_bad_flags_give_one_line_errors(tmp_path):
+  procs = []
+  for i, (extra, _) in enumerate(BAD):
+    args = [f"--workdir={tmp_path / f'w{i}'}", "--train_data=synthetic:16", "--steps=2",
+            "--batch_size=8", *extra]
+    procs.append(subprocess.Popen(_cmd(*args), cwd=REPO, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True))
+    if len(procs) % 4 == 0:
+      procs[-4].wait()
+  for (extra, expected), p in zip(BAD, procs):
+    _, err = p.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert p.returncode in (1, 2), (extra, err[-2000:])
+    assert lines and lines[-1].startswith("error: "), (extra, err[-2000:])
+    assert expected in lines[-1], (extra, lines[-1])
+    assert "Traceback" not in err, extra
