@@ -1,0 +1,112 @@
+"""experiments/gmm.py end to end on the smoke flagfile, and its one-line flag errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SMOKE = os.path.join(REPO, "experiments", "flags", "gmm_smoke.flags")
+
+
+def _run(*args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "experiments.gmm", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("gmm_smoke"))
+  proc = _run(f"--flagfile={SMOKE}", f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_results_json_rows_and_timing(smoke_run):
+  with open(os.path.join(smoke_run, "results.json")) as f:
+    result = json.load(f)
+  rows = result["rows"]
+  for r in rows:
+    assert set(r) >= {"objective", "beta", "seed", "precision", "recall", "teacher_entropy"}
+  objectives = {r["objective"] for r in rows}
+  assert objectives == {"direct", "seqkd", "fkl", "rkl", "jsd", "exact"}
+  direct = [r for r in rows if r["objective"] == "direct"]
+  assert len(direct) == 2 and all(r["beta"] is None for r in direct)  # 2 seeds, beta-free
+  seqkd = [r for r in rows if r["objective"] == "seqkd"]
+  assert len(seqkd) == 2 * 3
+  assert sorted({r["beta"] for r in seqkd}) == pytest.approx([1.0, 30 ** 0.5, 30.0], rel=1e-5)
+  assert all(r["precision"] is not None and r["recall"] is not None for r in rows)
+  ent = {r["beta"]: r["teacher_entropy"] for r in seqkd if r["seed"] == 0}
+  assert ent[min(ent)] > ent[max(ent)]
+  timing = result["timing"]
+  assert timing["configs"] == 6
+  assert timing["compile_seconds"] > 0 and timing["sweep_seconds"] > 0
+
+
+def test_csv_has_the_same_rows(smoke_run):
+  with open(os.path.join(smoke_run, "results.json")) as f:
+    rows = json.load(f)["rows"]
+  with open(os.path.join(smoke_run, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert len(table) == len(rows)
+  assert list(table[0]) == ["objective", "beta", "seed", "precision", "recall", "teacher_entropy"]
+  for r, t in zip(rows, table):
+    assert t["objective"] == r["objective"]
+    assert float(t["precision"]) == pytest.approx(r["precision"])
+
+
+def test_figures_exist_and_are_not_trivial(smoke_run):
+  import matplotlib.image
+  for name in ("precision_vs_beta", "recall_vs_beta", "precision_vs_recall", "densities"):
+    path = os.path.join(smoke_run, name + ".png")
+    assert os.path.getsize(path) > 10_000, name
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert img[..., :3].std() > 0.05, name  # not a blank canvas
+
+
+def test_other_configuration_is_refused_unless_overwrite(smoke_run):
+  proc = _run(f"--flagfile={SMOKE}", f"--workdir={smoke_run}", "--n_eval=400", "--num_betas=0")
+  assert proc.returncode != 0  # flags are checked first
+  proc = _run(f"--workdir={smoke_run}", "--n_eval=7", "--objectives=direct", "--num_seeds=1",
+              "--num_betas=1", "--n_train=20", "--teacher_components=2", "--n_teacher_samples=20")
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and "--overwrite" in lines[0] and "n_eval" in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+  proc = _run(f"--workdir={smoke_run}", "--n_eval=7", "--objectives=direct", "--num_seeds=1",
+              "--num_betas=1", "--n_train=20", "--teacher_components=2", "--n_teacher_samples=20",
+              "--overwrite")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  with open(os.path.join(smoke_run, "results.json")) as f:
+    assert json.load(f)["timing"]["configs"] == 1
+
+
+@pytest.mark.parametrize("args, flag", [
+    (["--num_betas=0"], "--num_betas"),
+    (["--beta_min=0"], "--beta_min"),
+    (["--beta_min=-1"], "--beta_min"),
+    (["--beta_min=10", "--beta_max=2"], "--beta_max"),
+    (["--teacher_components=0"], "--teacher_components"),
+    (["--student_components=0"], "--student_components"),
+    (["--objectives=direct,bogus"], "--objectives"),
+    (["--objectives="], "--objectives"),
+    (["--num_seeds=0"], "--num_seeds"),
+    (["--n_eval=0"], "--n_eval"),
+    (["--covariance=spherical"], "--covariance"),
+    (["--jsd_mix=1.5"], "--jsd_mix"),
+    (["--ground_truth=random:x:2"], "--ground_truth"),
+    (["--flagfile=/nonexistent/gmm.flags"], "gmm.flags"),
+])
+def test_flag_errors_are_one_line(tmp_path, args, flag):
+  proc = _run(f"--workdir={tmp_path}/w", *args)
+  assert proc.returncode != 0
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1, proc.stderr
+  assert flag in lines[0] and "Traceback" not in proc.stderr
+  assert not os.path.exists(f"{tmp_path}/w/results.json")
