@@ -109,6 +109,21 @@ def prompt_ids(cfg: StudyConfig, tokenizer) -> list[int]:
   return ids
 
 
+def data_parallel(params, batch: int):
+  """Params replicated on every local device and a sharding that splits a batch over them, so
+  sampling and scoring use all devices; (params, None) on one device or an indivisible batch."""
+  devices = jax.local_devices()
+  if len(devices) == 1 or batch % len(devices):
+    return params, None
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(devices), ("data",))
+  return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
+
+
+def _put(x, sharding):
+  return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
+
+
 def load_dataset(path: str):
   """A dataset directory as one datasets.Dataset (UserError naming it when missing or empty)."""
   from kdjax.llm import data
@@ -120,8 +135,10 @@ def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> floa
   non-pad targets / number of such targets (the paper's precision and recall)."""
   from kdjax.llm import data, evaluate
   from tqdm import tqdm
-  batches = tqdm(data.eval_batches(ds, batch, seq_len), total=math.ceil(len(ds) / batch),
-                 desc=desc, unit="batch", leave=False)
+  params, shard = data_parallel(params, batch)
+  batches = ({k: _put(v, shard) for k, v in b.items()}
+             for b in data.eval_batches(ds, batch, seq_len))
+  batches = tqdm(batches, total=math.ceil(len(ds) / batch), desc=desc, unit="batch", leave=False)
   try:
     mean, _ = evaluate.mean_token_loglik(config, params, batches)
   except ValueError as e:
@@ -148,8 +165,9 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
   shards = math.ceil(num / cfg.shard_size)
   start = data.num_complete_shards(out_dir)
   b, p = cfg.sample_batch_size, len(prompt)
-  prompt_BxP = jnp.asarray(np.tile(np.asarray(prompt, np.int32), (b, 1)))
-  pmask_BxP = jnp.ones((b, p), bool)
+  params, shard = data_parallel(params, b)
+  prompt_BxP = _put(np.tile(np.asarray(prompt, np.int32), (b, 1)), shard)
+  pmask_BxP = _put(np.ones((b, p), bool), shard)
   writer = data.ShardWriter(out_dir)  # numbers its shards after the complete ones
   t_arr = jnp.float32(temperature)
   bar = tqdm(total=num * cfg.max_new_tokens, initial=start * cfg.shard_size * cfg.max_new_tokens,
@@ -229,7 +247,8 @@ class Study:
     from kdjax.llm import loading
     if self._model[0] != spec:
       self._model = (None, None)
-      self._model = (spec, loading.load_model(spec))
+      config, params = loading.load_model(spec)
+      self._model = (spec, (config.replace(dtype=self.cfg.dtype), params))
     return self._model[1]
 
   def sample(self, out_dir, spec, key, num, temperature, desc):

@@ -129,7 +129,7 @@ def _sampling(c: LlamaConfig, sequences: int, seq_len: int, batch: int, devices:
   act = 2 if dtype == "bfloat16" else 4
   kv = 2 * c.num_layers * batch * seq_len * c.num_kv_heads * c.head_dim * act
   logits = batch * c.vocab_size * 4 * 3  # logits, probabilities, cumulative sum
-  memory = (_param_bytes(c, dtype) + kv + logits) / devices
+  memory = _param_bytes(c, "float32") + (kv + logits) / devices  # params replicated, batch split
   return tokens, flops, memory
 
 
@@ -193,7 +193,8 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
   p_flops = p_tok * _forward_flops_per_token(gt, seq_len // 2)
   r_tok = cfg.num_val * n_students * seq_len
   r_flops = r_tok * _forward_flops_per_token(student, seq_len // 2)
-  score_mem = (_param_bytes(gt, "float32") + cfg.eval_batch_size * seq_len * gt.vocab_size * 4 * 2)
+  score_mem = (_param_bytes(gt, "float32") * devices
+               + cfg.eval_batch_size * seq_len * gt.vocab_size * 4 * 2)  # params replicated
   add("5_score_students", f"sample each student ({cfg.num_eval_samples} at T=1), score them "
       f"under p* (precision); score p* validation under each student (recall)",
       cfg.num_eval_samples * n_students + cfg.num_val * n_students,

@@ -1,0 +1,188 @@
+"""`python -m experiments.llm` as a user runs it (subprocesses): dry runs of both flagfiles, bad input
+(one line, no traceback, nothing overwritten), and SIGKILL during sampling and during training
+followed by a rerun giving the same results.json as an uninterrupted run (issue 6).
+
+Runs use one CPU device and a shared persistent compilation cache (later runs skip compiling).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+TINY_FLAGS = [
+    "--ground_truth=preset:test-tiny@7", "--tokenizer=bytes", "--teacher=preset:test-tiny",
+    "--student=preset:test-tiny", "--temperatures=0.8,1.0", "--num_train=64", "--num_val=16",
+    "--teacher_num_train=32", "--teacher_num_val=8", "--num_eval_samples=16",
+    "--max_new_tokens=8", "--sample_batch_size=8", "--shard_size=8", "--teacher_epochs=3",
+    "--student_epochs=1", "--batch_size=8", "--learning_rate=3e-3", "--checkpoint_every=2",
+    "--eval_batch_size=8",
+]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  e = dict(os.environ)
+  e.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  return e
+
+
+def _cmd(*args):
+  return [sys.executable, "-m", "experiments.llm", *args]
+
+
+def _run(env, *args, timeout=600):
+  return subprocess.run(_cmd(*args), env=env, cwd=REPO, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _error_line(proc):
+  """The one-line error of a failed run (stderr may also hold absl/JAX log lines)."""
+  assert proc.returncode != 0, proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, proc.stderr
+  return lines[0]
+
+
+@pytest.mark.parametrize("flagfile, expect", [
+    ("llm_smoke.flags", ["gguf:default", "134.5M params", "preset:micro-49k", "preset:nano-49k"]),
+    ("llm_paper.flags", ["1711.4M params", "smollm2-360m", "[0, 1, 2, 3, 4]",
+                         "8 device(s)", "up to 512 tokens", "Gtokens", "EFLOP"]),
+])
+def test_dry_run_both_flagfiles(env, flagfile, expect, tmp_path):
+  workdir = tmp_path / "w"
+  proc = _run(env, f"--flagfile=experiments/flags/{flagfile}", f"--workdir={workdir}", "--dry_run")
+  assert proc.returncode == 0, proc.stderr
+  for stage in ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher",
+                "4_train_students", "5_score_students", "6_results"):
+    assert stage in proc.stdout
+  for text in expect:
+    assert text in proc.stdout, proc.stdout
+  assert "GiB per device" in proc.stdout
+  assert not workdir.exists()  # a dry run writes nothing
+
+
+def _truncated_gguf(tmp_path):
+  from kdjax.llm.loading import default_gguf_path
+  path = tmp_path / "broken.gguf"
+  with open(default_gguf_path(), "rb") as f:
+    path.write_bytes(f.read(4096))
+  return path
+
+
+@pytest.mark.parametrize("case", ["temperature_zero", "temperature_negative", "missing_model",
+                                  "truncated_model", "empty_dataset", "bad_number"])
+def test_bad_input_is_one_line(env, tmp_path, case):
+  workdir = tmp_path / "w"
+  flags, expect = {
+      "temperature_zero": (["--temperatures=0.8,0"], "--temperatures"),
+      "temperature_negative": (["--temperatures=-0.5"], "--temperatures"),
+      "missing_model": (["--ground_truth=gguf:/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
+      "truncated_model": ([f"--ground_truth=gguf:{tmp_path / 'broken.gguf'}"], "broken.gguf"),
+      "empty_dataset": (["--num_train=0"], "--num_train"),
+      "bad_number": (["--num_seeds=two"], "--num_seeds"),
+  }[case]
+  if case == "truncated_model":
+    _truncated_gguf(tmp_path)
+  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}", *flags)
+  assert expect in _error_line(proc)
+  assert not (workdir / "pstar").exists()
+
+
+def _wait_then_kill(proc, condition, what, timeout=300):
+  t0 = time.time()
+  while not condition():
+    assert proc.poll() is None, f"the run ended before {what}: {proc.stderr.read()[-2000:]}"
+    assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+    time.sleep(0.02)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+
+
+def _shards(path):
+  return [n for n in os.listdir(path) if n.startswith("shard-")] if os.path.isdir(path) else []
+
+
+def _steps(path):
+  return [n for n in os.listdir(path) if n.isdigit()] if os.path.isdir(path) else []
+
+
+@pytest.fixture(scope="module")
+def reference(env, tmp_path_factory):
+  """An uninterrupted run: its results.json is what every resumed run must reproduce."""
+  workdir = tmp_path_factory.mktemp("reference")
+  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_uninterrupted_run_writes_results(reference):
+  rows = json.loads((reference / "results.json").read_text())["rows"]
+  assert [(r["student"], r["temperature"], r["seed"]) for r in rows] == [
+      ("direct", None, 0), ("kd", 0.8, 0), ("kd", 1.0, 0)]
+  assert (reference / "results.csv").exists()
+  assert (reference / "precision_recall_vs_temperature.png").exists()
+  assert (reference / "precision_vs_recall.png").exists()
+
+
+def test_kill_during_sampling_and_training_then_resume(env, reference, tmp_path):
+  workdir = tmp_path / "w"
+  args = [*TINY_FLAGS, f"--workdir={workdir}"]
+  pstar_train = workdir / "pstar" / "train"
+  # 1. SIGKILL while p* is being sampled: some shards written, the dataset not done
+  proc = subprocess.Popen(_cmd(*args), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_then_kill(proc, lambda: len(_shards(pstar_train)) >= 2, "p* sampling")
+  assert not (pstar_train / "DONE.json").exists()
+  # 2. SIGKILL while the teacher trains: a checkpoint saved, training not done
+  proc = subprocess.Popen(_cmd(*args), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  _wait_then_kill(proc, lambda: len(_steps(workdir / "teacher" / "checkpoints")) >= 1,
+                  "a teacher checkpoint")
+  assert not (workdir / "teacher" / "DONE.json").exists()
+  # 3. the same command finishes the study: the same results as the uninterrupted run
+  done = _run(env, *args)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert (workdir / "results.json").read_text() == (reference / "results.json").read_text()
+  # the resumed teacher is bit-identical too
+  ref = json.loads((reference / "teacher" / "DONE.json").read_text())
+  got = json.loads((workdir / "teacher" / "DONE.json").read_text())
+  assert got["params_checksum"] == ref["params_checksum"]
+
+
+def test_rerun_of_a_finished_workdir_skips_and_keeps_results(env, reference):
+  before = (reference / "results.json").read_bytes()
+  proc = _run(env, *TINY_FLAGS, f"--workdir={reference}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "done already" in proc.stderr
+  assert "stage 1_sample_ground_truth: start" not in proc.stderr
+  assert (reference / "results.json").read_bytes() == before
+
+
+def test_workdir_of_another_configuration_is_refused(env, reference):
+  before = {p: p.read_bytes() for p in (reference / "results.json", reference / "config.json")}
+  proc = _run(env, *TINY_FLAGS, f"--workdir={reference}", "--seed=1", "--num_val=24")
+  line = _error_line(proc)
+  assert "--seed" in line and "--num_val" in line and "--overwrite" in line
+  assert {p: p.read_bytes() for p in before} == before
+
+
+def test_damaged_dataset_is_one_line(env, reference, tmp_path):
+  """A finished p* stage whose shards were deleted: the next stage names the empty dataset."""
+  workdir = tmp_path / "w"
+  shutil.copytree(reference, workdir, ignore=shutil.ignore_patterns("teacher", "seed_*", "results*"))
+  for name in _shards(workdir / "pstar" / "train"):
+    shutil.rmtree(workdir / "pstar" / "train" / name)
+  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}")
+  assert "pstar/train" in _error_line(proc)
