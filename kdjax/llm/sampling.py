@@ -4,7 +4,8 @@
 row with temperature, top-k and top-p, stops each row at EOS (the EOS token is kept, the rest of the
 row is `pad_id`) and returns the tokens, their count per row and their log-probabilities under the
 distribution each was drawn from. One compiled function serves every temperature and top-p value
-(they are traced arrays); top_k, max_new_tokens and whether top-p is on at all are static.
+(they are traced arrays, as are eos_id and pad_id); top_k, max_new_tokens and whether top-p is on
+at all are static.
 
 Speed. Decoding does not go through the linen module: the canonical parameters are rearranged once
 per call, outside the loop, into a decode layout (per-layer arrays, fused q|k|v and gate|up
@@ -248,9 +249,9 @@ def draw(logits_BxV, u_B, temperature, top_p, top_k: int = 0, use_top_p: bool = 
 # ----------------------------------------------------------------------------- the loop
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
-def _sample_jit(config, max_new_tokens, top_k, use_top_p, eos_id, pad_id,
-                params, ids_BxP, mask_BxP, key, temperature, top_p):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _sample_jit(config, max_new_tokens, top_k, use_top_p,
+                params, ids_BxP, mask_BxP, key, temperature, top_p, eos_id, pad_id):
   c = config
   n = max_new_tokens
   b, p = ids_BxP.shape
@@ -267,8 +268,7 @@ def _sample_jit(config, max_new_tokens, top_k, use_top_p, eos_id, pad_id,
     tokens = jax.lax.dynamic_update_slice(tokens, jnp.where(done, pad_id, tok)[:, None], (0, i))
     logps = jax.lax.dynamic_update_slice(logps, jnp.where(done, 0.0, logp)[:, None], (0, i))
     lengths = lengths + (~done).astype(jnp.int32)
-    if eos_id is not None:
-      done = done | (tok == eos_id)
+    done = done | (tok == eos_id)  # eos_id -1: never
     return tok, (tokens, logps, lengths, done)
 
   state = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
@@ -315,9 +315,8 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
   use_top_p = bool(np.any(top_p_host < 1))
   if eos_id is None:
     eos_id = config.eos_token_id
-  if eos_id is not None and int(eos_id) < 0:
-    eos_id = None
-  eos_id = None if eos_id is None else int(eos_id)
-  return _sample_jit(config, int(max_new_tokens), top_k, use_top_p, eos_id, int(pad_id), params,
+  eos_id = -1 if eos_id is None or int(eos_id) < 0 else int(eos_id)
+  return _sample_jit(config, int(max_new_tokens), top_k, use_top_p, params,
                      jnp.asarray(prompt_ids_BxP, jnp.int32), prompt_mask_BxP, key,
-                     jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32))
+                     jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                     jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32))

@@ -1,0 +1,154 @@
+"""kdjax.llm.sampling: right distribution, truncation, EOS, determinism, fast path == model, sharding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from scipy import stats
+
+from kdjax.llm import forward, get_preset, init_params
+from kdjax.llm.sampling import decode_logits, sample
+
+CONFIG = get_preset("test-tiny")
+PROMPT = jnp.array([[1, 17, 42]], jnp.int32)
+N = 8  # new tokens: one shape (B=16, P=3, N=8) for most tests keeps compiles few
+
+
+def _prompts(seed):
+  return jax.random.randint(jax.random.key(seed), (16, 3), 0, CONFIG.vocab_size), jnp.ones((16, 3), bool)
+
+
+@pytest.fixture(scope="module")
+def params():
+  """test-tiny with its embedding scaled up: a peaked, far-from-uniform next-token distribution."""
+  p = init_params(CONFIG, jax.random.key(0))
+  return {**p, "embed": {"embedding": p["embed"]["embedding"] * 4.0}}
+
+
+def _gof_pvalue(counts, probs, min_expected=5.0):
+  """Chi-square goodness of fit, bins with expected count < min_expected pooled into one."""
+  expected = probs / probs.sum() * counts.sum()
+  rare = expected < min_expected
+  obs, exp = counts[~rare], expected[~rare]
+  if rare.any():
+    obs, exp = np.append(obs, counts[rare].sum()), np.append(exp, expected[rare].sum())
+  return stats.chisquare(obs, exp).pvalue
+
+
+def test_first_token_frequencies_match_softmax_over_temperature(params):
+  logits = np.asarray(forward(CONFIG, params, PROMPT)[0, -1], np.float64)
+  rows = 20000
+  ids = jnp.broadcast_to(PROMPT, (rows, PROMPT.shape[1]))
+  mask = jnp.ones(ids.shape, bool)
+  counts = {}
+  for t, seed in ((1.0, 1), (0.7, 2)):
+    out = sample(CONFIG, params, ids, mask, jax.random.key(seed), max_new_tokens=1, temperature=t,
+                 eos_id=-1)
+    counts[t] = np.bincount(np.asarray(out.tokens_BxN[:, 0]), minlength=CONFIG.vocab_size)
+    p_t = np.exp((logits - logits.max()) / t)
+    assert _gof_pvalue(counts[t], p_t) > 1e-3, t
+    assert (p_t / p_t.sum()).max() < 0.5  # the distribution is not degenerate: the test has power
+  # The same test rejects the wrong temperature: it can fail.
+  for t, wrong in ((1.0, 0.7), (0.7, 1.0)):
+    assert _gof_pvalue(counts[t], np.exp((logits - logits.max()) / wrong)) < 1e-6
+
+
+def _recomputed_logits(params, prompt, out):
+  """The model's own logits before each new token: [B, N, V]."""
+  full = jnp.concatenate([prompt, out.tokens_BxN], axis=1)
+  return np.asarray(forward(CONFIG, params, full)[:, prompt.shape[1] - 1:-1], np.float64)
+
+
+def _outside_nucleus(logits, tokens, temperature, top_p):
+  """True where a token's more likely rivals already hold >= top_p of the tempered mass."""
+  z = logits / temperature
+  p = np.exp(z - z.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  p_tok = np.take_along_axis(p, tokens[..., None], -1)
+  mass_before = np.where(p > p_tok, p, 0.0).sum(-1)
+  return mass_before >= top_p + 1e-5
+
+
+def test_top_k_and_top_p_never_emit_excluded_tokens(params):
+  prompt, mask = _prompts(3)
+  kw = dict(max_new_tokens=N, temperature=1.3, eos_id=-1)
+  out = sample(CONFIG, params, prompt, mask, jax.random.key(4), top_k=3, **kw)
+  logits = _recomputed_logits(params, prompt, out)
+  rank = (logits > np.take_along_axis(logits, np.asarray(out.tokens_BxN)[..., None], -1)).sum(-1)
+  assert rank.max() < 3
+  assert len(np.unique(rank)) > 1  # not just greedy
+
+  for top_k in (0, 20):
+    out = sample(CONFIG, params, prompt, mask, jax.random.key(5), top_p=0.5, top_k=top_k, **kw)
+    logits = _recomputed_logits(params, prompt, out)
+    assert not _outside_nucleus(logits, np.asarray(out.tokens_BxN), 1.3, 0.5).any()
+  # The check has teeth: without top-p the same draws leave the nucleus.
+  out = sample(CONFIG, params, prompt, mask, jax.random.key(5), **kw)
+  logits = _recomputed_logits(params, prompt, out)
+  assert _outside_nucleus(logits, np.asarray(out.tokens_BxN), 1.3, 0.5).any()
+
+
+def test_eos_stops_rows_pads_and_counts(params):
+  prompt, mask = _prompts(6)
+  key, n, pad = jax.random.key(7), N, 999
+  free = sample(CONFIG, params, prompt, mask, key, max_new_tokens=n, eos_id=-1)
+  free_tokens = np.asarray(free.tokens_BxN)
+  np.testing.assert_array_equal(free.lengths_B, n)
+  eos = int(np.bincount(free_tokens.ravel()).argmax())  # the most frequent token: some rows stop
+  out = sample(CONFIG, params, prompt, mask, key, max_new_tokens=n, eos_id=eos, pad_id=pad)
+  tokens, lengths, logps = (np.asarray(x) for x in out)
+  stopped = 0
+  for row in range(16):
+    hits = np.flatnonzero(free_tokens[row] == eos)
+    length = hits[0] + 1 if len(hits) else n
+    stopped += length < n
+    assert lengths[row] == length
+    np.testing.assert_array_equal(tokens[row, :length], free_tokens[row, :length])
+    assert (tokens[row, length:] == pad).all() and (logps[row, length:] == 0).all()
+    assert (logps[row, :length] < 0).all()
+  assert 0 < stopped < 16
+  # Greedy, every row stops at once: the loop ends early and the rest is padding.
+  first = int(jnp.argmax(forward(CONFIG, params, PROMPT)[0, -1]))
+  out = sample(CONFIG, params, jnp.tile(PROMPT, (16, 1)), mask, key,
+               max_new_tokens=n, temperature=0.0, eos_id=first, pad_id=pad)
+  np.testing.assert_array_equal(out.lengths_B, 1)
+  np.testing.assert_array_equal(out.tokens_BxN[:, 0], first)
+  assert (np.asarray(out.tokens_BxN[:, 1:]) == pad).all()
+
+
+def test_reproducible_from_the_key(params):
+  prompt, mask = _prompts(8)
+  a = sample(CONFIG, params, prompt, mask, jax.random.key(9), max_new_tokens=N, eos_id=-1)
+  b = sample(CONFIG, params, prompt, mask, jax.random.key(9), max_new_tokens=N, eos_id=-1)
+  c = sample(CONFIG, params, prompt, mask, jax.random.key(10), max_new_tokens=N, eos_id=-1)
+  np.testing.assert_array_equal(a.tokens_BxN, b.tokens_BxN)
+  np.testing.assert_array_equal(a.logprobs_BxN, b.logprobs_BxN)
+  assert (np.asarray(a.tokens_BxN) != np.asarray(c.tokens_BxN)).mean() > 0.5
+
+
+@pytest.mark.parametrize("name", ["test-tiny", "test-tiny-untied"])
+def test_fast_decode_path_matches_model_forward(name):
+  config = get_preset(name)
+  params = init_params(config, jax.random.key(1))
+  ids = jax.random.randint(jax.random.key(2), (3, 9), 0, config.vocab_size)
+  mask = jnp.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], bool)
+  full_mask = jnp.concatenate([mask, jnp.ones((3, 4), bool)], axis=1)
+  want = forward(config, params, ids, full_mask)[:, 4:]
+  got = decode_logits(config, params, ids[:, :5], mask, ids[:, 5:])
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_sharded_over_data_matches_unsharded(params):
+  mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+  prompt, mask = _prompts(11)
+  mask = mask.at[:4, :2].set(False)  # some rows left-padded
+  kw = dict(max_new_tokens=N, temperature=0.9, eos_id=5)
+  want = sample(CONFIG, params, prompt, mask, jax.random.key(12), **kw)
+  rows = NamedSharding(mesh, P("data"))
+  with jax.set_mesh(mesh):
+    got = sample(CONFIG, jax.device_put(params, NamedSharding(mesh, P())),
+                 jax.device_put(prompt, rows), jax.device_put(mask, rows), jax.random.key(12), **kw)
+  np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
+  np.testing.assert_array_equal(got.lengths_B, want.lengths_B)
+  assert len(got.tokens_BxN.sharding.device_set) == 8  # the work really was spread
