@@ -36,6 +36,7 @@ _BATCH = flags.DEFINE_integer("batch_size", 128, "Monte Carlo samples per optimi
 _LR = flags.DEFINE_float("learning_rate", 0.05, "Adam learning rate of the gradient students")
 _JSD_MIX = flags.DEFINE_float("jsd_mix", 0.5, "generalized JSD mixing pi in (0, 1); 0.5 = JSD")
 _SEED_CHUNK = flags.DEFINE_integer("seed_chunk", 16, "seeds vmapped at once (bounds memory)")
+_EXACT = flags.DEFINE_bool("exact", True, "add the exact forward-KL limit (one-Gaussian student)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a workdir of another configuration")
 
@@ -50,7 +51,8 @@ def main(argv):
       n_teacher_samples=_N_TEACHER.value, n_eval=_N_EVAL.value, objectives=objectives,
       em_init=_EM_INIT.value, em_max_iter=_EM_MAX_ITER.value, em_tol=_EM_TOL.value,
       reg_covar=_REG_COVAR.value, steps=_STEPS.value, batch_size=_BATCH.value,
-      learning_rate=_LR.value, jsd_mix=_JSD_MIX.value, seed_chunk=_SEED_CHUNK.value)
+      learning_rate=_LR.value, jsd_mix=_JSD_MIX.value, seed_chunk=_SEED_CHUNK.value,
+      exact=_EXACT.value)
   cli.require(_NUM_BETAS.value >= 1, f"--num_betas={_NUM_BETAS.value}: must be >= 1")
   cli.require(_NUM_SEEDS.value >= 1, f"--num_seeds={_NUM_SEEDS.value}: must be >= 1")
   cli.require(_BETA_MIN.value > 0, f"--beta_min={_BETA_MIN.value}: must be > 0")

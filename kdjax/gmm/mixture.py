@@ -45,7 +45,8 @@ def weights(m: Mixture) -> jax.Array:
 
 def _diag_embed(v: jax.Array) -> jax.Array:
   """[..., D] -> [..., D, D] diagonal matrices (rank-explicit, fine under strict rank promotion)."""
-  return v[..., :, None] * jnp.broadcast_to(jnp.eye(v.shape[-1], dtype=v.dtype), v.shape + v.shape[-1:])
+  eye = jnp.eye(v.shape[-1], dtype=v.dtype)
+  return v[..., :, None] * jnp.broadcast_to(eye, v.shape + v.shape[-1:])
 
 
 def scale_tril(m: Mixture) -> jax.Array:
@@ -108,7 +109,10 @@ def component_log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
 def log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
   """log p(x_n) under the mixture, [N]."""
   joint_KxN = _component_log_prob_KxN(m, x_NxD) + log_weights(m)[:, None]
-  return jax.nn.logsumexp(joint_KxN, axis=0)
+  # max-shifted log-sum-exp without jax.nn.logsumexp's inf/sign handling (cheaper in the sweep's
+  # hottest loop); the max is finite whenever one component is, which a mixture guarantees
+  top_N = jax.lax.stop_gradient(jnp.max(joint_KxN, axis=0))
+  return top_N + jnp.log(jnp.sum(jnp.exp(joint_KxN - top_N[None]), axis=0))
 
 
 def sample_components(m: Mixture, key: jax.Array, n: int) -> jax.Array:
