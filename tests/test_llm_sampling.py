@@ -38,20 +38,24 @@ def _gof_pvalue(counts, probs, min_expected=5.0):
 
 def test_first_token_frequencies_match_softmax_over_temperature(params):
   logits = np.asarray(forward(CONFIG, params, PROMPT)[0, -1], np.float64)
-  rows = 20000
-  ids = jnp.broadcast_to(PROMPT, (rows, PROMPT.shape[1]))
-  mask = jnp.ones(ids.shape, bool)
-  counts = {}
-  for t, seed in ((1.0, 1), (0.7, 2)):
-    out = sample(CONFIG, params, ids, mask, jax.random.key(seed), max_new_tokens=1, temperature=t,
-                 eos_id=-1)
-    counts[t] = np.bincount(np.asarray(out.tokens_BxN[:, 0]), minlength=CONFIG.vocab_size)
-    p_t = np.exp((logits - logits.max()) / t)
-    assert _gof_pvalue(counts[t], p_t) > 1e-3, t
-    assert (p_t / p_t.sum()).max() < 0.5  # the distribution is not degenerate: the test has power
+  rows = 10000  # per temperature; both temperatures in one call, one per half of the batch
+  ids = jnp.broadcast_to(PROMPT, (2 * rows, PROMPT.shape[1]))
+  temps = np.repeat([1.0, 0.7], rows)
+  out = sample(CONFIG, params, ids, jnp.ones(ids.shape, bool), jax.random.key(1), max_new_tokens=1,
+               temperature=temps, eos_id=-1)
+  first = np.asarray(out.tokens_BxN[:, 0])
+  counts = {t: np.bincount(first[temps == t], minlength=CONFIG.vocab_size) for t in (1.0, 0.7)}
+  tempered = lambda t: np.exp((logits - logits.max()) / t)
+  for t in (1.0, 0.7):
+    assert _gof_pvalue(counts[t], tempered(t)) > 1e-3, t
+    assert (tempered(t) / tempered(t).sum()).max() < 0.5  # not degenerate: the test has power
   # The same test rejects the wrong temperature: it can fail.
   for t, wrong in ((1.0, 0.7), (0.7, 1.0)):
-    assert _gof_pvalue(counts[t], np.exp((logits - logits.max()) / wrong)) < 1e-6
+    assert _gof_pvalue(counts[t], tempered(wrong)) < 1e-6
+  # A scalar temperature is the same as that value in every row.
+  scalar = sample(CONFIG, params, ids, jnp.ones(ids.shape, bool), jax.random.key(1),
+                  max_new_tokens=1, temperature=0.7, eos_id=-1)
+  np.testing.assert_array_equal(np.asarray(scalar.tokens_BxN[rows:, 0]), first[rows:])
 
 
 def _recomputed_logits(params, prompt, out):

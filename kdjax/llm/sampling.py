@@ -217,13 +217,15 @@ def _icdf_blocked(w_BxV, u_B):
 def draw(logits_BxV, u_B, temperature, top_p, top_k: int = 0, use_top_p: bool = False):
   """One token per row from softmax(logits / T), restricted to the top-k and the top-p nucleus.
 
-  u_B: uniforms in [0, 1). temperature <= 0 means greedy. Returns (token_B int32, logprob_B), the
-  log-probability under the (tempered, truncated) distribution drawn from.
+  u_B: uniforms in [0, 1); temperature, top_p: scalars or [B] (per row); temperature <= 0 is
+  greedy. Returns (token_B int32, logprob_B), the log-probability under the (tempered, truncated)
+  distribution drawn from (0 for greedy).
   """
   b, v = logits_BxV.shape
-  temperature = jnp.asarray(temperature, jnp.float32)
-  greedy = temperature <= 0
-  scaled = logits_BxV * (1.0 / jnp.where(greedy, 1.0, temperature))
+  t_Bx1 = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))[:, None]
+  greedy_Bx1 = t_Bx1 <= 0
+  scaled = logits_BxV * (1.0 / jnp.where(greedy_Bx1, 1.0, t_Bx1))
+  greedy = greedy_Bx1[:, 0]
   if top_k or use_top_p:  # candidates in descending order, then inverse CDF over the kept prefix
     vals_BxC, idx_BxC = jax.lax.top_k(scaled, top_k if top_k else v)
     w = jnp.exp(vals_BxC - vals_BxC[:, :1])
@@ -231,7 +233,8 @@ def draw(logits_BxV, u_B, temperature, top_p, top_k: int = 0, use_top_p: bool = 
     if use_top_p:
       cum = jnp.cumsum(w, axis=-1)
       before = (cum - w) / cum[:, -1:]
-      n_keep = jnp.sum(before < jnp.reshape(top_p, (1, 1)), axis=-1).astype(jnp.int32)   # >= 1: before[0] == 0
+      p_Bx1 = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))[:, None]
+      n_keep = jnp.sum(before < p_Bx1, axis=-1).astype(jnp.int32)  # >= 1: before[0] == 0
       w = jnp.where(jnp.arange(w.shape[1])[None, :] < n_keep[:, None], w, 0.0)
     pick, total = _icdf(w, u_B, n_keep)
     pick = jnp.where(greedy, 0, pick)
@@ -297,8 +300,9 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
            eos_id: Optional[int] = None, pad_id: int = 0) -> SampleOutput:
   """Sample `max_new_tokens` new tokens per row after (left- or right-padded) prompts.
 
-  temperature: traced (<= 0 is greedy); top_k: static, 0 = off; top_p: traced, 1.0 = off (whether
-  it is on is decided here from its value, so full-vocabulary sampling pays nothing for it).
+  temperature: traced, a scalar or one per row (<= 0 is greedy); top_k: static, 0 = off; top_p:
+  traced, scalar or per row, 1.0 = off (whether it is on at all is decided here from its value, so
+  full-vocabulary sampling pays nothing for it).
   eos_id: None means config.eos_token_id; None or -1 there disables stopping. Rows are
   reproducible from `key`; params and prompts may arrive sharded (e.g. the batch over 'data').
   """
@@ -309,14 +313,19 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
     raise ValueError(f"top_k must be >= 0, got {top_k}")
   if top_k >= config.vocab_size:
     top_k = 0
-  top_p_host = np.asarray(top_p)
-  if np.any(top_p_host <= 0) or np.any(top_p_host > 1):
-    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-  use_top_p = bool(np.any(top_p_host < 1))
+  if isinstance(top_p, jax.core.Tracer):  # sample() itself traced: keep top-p on
+    use_top_p = True
+  else:
+    top_p_host = np.asarray(top_p)
+    if np.any(top_p_host <= 0) or np.any(top_p_host > 1):
+      raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    use_top_p = bool(np.any(top_p_host < 1))
+  b = prompt_ids_BxP.shape[0]
+  rows = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (b,))  # one shape: one compile
   if eos_id is None:
     eos_id = config.eos_token_id
   eos_id = -1 if eos_id is None or int(eos_id) < 0 else int(eos_id)
   return _sample_jit(config, int(max_new_tokens), top_k, use_top_p, params,
                      jnp.asarray(prompt_ids_BxP, jnp.int32), prompt_mask_BxP, key,
-                     jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32),
+                     rows(temperature), rows(top_p),
                      jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32))
