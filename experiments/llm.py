@@ -77,10 +77,10 @@ def main(argv):
   import datasets
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
   if FLAGS.dry_run:
-    print(planlib.format_plan(pipeline.dry_run_plan(cfg, FLAGS.ground_truth_preset)))
+    print(planlib.format_plan(planlib.dry_run_plan(cfg, FLAGS.ground_truth_preset)))
     return
   cli.require(bool(FLAGS.workdir), "--workdir is required")
-  pipeline.check_inputs(cfg)
+  planlib.check_inputs(cfg)
   had_config = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
   resumed = cli.prepare_workdir(FLAGS.workdir, cfg.to_dict(), FLAGS.overwrite)
   if had_config and not resumed:  # --overwrite of another configuration: start clean

@@ -17,6 +17,7 @@ import pytest
 
 from kdjax.cli import UserError
 from kdjax.llm import pipeline, plots
+from kdjax.llm import plan as plan_lib
 from kdjax.llm.config import get_preset
 from kdjax.llm.plan import StudyConfig, format_plan, make_plan, validate
 
@@ -88,16 +89,16 @@ def test_dry_run_loads_no_weights(monkeypatch):
   def refuse(spec):
     raise AssertionError(f"dry run loaded {spec}")
   monkeypatch.setattr(loading, "load_model", refuse)
-  plan = pipeline.dry_run_plan(TINY)
+  plan = plan_lib.dry_run_plan(TINY)
   assert plan["models"]["ground_truth"]["vocab"] == 256
   # a ground truth absent from this machine is planned from the named preset, with a note
   cfg = dataclasses.replace(TINY, ground_truth="hf:/nonexistent/SmolLM2-1.7B", tokenizer="bytes",
                             teacher="preset:smollm2-360m", student="preset:smollm2-135m")
-  plan = pipeline.dry_run_plan(cfg, ground_truth_preset="smollm2-1.7b")
+  plan = plan_lib.dry_run_plan(cfg, ground_truth_preset="smollm2-1.7b")
   assert plan["models"]["ground_truth"]["params"] == get_preset("smollm2-1.7b").num_params()
   assert any("nonexistent" in n for n in plan["notes"])
   with pytest.raises(UserError, match="nonexistent"):
-    pipeline.dry_run_plan(cfg)
+    plan_lib.dry_run_plan(cfg)
 
 
 ROWS = [
@@ -136,7 +137,7 @@ def _dataset_rows(path):
 def test_sample_dataset_resumes_exactly(tmp_path):
   from kdjax.llm import loading
   config, params = loading.load_model(TINY.ground_truth)
-  tok, prompt = pipeline.ByteTokenizer(), [84, 104, 101]
+  tok, prompt = plan_lib.ByteTokenizer(), [84, 104, 101]
   kw = dict(num=20, temperature=1.0, cfg=TINY, eos_id=-1)  # no EOS: every row full length
   key = pipeline.seed_key(0, 0, 0)
   full = str(tmp_path / "full")
@@ -224,3 +225,14 @@ def test_empty_dataset_is_a_clear_error(study, tmp_path):
       shutil.rmtree(os.path.join(broken, "seed_0", "teacher_T0.8", "train", name))
   with pytest.raises(UserError, match="teacher_T0.8/train.*no dataset shards"):
     pipeline.run_study(TINY, broken)
+
+
+def test_clear_outputs_removes_only_pipeline_outputs(tmp_path):
+  """--overwrite of another configuration starts clean, touching nothing else in the folder."""
+  for d in ("pstar/train", "teacher/best", "seed_0/scores", "seed_3", "notes"):
+    os.makedirs(tmp_path / d)
+  for f in ("results.json", "results.csv", "timings.json", "config.json", "mine.txt",
+            plots.FIGURES[0]):
+    (tmp_path / f).write_text("x")
+  pipeline.clear_outputs(str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == ["config.json", "mine.txt", "notes"]

