@@ -60,6 +60,32 @@ def rotary(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.
   return out.astype(x_BxTxNxE.dtype)
 
 
+@jax.custom_vjp
+def tied_lm_head(x_BxTxD: jax.Array, embedding_VxD: jax.Array) -> jax.Array:
+  """Logits x @ embedding.T of a tied LM head, with a hand-written backward pass.
+
+  Autodiff would form the embedding gradient as g_(BT)xV^T @ x_(BT)xD, a dot over a transposed
+  400 MB operand at tiny-49k scale that XLA:CPU runs at about half its matmul speed; here it is
+  x^T @ g -> [D, V] (a fast layout) followed by a cheap [D, V] -> [V, D] transpose. Same values.
+  """
+  return jnp.einsum("btd,vd->btv", x_BxTxD, embedding_VxD)
+
+
+def _tied_lm_head_fwd(x_BxTxD, embedding_VxD):
+  return tied_lm_head(x_BxTxD, embedding_VxD), (x_BxTxD, embedding_VxD)
+
+
+def _tied_lm_head_bwd(residuals, g_BxTxV):
+  x_BxTxD, embedding_VxD = residuals
+  g_BxTxV = g_BxTxV.astype(x_BxTxD.dtype)
+  dx_BxTxD = jnp.einsum("btv,vd->btd", g_BxTxV, embedding_VxD)
+  de_DxV = jnp.einsum("btv,btd->dv", g_BxTxV, x_BxTxD)
+  return dx_BxTxD, de_DxV.T.astype(embedding_VxD.dtype)
+
+
+tied_lm_head.defvjp(_tied_lm_head_fwd, _tied_lm_head_bwd)
+
+
 def _init(names, init=nn.initializers.normal(0.02)):
   return nn.with_logical_partitioning(init, names)
 
@@ -187,7 +213,7 @@ class Llama(nn.Module):
     x_BxTxD = RMSNorm(c.rms_norm_eps, c.compute_dtype, jnp.dtype(c.param_dtype),
                       name="final_norm")(x_BxTxD)
     if c.tie_embeddings:
-      logits = embed.attend(x_BxTxD)
+      logits = tied_lm_head(x_BxTxD, embed.embedding.astype(c.compute_dtype))
     else:
       logits = _dense("lm_head", None, c.vocab_size, ("embed", "vocab"), c)(x_BxTxD)
     logits = logits.astype(jnp.float32)
