@@ -95,21 +95,37 @@ def make_optimizer(spec: StepSpec) -> optax.GradientTransformation:
                   weight_decay=spec.weight_decay, mask=_decay_mask))
 
 
+def _next_token_targets(ids_BxT, mask_BxT):
+  """Position t predicts token t+1: targets shifted left, the last position masked out.
+
+  Kept at full length T (not sliced to T-1) so the [B, T, V] logits are never copied or padded.
+  """
+  targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros_like(ids_BxT[:, :1])], axis=1)
+  tmask_BxT = jnp.concatenate([mask_BxT[:, 1:], jnp.zeros_like(mask_BxT[:, :1])], axis=1)
+  return targets_BxT, tmask_BxT
+
+
+def _token_nll(logits_BxTxV, targets_BxT):
+  """-log softmax(logits)[target] per token. The target logit is picked by a compare-and-select
+  over the vocabulary (fused by XLA), not take_along_axis, whose gradient is a slow scatter."""
+  vocab_1x1xV = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)[None, None, :]
+  picked_BxT = jnp.sum(jnp.where(vocab_1x1xV == targets_BxT[..., None], logits_BxTxV, 0.0),
+                       axis=-1)
+  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - picked_BxT
+
+
 def _loss_sums(params, batch, teacher_params, spec: StepSpec):
   """(objective summed over target tokens, (nll sum, target count)) of one (micro-)batch."""
   ids_BxT, mask_BxT = batch["input_ids"], batch["attention_mask"].astype(bool)
-  logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)[:, :-1]
-  targets_BxT = ids_BxT[:, 1:]
-  tmask_BxT = mask_BxT[:, 1:]
-  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV, axis=-1)
-  picked_BxT = jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
-  nll_sum = -jnp.sum(jnp.where(tmask_BxT, picked_BxT, 0.0))
+  logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
+  targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT)
+  nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
   count = jnp.sum(tmask_BxT.astype(jnp.float32))
   if spec.teacher is None:
     return nll_sum, (nll_sum, count)
   from kdjax.objectives import tokens
   teacher_BxTxV = jax.lax.stop_gradient(
-      model.forward(spec.teacher, teacher_params, ids_BxT, mask_BxT)[:, :-1])
+      model.forward(spec.teacher, teacher_params, ids_BxT, mask_BxT))
   kd_mean = tokens.by_name(spec.objective)(logits_BxTxV, teacher_BxTxV, tmask_BxT,
                                            spec.kd_temperature)
   return kd_mean * count, (nll_sum, count)  # token-weighted sum: micro-batches add up exactly
