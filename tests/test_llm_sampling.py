@@ -58,10 +58,11 @@ def test_first_token_frequencies_match_softmax_over_temperature(params):
   np.testing.assert_array_equal(np.asarray(scalar.tokens_BxN[rows:, 0]), first[rows:])
 
 
-def _recomputed_logits(params, prompt, out):
+def _recomputed_logits(params, prompt, out, mask=None):
   """The model's own logits before each new token: [B, N, V]."""
   full = jnp.concatenate([prompt, out.tokens_BxN], axis=1)
-  return np.asarray(forward(CONFIG, params, full)[:, prompt.shape[1] - 1:-1], np.float64)
+  full_mask = None if mask is None else jnp.concatenate([mask, jnp.ones(out.tokens_BxN.shape, bool)], 1)
+  return np.asarray(forward(CONFIG, params, full, full_mask)[:, prompt.shape[1] - 1:-1], np.float64)
 
 
 def _outside_nucleus(logits, tokens, temperature, top_p):
@@ -91,6 +92,21 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(params):
   out = sample(CONFIG, params, prompt, mask, jax.random.key(5), **kw)
   logits = _recomputed_logits(params, prompt, out)
   assert _outside_nucleus(logits, np.asarray(out.tokens_BxN), 1.3, 0.5).any()
+
+
+def test_decode_loop_follows_the_model(params):
+  """Greedy tokens are the model's argmax and logprobs its log_softmax(logits / T), left-padded rows too."""
+  prompt, mask = _prompts(13)
+  mask = mask.at[:5, :2].set(False)
+  for t in (0.0, 1.3):
+    out = sample(CONFIG, params, prompt, mask, jax.random.key(14), max_new_tokens=N, temperature=t,
+                 eos_id=-1)
+    logits, tokens = _recomputed_logits(params, prompt, out, mask), np.asarray(out.tokens_BxN)
+    if t == 0.0:
+      np.testing.assert_array_equal(tokens, logits.argmax(-1))
+    else:
+      want = np.take_along_axis(jax.nn.log_softmax(logits / t), tokens[..., None], -1)[..., 0]
+      np.testing.assert_allclose(out.logprobs_BxN, want, atol=1e-4)
 
 
 def test_eos_stops_rows_pads_and_counts(params):
