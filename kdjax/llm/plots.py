@@ -72,9 +72,10 @@ def write_figures(rows: list[dict], workdir: str, title: str = "") -> list[str]:
     if s["direct"]:
       ax.axhline(s["direct"][metric][0], color="k", linestyle="--", label="direct student")
     ax.set_xlabel("teacher sampling temperature T")
-    ax.set_ylabel(f"{metric} (mean log-likelihood per token)")
+    ax.set_ylabel(f"{metric} (log-likelihood per token)")
     ax.set_title(metric)
   axes[0].legend(fontsize=8)
+  fig.subplots_adjust(wspace=0.35)
   if title:
     fig.suptitle(title, fontsize=9)
   _save(fig, paths[0])
