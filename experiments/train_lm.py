@@ -62,11 +62,8 @@ def main(argv):
   cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # orbax logs every file it writes at INFO
     logging.set_verbosity(logging.WARNING)
-  try:
-    from kdjax import distributed
-    distributed.initialize()
-  except ImportError:  # runtime module not there: single process
-    logging.warning("kdjax.distributed not available: running as one process")
+  from kdjax import distributed
+  distributed.initialize()
   import jax
   from kdjax.llm import train
 

@@ -22,17 +22,11 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+from kdjax import distributed
 
 from kdjax.cli import UserError, atomic_write_json, read_json
 
 MODEL_CONFIG = "model_config.json"
-
-
-def sync(name: str) -> None:
-  """A barrier across processes (no-op with one process)."""
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
 
 
 class Checkpointer:
@@ -86,11 +80,11 @@ def export_model(directory: str, config, params, meta: Optional[dict] = None) ->
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
     os.makedirs(tmp)
-  sync("kdjax_export_mkdir")
+  distributed.sync("kdjax_export_mkdir")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(tmp, "params"), params)
     ckptr.wait_until_finished()
-  sync("kdjax_export_saved")
+  distributed.sync("kdjax_export_saved")
   if jax.process_index() == 0:
     atomic_write_json(os.path.join(tmp, "meta.json"), meta or {})
     atomic_write_json(os.path.join(tmp, MODEL_CONFIG), config.to_dict())  # written last: marks done
@@ -102,7 +96,7 @@ def export_model(directory: str, config, params, meta: Optional[dict] = None) ->
     os.rename(tmp, directory)
     if os.path.exists(old):
       shutil.rmtree(old)
-  sync("kdjax_export_done")
+  distributed.sync("kdjax_export_done")
 
 
 def is_model_checkpoint(directory: str) -> bool:

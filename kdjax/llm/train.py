@@ -35,6 +35,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import checkpoint as ckpt_lib
+from kdjax import distributed
 from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, atomic_write_json, prepare_workdir, require
 from kdjax.llm import data as data_lib
@@ -399,7 +400,7 @@ def resolve_dataset(spec: str, workdir: str, vocab_size: int, seed: int, name: s
   directory = os.path.join(workdir, "data", f"{name}-synthetic-{n}-seed{seed}")
   if jax.process_index() == 0 and data_lib.num_complete_shards(directory) == 0:
     data_lib.ShardWriter(directory).write(data_lib.synthetic_sequences(n, vocab_size, seed))
-  ckpt_lib.sync("kdjax_synthetic_data")
+  distributed.sync("kdjax_synthetic_data")
   return directory
 
 
@@ -629,7 +630,7 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
     summary["student_checksums"] = _student_checksums(state["params"], num_students)
   if primary:
     atomic_write_json(os.path.join(workdir, "train_summary.json"), summary)
-  ckpt_lib.sync("kdjax_train_done")
+  distributed.sync("kdjax_train_done")
   return summary
 
 
