@@ -1,0 +1,69 @@
+"""Issue 6's list of bad inputs, walked across every entry point: each gives exactly one `error:`
+line on stderr that names the flag or file, a non-zero exit, and no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("bad")
+  not_a_dataset = d / "not_a_dataset"
+  not_a_dataset.mkdir()
+  (not_a_dataset / "notes.txt").write_text("hello")
+  truncated = d / "truncated.gguf"
+  truncated.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 24)  # a header and nothing after
+  return {"workdir": str(d / "work"), "not_a_dataset": str(not_a_dataset),
+          "truncated": str(truncated), "missing": str(d / "missing.gguf")}
+
+
+CASES = [
+    # (entry point, arguments, what the message must name)
+    ("gmm", ["--num_betas=0"], "--num_betas"),
+    ("gmm", ["--beta_min=-1"], "--beta_min"),
+    ("gmm", ["--n_eval=abc"], "--n_eval"),
+    ("gmm", ["--objectives=direct,bogus"], "bogus"),
+    ("gmm", ["--flagfile=/nonexistent/gmm.flags"], "/nonexistent/gmm.flags"),
+    ("llm", ["--temperatures=0.8,0"], "--temperatures"),
+    ("llm", ["--ground_truth=gguf:{missing}"], "{missing}"),
+    ("llm", ["--ground_truth=gguf:{truncated}"], "{truncated}"),
+    ("llm", ["--flagfile=/nonexistent/llm.flags"], "/nonexistent/llm.flags"),
+    ("train_lm", ["--model=preset:no-such-preset", "--train_data=synthetic:8", "--steps=2"],
+     "no-such-preset"),
+    ("train_lm", ["--model=preset:test-tiny", "--train_data={not_a_dataset}", "--steps=2"],
+     "{not_a_dataset}"),
+    ("train_lm", ["--model=gguf:{truncated}", "--train_data=synthetic:8", "--steps=2"],
+     "{truncated}"),
+    ("train_lm", ["--model=preset:test-tiny", "--train_data=synthetic:8", "--steps=-3"], "--steps"),
+    ("train_lm", ["--model=preset:test-tiny", "--train_data=synthetic:8", "--steps=2",
+                  "--objective=nope", "--teacher=preset:test-tiny"], "nope"),
+    ("bench_sampling", ["--model=gguf:{missing}"], "{missing}"),
+    ("bench_sampling", ["--model=preset:test-tiny", "--temperature=0"], "--temperature"),
+    ("bench_sampling", ["--model=preset:no-such-preset"], "no-such-preset"),
+    ("bench_train", ["--batch=0"], "--batch"),
+    ("bench_train", ["--preset=no-such-preset"], "no-such-preset"),
+    ("bench_gmm", ["--num_betas=0"], "--num_betas"),
+]
+
+
+@pytest.mark.parametrize("entry,args,named", CASES,
+                         ids=[f"{e}:{' '.join(a)}" for e, a, _ in CASES])
+def test_bad_input_is_one_line_naming_the_cause(files, entry, args, named):
+  args = [a.format(**files) for a in args]
+  named = named.format(**files)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  if not entry.startswith("bench_"):
+    args.append(f"--workdir={files['workdir']}/{entry}")
+  r = subprocess.run([sys.executable, "-m", f"experiments.{entry}", *args],
+                     cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+  assert r.returncode != 0
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1, r.stderr[-3000:]
+  assert named in errors[0], errors[0]
