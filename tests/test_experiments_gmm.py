@@ -48,6 +48,13 @@ def test_results_json_rows_and_timing(smoke_run):
   assert timing["compile_seconds"] > 0 and timing["sweep_seconds"] > 0
 
 
+def test_same_flags_and_seed_give_identical_rows(smoke_run, tmp_path):
+  proc = _run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.load(open(os.path.join(d, "results.json")))["rows"] for d in (smoke_run, tmp_path)]
+  assert rows[0] == rows[1]  # bit-identical numbers; only "timing" may differ between runs
+
+
 def test_csv_has_the_same_rows(smoke_run):
   with open(os.path.join(smoke_run, "results.json")) as f:
     rows = json.load(f)["rows"]
