@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdjax.cli import UserError  # noqa: E402
 from kdjax.llm import describe_spec, get_preset, load_model, load_tokenizer, token_logprobs  # noqa: E402
-from kdjax.llm.loading import default_gguf_path  # noqa: E402
+from kdjax.llm.loading import default_gguf_path, gguf_bpe_tokenizer  # noqa: E402
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -43,23 +43,6 @@ def real():
   return path, config, params, tok, ref
 
 
-def _independent_tokenizer(path):
-  """A byte-level BPE built here from the GGUF's own tokens and merges (SmolLM2's pre-tokenizer:
-  single digits, then GPT-2's byte-level regex), without transformers' GGUF converter."""
-  import gguf
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  reader = gguf.GGUFReader(path)
-  tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-  merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
-  bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges)
-  t = Tokenizer(bpe)
-  t.pre_tokenizer = pre_tokenizers.Sequence([
-      pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-  t.decoder = decoders.ByteLevel()
-  return t, tokens
-
-
 def test_config_is_the_135m_preset(real):
   path, config, _, _, _ = real
   assert config == get_preset("smollm2-135m")
@@ -71,12 +54,18 @@ def test_config_is_the_135m_preset(real):
 
 def test_tokenizer_matches_gguf_vocabulary(real):
   path, _, _, tok, _ = real
-  independent, tokens = _independent_tokenizer(path)
-  assert len(tok) == len(tokens) == 49152
+  # transformers' GGUF tokenizer (with torch) against ours, built from the file's own tokens and
+  # merges with `tokenizers` (what a plain install without torch uses).
+  import gguf
+  tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
+  ours = gguf_bpe_tokenizer(path)
+  assert len(tok) == len(ours) == len(tokens) == 49152
   assert tok.convert_ids_to_tokens([0, 1, 2, 100, 49151]) == [tokens[i] for i in (0, 1, 2, 100, 49151)]
+  assert (ours.bos_token_id, ours.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
   for text in TEXTS:
     ids = tok(text).input_ids
-    assert ids == independent.encode(text).ids, text
+    assert ids == ours(text).input_ids, text
+    assert ours.decode(ids) == text
     assert len(ids) <= 32
     assert tok.decode(ids) == text
 

@@ -154,12 +154,44 @@ def default_gguf_path() -> str:
 
 
 @functools.lru_cache(maxsize=8)
+def gguf_bpe_tokenizer(path: str):
+  """SmolLM2's byte-level BPE rebuilt from a GGUF's own tokens and merges with `tokenizers`
+  (single digits, then GPT-2's byte-level regex), as a transformers PreTrainedTokenizerFast.
+
+  transformers' own GGUF reader imports torch, which a plain (non-test) install does not have;
+  tests/test_llm_real_checkpoint.py checks this gives transformers' ids on the real file.
+  """
+  import gguf
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+  from transformers import PreTrainedTokenizerFast
+  fields = gguf.GGUFReader(path).fields
+  if "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.merges" not in fields:
+    raise UserError(f"gguf:{path}: no BPE tokenizer in the file (install torch==2.13.0 to let "
+                    "transformers read other kinds)")
+  tokens = fields["tokenizer.ggml.tokens"].contents()
+  merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"].contents()]
+  tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+  tok.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  tok.decoder = decoders.ByteLevel()
+  special = {}
+  for name in ("bos", "eos"):
+    key = f"tokenizer.ggml.{name}_token_id"
+    if key in fields:
+      special[f"{name}_token"] = tokens[int(fields[key].contents())]
+  return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
 def _tokenizer_from(scheme: str, path: str):
   from transformers import AutoTokenizer
   try:
     if scheme == "gguf":
-      return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                           gguf_file=os.path.basename(path))
+      try:
+        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                             gguf_file=os.path.basename(path))
+      except ImportError:  # transformers' GGUF reader needs torch
+        return gguf_bpe_tokenizer(path)
     return AutoTokenizer.from_pretrained(path)
   except (OSError, ValueError, KeyError) as e:
     msg = " ".join(str(e).split())[:200]
