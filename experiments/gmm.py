@@ -76,8 +76,7 @@ def main(argv):
   rows = report.rows_from_outputs(cfg.methods, out, seeds, betas)
   result = report.write_results(_WORKDIR.value, rows, timing, config)
   t0 = time.perf_counter()
-  x_train = study.training_data(cfg, p_star, seeds[0])
-  plots.write_all(_WORKDIR.value, rows, p_star, out, cfg.methods, betas, x_train=x_train)
+  plots.write_all(_WORKDIR.value, rows, p_star, out, cfg.methods, betas, x_train=out["x_train"][0])
   logging.info("plots %.1f s", time.perf_counter() - t0)
   for m, entry in result["summary"].items():
     logging.info("%-7s %s", m, "  ".join(

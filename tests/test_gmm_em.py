@@ -79,3 +79,22 @@ def test_one_component_fit_is_the_sample_moments():
   np.testing.assert_allclose(np.asarray(fitted.means[0]), np.asarray(x).mean(0), atol=1e-5)
   np.testing.assert_allclose(np.asarray(mx.covariances(fitted)[0]),
                              np.cov(np.asarray(x, np.float64).T, bias=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("diag", [True, False])
+def test_one_component_fit_from_any_start_is_the_maximum_likelihood_gaussian(diag):
+  """K = 1 skips the EM loop (one M-step is the optimum): check it against running EM steps."""
+  x = _data(300, seed=4)
+  start = mx.random_mixture(jax.random.PRNGKey(9), 1, 2, "diag" if diag else "full")
+  fitted, info = em.fit_from(x, start, max_iter=50, tol=1e-6)
+  assert bool(info.converged) and int(info.n_iter) == 1
+  resp = jnp.ones((x.shape[0], 1))
+  stepped = em.m_step(x, resp, diag, 1e-6)
+  for _ in range(3):  # EM iterations from the M-step's result change nothing
+    _, resp = em.e_step(stepped, x)
+    stepped = em.m_step(x, resp, diag, 1e-6)
+  np.testing.assert_allclose(np.asarray(fitted.means), np.asarray(stepped.means), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(mx.covariances(fitted)),
+                             np.asarray(mx.covariances(stepped)), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(info.lower_bound), float(jnp.mean(mx.log_prob(stepped, x))),
+                             rtol=1e-6)

@@ -18,9 +18,12 @@ def _scipy_log_prob(m, x):
   return logsumexp(comps + np.log(w), axis=-1)
 
 
+# K = 1 (the single-term shortcut), 5 (the unrolled diagonal path), 20 (the component-axis path,
+# above mixture._SELECT_MAX_COMPONENTS)
+@pytest.mark.parametrize("k", [1, 5, 20])
 @pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_log_prob_matches_scipy(covariance):
-  m = mx.random_mixture(jax.random.PRNGKey(1), 5, 3, covariance)
+def test_log_prob_matches_scipy(covariance, k):
+  m = mx.random_mixture(jax.random.PRNGKey(1), k, 3, covariance)
   assert mx.is_diag(m) == (covariance == "diag")
   x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (64, 3)))
   np.testing.assert_allclose(np.asarray(mx.log_prob(m, jnp.asarray(x))), _scipy_log_prob(m, x),
@@ -83,3 +86,26 @@ def test_from_moments_round_trip_full():
   m2 = mx.from_moments(mx.weights(m), m.means, mx.covariances(m))
   np.testing.assert_allclose(np.asarray(mx.covariances(m2)), np.asarray(mx.covariances(m)),
                              rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("covariance", ["diag", "full"])
+def test_select_chain_and_gather_draw_the_same_samples(covariance, monkeypatch):
+  """`sample` picks component parameters by a chain of selects for few components and by a gather
+  for many; both must give the same draws bit for bit."""
+  m = mx.random_mixture(jax.random.PRNGKey(7), 6, 2, covariance)
+  chain = np.asarray(mx.sample(m, jax.random.PRNGKey(8), 4096))
+  monkeypatch.setattr(mx, "_SELECT_MAX_COMPONENTS", 0)
+  gather = np.asarray(mx.sample(m, jax.random.PRNGKey(8), 4096))
+  np.testing.assert_array_equal(chain, gather)
+
+
+def test_sample_with_reuses_draws_across_mixtures():
+  """Common random numbers: the same standard draws, turned into samples of two mixtures."""
+  dr = mx.draws(jax.random.PRNGKey(0), 1000, 2)
+  m = mx.random_mixture(jax.random.PRNGKey(1), 4, 2)
+  np.testing.assert_array_equal(np.asarray(mx.sample_with(m, dr)),
+                                np.asarray(mx.sample(m, jax.random.PRNGKey(0), 1000)))
+  one = mx.moment_match(m, diag=True)
+  x = np.asarray(mx.sample_with(one, dr))
+  np.testing.assert_allclose(x, np.asarray(one.means[0])[None] + np.exp(np.asarray(one.scales[0]))[None] * np.asarray(dr.eps),
+                             rtol=1e-6)

@@ -106,9 +106,31 @@ def component_log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
   return _component_log_prob_KxN(m, x_NxD).T
 
 
+def _log_prob_unrolled(m: Mixture, x_NxD: jax.Array) -> jax.Array:
+  """log_prob of a diagonal mixture with few components as elementwise arrays over the points, one
+  per component (no reduction over a component axis): XLA emits one vectorized loop for it."""
+  k, d = m.means.shape
+  inv_KxD = jnp.exp(-m.scales)
+  const_K = log_weights(m) - jnp.sum(m.scales, axis=-1) - 0.5 * d * LOG_2PI
+  cols = [x_NxD[:, i] for i in range(d)]
+  joints = []
+  for c in range(k):
+    quad_N = sum(jnp.square((cols[i] - m.means[c, i]) * inv_KxD[c, i]) for i in range(d))
+    joints.append(const_K[c] - 0.5 * quad_N)
+  top_N = joints[0]
+  for j in joints[1:]:
+    top_N = jnp.maximum(top_N, j)
+  top_N = jax.lax.stop_gradient(top_N)
+  return top_N + jnp.log(sum(jnp.exp(j - top_N) for j in joints))
+
+
 def log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
   """log p(x_n) under the mixture, [N]."""
+  if is_diag(m) and 1 < m.means.shape[0] <= _SELECT_MAX_COMPONENTS:
+    return _log_prob_unrolled(m, x_NxD)
   joint_KxN = _component_log_prob_KxN(m, x_NxD) + log_weights(m)[:, None]
+  if joint_KxN.shape[0] == 1:  # one component: log-sum-exp of one term is that term (exactly)
+    return joint_KxN[0]
   # max-shifted log-sum-exp without jax.nn.logsumexp's inf/sign handling (cheaper in the sweep's
   # hottest loop); the max is finite whenever one component is, which a mixture guarantees
   top_N = jax.lax.stop_gradient(jnp.max(joint_KxN, axis=0))
@@ -129,22 +151,59 @@ def sample_components(m: Mixture, key: jax.Array, n: int) -> jax.Array:
   return m.means[:, None, :] + jnp.einsum("kde,kne->knd", scale_tril(m), eps_KxNxD)
 
 
+# Up to this many components, `sample` picks each draw's component parameters with a chain of
+# selects (elementwise: fuses with the rest and vectorizes) instead of a gather (slow on CPU, worse
+# under vmap); both give the same draws.
+_SELECT_MAX_COMPONENTS = 16
+
+
+def _pick(values_Kx: jax.Array, comp_N: jax.Array, after_N: list[jax.Array]) -> jax.Array:
+  """values[comp_n] for every draw, [N, ...]; after_N[k-1] says comp_n >= k."""
+  k = values_Kx.shape[0]
+  if k > _SELECT_MAX_COMPONENTS:
+    return values_Kx[comp_N]
+  shape = (comp_N.shape[0],) + values_Kx.shape[1:]
+  out = jnp.broadcast_to(values_Kx[0][None], shape)
+  for i in range(1, k):  # the cdf is non-decreasing, so the last true test wins: values[comp]
+    cond = after_N[i - 1].reshape(after_N[i - 1].shape + (1,) * (values_Kx.ndim - 1))
+    out = jnp.where(cond, values_Kx[i][None], out)
+  return out
+
+
+class Draws(NamedTuple):
+  """The standard random numbers behind n mixture samples: what `sample` turns into draws of any
+  K-component mixture in D dimensions. Drawing them once and reusing them across mixtures (the
+  study's betas) gives common random numbers and saves the random-number generation."""
+  u: jax.Array  # [n] uniform in [0, 1): picks the component by inverse CDF
+  eps: jax.Array  # [n, D] standard normal: the Gaussian part
+
+
+def draws(key: jax.Array, n: int, d: int, dtype=jnp.float32) -> Draws:
+  key_c, key_e = jax.random.split(key)
+  return Draws(jax.random.uniform(key_c, (n,), dtype), jax.random.normal(key_e, (n, d), dtype))
+
+
+def sample_with(m: Mixture, dr: Draws) -> jax.Array:
+  """The mixture's samples for given standard draws, [n, D] (reparameterized in means and
+  scales)."""
+  k = m.means.shape[0]
+  cdf_K = jnp.cumsum(weights(m))
+  u_N = dr.u * cdf_K[-1]
+  after_N = [u_N >= cdf_K[i] for i in range(k - 1)] if k <= _SELECT_MAX_COMPONENTS else []
+  comp_N = jnp.sum(u_N[:, None] >= cdf_K[None, :-1], axis=-1)
+  mu_NxD = _pick(m.means, comp_N, after_N)
+  if is_diag(m):
+    return mu_NxD + _pick(jnp.exp(m.scales), comp_N, after_N) * dr.eps
+  return mu_NxD + jnp.einsum("nde,ne->nd", _pick(scale_tril(m), comp_N, after_N), dr.eps)
+
+
 def sample(m: Mixture, key: jax.Array, n: int) -> jax.Array:
   """n draws from the mixture, [n, D]: a component per draw, then mu_k + L_k eps.
 
   The component is chosen by inverse CDF (one uniform per draw, cheaper than a Gumbel per
   component); the Gaussian part is reparameterized (differentiable in means and scales).
   """
-  k, d = m.means.shape
-  key_c, key_e = jax.random.split(key)
-  cdf_K = jnp.cumsum(weights(m))
-  u_N = jax.random.uniform(key_c, (n,), m.means.dtype) * cdf_K[-1]
-  comp_N = jnp.sum(u_N[:, None] >= cdf_K[None, :-1], axis=-1)
-  eps_NxD = jax.random.normal(key_e, (n, d), m.means.dtype)
-  mu_NxD = m.means[comp_N]
-  if is_diag(m):
-    return mu_NxD + jnp.exp(m.scales)[comp_N] * eps_NxD
-  return mu_NxD + jnp.einsum("nde,ne->nd", scale_tril(m)[comp_N], eps_NxD)
+  return sample_with(m, draws(key, n, m.means.shape[-1], m.means.dtype))
 
 
 def weight_entropy(m: Mixture) -> jax.Array:

@@ -141,48 +141,77 @@ def train_student(cfg: StudyConfig, objective: str, teacher: Mixture,
   return student, losses
 
 
+_KEY_NAMES = ("data", "teacher", "direct", "seq_x", "seq_init", "grad", "eval_star", "eval_student")
+
+
+def _keys(seed) -> dict[str, jax.Array]:
+  """The configuration's random keys, all from jax.random.PRNGKey(seed) (none depends on beta)."""
+  return dict(zip(_KEY_NAMES, jax.random.split(jax.random.PRNGKey(seed), len(_KEY_NAMES))))
+
+
+def _fit(cfg: StudyConfig, key, x_NxD, k):
+  return em.fit(key, x_NxD, k, diag=cfg.diag, init=cfg.em_init, max_iter=cfg.em_max_iter,
+                tol=cfg.em_tol, reg_covar=cfg.reg_covar)[0]
+
+
+def _score(cfg: StudyConfig, p_star: Mixture, seed_part: dict, student: Mixture):
+  """(precision, recall) of a student with the seed's evaluation draws and p* samples."""
+  precision = metrics.precision(partial(mx.log_prob, p_star),
+                                mx.sample_with(student, seed_part["eval_draws"]))
+  recall = metrics.recall(partial(mx.log_prob, student), seed_part["x_star"])
+  return precision, recall
+
+
+def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
+  """Everything of a configuration that does not depend on beta: the training data, the teacher,
+  the direct student and its scores, the p* evaluation samples, and the standard random draws that
+  beta_part turns into samples of each beta's sharpened teacher and students."""
+  k = _keys(seed)
+  d = p_star.means.shape[-1]
+  x_train_NxD = mx.sample(p_star, k["data"], cfg.n_train)
+  part = {"x_train": x_train_NxD,
+          "teacher": _fit(cfg, k["teacher"], x_train_NxD, cfg.teacher_components),
+          "x_star": mx.sample(p_star, k["eval_star"], cfg.n_eval),
+          "eval_draws": mx.draws(k["eval_student"], cfg.n_eval, d),
+          "seq_draws": mx.draws(k["seq_x"], cfg.n_teacher_samples, d)}
+  if "direct" in cfg.objectives:
+    part["direct"] = _fit(cfg, k["direct"], x_train_NxD, cfg.student_components)
+    part["direct_scores"] = _score(cfg, p_star, part, part["direct"])
+  return part
+
+
+def beta_part(cfg: StudyConfig, p_star: Mixture, seed, part: dict, beta) -> dict:
+  """The rest of a configuration, given its seed_part: sharpen, the students, their scores."""
+  k = _keys(seed)
+  sharp = mx.sharpen(part["teacher"], beta)
+  students, scores = {}, {}
+  for i, obj in enumerate(cfg.objectives):
+    if obj == "direct":
+      students[obj], scores[obj] = part["direct"], part["direct_scores"]
+      continue
+    if obj == "seqkd":
+      x_teacher_NxD = mx.sample_with(sharp, part["seq_draws"])
+      students[obj] = _fit(cfg, k["seq_init"], x_teacher_NxD, cfg.student_components)
+    else:
+      students[obj], _ = train_student(cfg, obj, sharp, jax.random.fold_in(k["grad"], i))
+    scores[obj] = _score(cfg, p_star, part, students[obj])
+  if EXACT in cfg.methods:
+    students[EXACT] = mx.moment_match(sharp, cfg.diag)
+    scores[EXACT] = _score(cfg, p_star, part, students[EXACT])
+  return {"teacher_entropy": mx.weight_entropy(sharp),
+          "precision": {m: p for m, (p, _) in scores.items()},
+          "recall": {m: r for m, (_, r) in scores.items()},
+          "students": students, "teacher": part["teacher"]}
+
+
 def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Array) -> dict:
   """One (seed, beta) configuration end to end, for every objective in cfg.
 
   Returns {"teacher_entropy": [], "precision": {method: []}, "recall": {method: []},
-  "students": {method: Mixture}, "teacher": Mixture (unsharpened)}.
+  "students": {method: Mixture}, "teacher": Mixture (unsharpened), "x_train": [n_train, D]}.
   """
-  key = jax.random.PRNGKey(seed)
-  (k_data, k_teacher, k_direct, k_seq_x, k_seq_init, k_grad, k_eval_star,
-   k_eval_student) = jax.random.split(key, 8)
-  fit = partial(em.fit, diag=cfg.diag, init=cfg.em_init, max_iter=cfg.em_max_iter, tol=cfg.em_tol,
-                reg_covar=cfg.reg_covar)
-
-  x_train_NxD = training_data(cfg, p_star, seed)
-  teacher, _ = fit(k_teacher, x_train_NxD, cfg.teacher_components)
-  sharp = mx.sharpen(teacher, beta)
-
-  students: dict[str, Mixture] = {}
-  for i, obj in enumerate(cfg.objectives):
-    if obj == "direct":
-      students[obj], _ = fit(k_direct, x_train_NxD, cfg.student_components)
-    elif obj == "seqkd":
-      x_teacher_NxD = mx.sample(sharp, k_seq_x, cfg.n_teacher_samples)
-      students[obj], _ = fit(k_seq_init, x_teacher_NxD, cfg.student_components)
-    else:
-      students[obj], _ = train_student(cfg, obj, sharp, jax.random.fold_in(k_grad, i))
-  if EXACT in cfg.methods:
-    students[EXACT] = mx.moment_match(sharp, cfg.diag)
-
-  x_star_NxD = mx.sample(p_star, k_eval_star, cfg.n_eval)
-  log_p_star = partial(mx.log_prob, p_star)
-  precision, recall = {}, {}
-  for name, student in students.items():
-    precision[name] = metrics.precision(log_p_star, mx.sample(student, k_eval_student, cfg.n_eval))
-    recall[name] = metrics.recall(partial(mx.log_prob, student), x_star_NxD)
-  return {"teacher_entropy": mx.weight_entropy(sharp), "precision": precision, "recall": recall,
-          "students": students, "teacher": teacher}
-
-
-def training_data(cfg: StudyConfig, p_star: Mixture, seed) -> jax.Array:
-  """The n_train p* samples of a seed (the first of run_config's keys), [n_train, D]."""
-  k_data = jax.random.split(jax.random.PRNGKey(seed), 8)[0]
-  return mx.sample(p_star, k_data, cfg.n_train)
+  part = seed_part(cfg, p_star, seed)
+  return dict(beta_part(cfg, p_star, seed, part, beta), x_train=part["x_train"])
 
 
 def ground_truth(spec: str, seed: int = 0) -> Mixture:
@@ -198,11 +227,22 @@ def ground_truth(spec: str, seed: int = 0) -> Mixture:
 
 
 def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax.Array) -> dict:
-  """`run_config` over every (seed, beta): the outputs gain leading [S, B] axes."""
-  def per_seed(seed):
-    return jax.vmap(lambda beta: run_config(cfg, p_star, seed, beta))(betas_B)
+  """`run_config` over every (seed, beta): the outputs gain leading [S, B] axes, except the
+  training samples, which are per seed: "x_train" [S, n_train, D].
 
-  return jax.lax.map(per_seed, seeds_S, batch_size=seed_batch(cfg, seeds_S.shape[0]))
+  The seed parts of all seeds are computed first (vmapped), then a `lax.map` over chunks of seeds
+  runs the beta parts of a chunk (vmapped over its seeds and all betas). The loop is also what keeps
+  each seed's draws computed once: XLA fuses a cheap producer into every consumer, so without the
+  loop boundary the random normals would be regenerated for each beta.
+  """
+  parts = jax.vmap(lambda seed: seed_part(cfg, p_star, seed))(seeds_S)
+
+  def per_seed(seed_and_part):
+    seed, part = seed_and_part
+    return jax.vmap(lambda beta: beta_part(cfg, p_star, seed, part, beta))(betas_B)
+
+  out = jax.lax.map(per_seed, (seeds_S, parts), batch_size=seed_batch(cfg, seeds_S.shape[0]))
+  return dict(out, x_train=parts["x_train"])
 
 
 def seed_batch(cfg: StudyConfig, num_seeds: int) -> int:
@@ -212,6 +252,23 @@ def seed_batch(cfg: StudyConfig, num_seeds: int) -> int:
 
 
 grid_fn = jax.jit(run_grid, static_argnums=0)
+
+
+def compiler_options() -> dict:
+  """XLA options for compiling the grid, measured on the 2-core CPU this was built on (bench_gmm):
+
+  - xla_cpu_experimental_ynn_fusion_type="": this jaxlib hands reductions to YNNPACK fusions by
+    default, which ran the study's many small per-point reductions single-threaded, ~4x slower
+    (the precision Monte Carlo went from 0.3 s to 1.1 s per 4096 configurations);
+  - xla_backend_optimization_level=1, xla_cpu_use_fusion_emitters=False: LLVM's default -O3
+    pipeline and the newer fusion emitters cost ~2.5 s of compilation for no measurable speed in
+    this elementwise-bound sweep (compile 3.8 s -> 1.4 s, sweep unchanged at ~0.23 s).
+  On other backends: none.
+  """
+  if jax.default_backend() != "cpu":
+    return {}
+  return {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 1,
+          "xla_cpu_use_fusion_emitters": False}
 
 
 def geometric_betas(beta_min: float, beta_max: float, num: int) -> jax.Array:
@@ -224,7 +281,7 @@ def compile_and_run(cfg: StudyConfig, p_star: Mixture, seeds_S, betas_B) -> tupl
   seeds_S = jnp.asarray(seeds_S, jnp.int32)
   betas_B = jnp.asarray(betas_B, jnp.float32)
   t0 = time.perf_counter()
-  compiled = grid_fn.lower(cfg, p_star, seeds_S, betas_B).compile()
+  compiled = grid_fn.lower(cfg, p_star, seeds_S, betas_B).compile(compiler_options())
   t1 = time.perf_counter()
   out = jax.block_until_ready(compiled(p_star, seeds_S, betas_B))
   t2 = time.perf_counter()
