@@ -12,7 +12,7 @@ import pytest
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.llm import data as data_lib
-from kdjax.llm import evaluate, model, train
+from kdjax.llm import evaluate, head_nll, model, train
 from kdjax.llm.config import get_preset
 
 CFG = get_preset("test-tiny")
@@ -151,3 +151,50 @@ def test_tied_lm_head_gradient_matches_autodiff():
   ref = jax.grad(lambda x, e: jnp.sum(w * jnp.dot(x, e.T)), argnums=(0, 1))(x, e)
   for a, b in zip(ours, ref):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _unfused_nll_sum(x, w, y, wt, layout):
+  logits = jnp.einsum("btd,vd->btv" if layout == "vd" else "btd,dv->btv", x, w)
+  return jnp.sum(wt * train._token_nll(logits, y))
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+@pytest.mark.parametrize("shape", [(3, 10), (2, 7)])  # chunked along positions; 7 is prime
+def test_fused_head_nll_matches_autodiff_of_the_unfused_loss(layout, shape, monkeypatch):
+  monkeypatch.setattr(head_nll, "CHUNK_ROWS", 6)  # several chunks even at these tiny shapes
+  b, t = shape
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(b, t, 8)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(37, 8) if layout == "vd" else (8, 37)).astype(np.float32))
+  y = jnp.asarray(rng.integers(0, 37, size=(b, t)).astype(np.int32))
+  wt = jnp.asarray((rng.uniform(size=(b, t)) > 0.3).astype(np.float32))
+  assert head_nll._chunk_len(b, t, 6) < t
+  fused = lambda x, w: head_nll.head_nll_sum(x, w, y, wt, layout)
+  ref = lambda x, w: _unfused_nll_sum(x, w, y, wt, layout)
+  np.testing.assert_allclose(float(fused(x, w)), float(ref(x, w)), rtol=1e-6)
+  # a non-unit cotangent: the forward pass forms gradients for 1, the backward pass scales them
+  ours = jax.jit(jax.grad(lambda x, w: 2.5 * fused(x, w), argnums=(0, 1)))(x, w)
+  want = jax.grad(lambda x, w: 2.5 * ref(x, w), argnums=(0, 1))(x, w)
+  for a, r in zip(ours, want):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+  # vmapped (the students' path) equals one by one
+  xs, ws = jnp.stack([x, 2 * x]), jnp.stack([w, -w])
+  batched = jax.vmap(jax.grad(fused, argnums=1))(xs, ws)
+  np.testing.assert_allclose(batched[1], jax.grad(fused, argnums=1)(2 * x, -w), rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_training_loss_is_the_unfused_cross_entropy():
+  """The train step's loss (fused head) equals the model's logits put through the plain loss."""
+  config = get_preset("test-tiny")
+  params = model.init_params(config, jax.random.PRNGKey(0))
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, 9)), jnp.int32)
+  mask = jnp.ones_like(ids, bool).at[1, 6:].set(False)
+  spec = train.StepSpec(model=config, total_steps=10, lr=1e-3, warmup_frac=0.0)
+  loss, (nll, count) = train._loss_sums(params, {"input_ids": ids, "attention_mask": mask}, None,
+                                        spec)
+  logits = model.forward(config, params, ids, mask)
+  targets, tmask = train._next_token_targets(ids, mask)
+  want = jnp.sum(jnp.where(tmask, train._token_nll(logits, targets), 0.0))
+  np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+  assert float(count) == float(jnp.sum(tmask))

@@ -80,6 +80,9 @@ def _tied_lm_head_bwd(residuals, g_BxTxV):
   g_BxTxV = g_BxTxV.astype(x_BxTxD.dtype)
   dx_BxTxD = jnp.einsum("btv,vd->btd", g_BxTxV, embedding_VxD)
   de_DxV = jnp.einsum("btv,btd->dv", g_BxTxV, x_BxTxD)
+  # the barrier keeps XLA's simplifier from folding the transpose back into the dot (which would
+  # make it the slow transposed-operand form again)
+  de_DxV = jax.lax.optimization_barrier(de_DxV)
   return dx_BxTxD, de_DxV.T.astype(embedding_VxD.dtype)
 
 
@@ -167,8 +170,11 @@ class Block(nn.Module):
 
 
 class Llama(nn.Module):
-  """Causal LM. __call__(tokens, positions, attention_mask, cache) -> (logits_BxTxV f32, cache)."""
+  """Causal LM. __call__(tokens, positions, attention_mask, cache) -> (logits_BxTxV f32, cache);
+  with head=False the final-normed hidden states [B, T, D] instead of the logits (for a loss that
+  applies the head itself: kdjax.llm.head_nll)."""
   config: LlamaConfig
+  head: bool = True
 
   @nn.compact
   def __call__(self, tokens_BxT: jax.Array, positions_BxT: Optional[jax.Array] = None,
@@ -212,11 +218,13 @@ class Llama(nn.Module):
                                                          allowed_BxTxS)
     x_BxTxD = RMSNorm(c.rms_norm_eps, c.compute_dtype, jnp.dtype(c.param_dtype),
                       name="final_norm")(x_BxTxD)
-    if c.tie_embeddings:
+    if not self.head:
+      logits = x_BxTxD
+    elif c.tie_embeddings:
       logits = tied_lm_head(x_BxTxD, embed.embedding.astype(c.compute_dtype))
     else:
       logits = _dense("lm_head", None, c.vocab_size, ("embed", "vocab"), c)(x_BxTxD)
-    logits = logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32) if self.head else logits
 
     new_cache = None
     if cache is not None:
@@ -241,6 +249,20 @@ def forward(config: LlamaConfig, params, tokens_BxT, attention_mask_BxT=None, po
   """Logits [B, T, V] (float32) of a full sequence, no cache."""
   logits, _ = Llama(config).apply({"params": params}, tokens_BxT, positions_BxT, attention_mask_BxT)
   return logits
+
+
+def hidden_states(config: LlamaConfig, params, tokens_BxT, attention_mask_BxT=None):
+  """The final-normed hidden states [B, T, D] (compute dtype): what the LM head multiplies."""
+  x, _ = Llama(config, head=False).apply({"params": params}, tokens_BxT, None, attention_mask_BxT)
+  return x
+
+
+def head_weight(config: LlamaConfig, params) -> tuple[jax.Array, str]:
+  """The LM head's weight in the compute dtype and its layout: the tied embedding table [V, D]
+  ("vd") or the lm_head kernel [D, V] ("dv")."""
+  if config.tie_embeddings:
+    return params["embed"]["embedding"].astype(config.compute_dtype), "vd"
+  return params["lm_head"]["kernel"].astype(config.compute_dtype), "dv"
 
 
 def token_logprobs(config: LlamaConfig, params, input_ids_BxT, attention_mask_BxT=None):

@@ -39,6 +39,7 @@ from kdjax import distributed
 from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, atomic_write_json, prepare_workdir, require
 from kdjax.llm import data as data_lib
+from kdjax.llm import head_nll
 from kdjax.llm import model
 from kdjax.llm.config import LlamaConfig, get_preset
 
@@ -118,12 +119,16 @@ def _token_nll(logits_BxTxV, targets_BxT):
 def _loss_sums(params, batch, teacher_params, spec: StepSpec):
   """(objective summed over target tokens, (nll sum, target count)) of one (micro-)batch."""
   ids_BxT, mask_BxT = batch["input_ids"], batch["attention_mask"].astype(bool)
-  logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
   targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT)
-  nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
   count = jnp.sum(tmask_BxT.astype(jnp.float32))
   if spec.teacher is None:
+    # plain next-token training: the head and the cross-entropy fused (never forms the logits)
+    w, layout = model.head_weight(spec.model, params)
+    nll_sum = head_nll.head_nll_sum(model.hidden_states(spec.model, params, ids_BxT, mask_BxT),
+                                    w, targets_BxT, tmask_BxT.astype(jnp.float32), layout)
     return nll_sum, (nll_sum, count)
+  logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
+  nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
   from kdjax.objectives import tokens
   teacher_BxTxV = jax.lax.stop_gradient(
       model.forward(spec.teacher, teacher_params, ids_BxT, mask_BxT))

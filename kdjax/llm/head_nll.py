@@ -1,0 +1,143 @@
+"""The LM head and next-token cross-entropy fused, for training: sum_t w_t * -log softmax(x_t W)[y_t].
+
+Autodiff of `logits = x @ W; nll = logsumexp(logits) - logits[y]` streams the [B, T, V] logits
+through memory about seven times (written by the matmul, read for the max, for the exponentials'
+sum and for the picked logit, read and written again for the softmax gradient, read by both
+gradient matmuls); at tiny-49k scale that is 400 MB per pass on a CPU with about 10 GB/s. Here
+the forward pass walks over chunks of positions: a chunk's logits stay in cache while its
+log-sum-exp, its softmax gradient and its input gradient dx = dlogits @ W^T are formed, and only the
+gradient of the logits is written out, once, for the weight gradient dW = x^T @ dlogits (one large
+matmul in its fast layout). The gradients are formed in the forward pass for a unit cotangent and
+scaled by the real one in the backward pass (the loss is a sum, so that is exact).
+
+Numerics: the same float32 softmax as the unfused loss (logits in float32 whatever the compute
+dtype, max-shifted exponentials). tests/test_llm_train.py checks values and gradients against
+autodiff of the unfused loss.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Rows (batch x positions) per chunk: enough for the matmuls to run near full speed, few enough
+# that a chunk's float32 logits (rows x V x 4 bytes: 50 MB at V = 49152) stay close to the cache.
+CHUNK_ROWS = 256
+
+
+def _chunk_len(b: int, t: int, rows: int = CHUNK_ROWS) -> int:
+  """Positions per chunk: the largest divisor of t with b * positions <= rows (at least 1)."""
+  best = 1
+  for c in range(1, t + 1):
+    if t % c == 0 and b * c <= max(rows, b):
+      best = c
+  return best
+
+
+def _logits(x, w, w_layout):
+  spec = "bcd,vd->bcv" if w_layout == "vd" else "bcd,dv->bcv"
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def _split(a_BxT, c):
+  """[B, T, ...] -> [T / c, B, c, ...]: the chunks along positions (the batch axis stays whole,
+  so a batch-sharded array is split without moving data between devices)."""
+  b, t = a_BxT.shape[:2]
+  return a_BxT.reshape((b, t // c, c) + a_BxT.shape[2:]).swapaxes(0, 1)
+
+
+def _unsplit(a_NxBxC, b, t):
+  return a_NxBxC.swapaxes(0, 1).reshape((b, t) + a_NxBxC.shape[3:])
+
+
+def _target_rows(w, y, w_layout):
+  """The head's weight vector of each target token, [..., D]."""
+  return w[y] if w_layout == "vd" else jnp.moveaxis(jnp.take(w, y, axis=1), 0, -1)
+
+
+def _chunk_nll(x_BxCxD, w, y_BxC, wt_BxC, w_layout, with_grads: bool):
+  """A chunk's weighted nll sum and, with_grads, the softmax part of d nll / d logits and the
+  input gradient dx. The one-hot part of the logits' gradient (-w at the target) never touches a
+  [.., V] array: the target logit is x . W[y], its gradients are gathers and a scatter of rows."""
+  logits_BxCxV = _logits(x_BxCxD, w, w_layout)
+  top_BxC = jnp.max(logits_BxCxV, axis=-1)
+  exp_BxCxV = jnp.exp(logits_BxCxV - top_BxC[..., None])
+  sum_BxC = jnp.sum(exp_BxCxV, axis=-1)
+  w_y_BxCxD = _target_rows(w, y_BxC, w_layout)
+  picked_BxC = jnp.einsum("bcd,bcd->bc", x_BxCxD, w_y_BxCxD, preferred_element_type=jnp.float32)
+  nll = jnp.sum(wt_BxC * (top_BxC + jnp.log(sum_BxC) - picked_BxC))
+  if not with_grads:
+    return nll, None, None
+  # d nll / d logits = w * (softmax - onehot): the softmax part here, the one-hot part by rows
+  dsoft_BxCxV = (exp_BxCxV * (wt_BxC / sum_BxC)[..., None]).astype(x_BxCxD.dtype)
+  spec = "bcv,vd->bcd" if w_layout == "vd" else "bcv,dv->bcd"
+  dx_BxCxD = (jnp.einsum(spec, dsoft_BxCxV, w, preferred_element_type=jnp.float32)
+              - wt_BxC[..., None] * w_y_BxCxD.astype(jnp.float32)).astype(x_BxCxD.dtype)
+  return nll, dsoft_BxCxV, dx_BxCxD
+
+
+def _scan(x_BxTxD, w, y_BxT, wt_BxT, w_layout, with_grads):
+  """(nll sum, dW^T [D, V] float32 or None, dx [N, B, c, D] or None) over the chunks."""
+  b, t = y_BxT.shape
+  c = _chunk_len(b, t)
+  d, v = (w.shape[1], w.shape[0]) if w_layout == "vd" else w.shape
+
+  def body(dw_DxV, xs):
+    x_BxCxD = xs[0]
+    nll, dsoft_BxCxV, dx_BxCxD = _chunk_nll(x_BxCxD, w, *xs[1:], w_layout=w_layout,
+                                            with_grads=with_grads)
+    if with_grads:
+      dw_DxV = dw_DxV + jnp.einsum("bcd,bcv->dv", x_BxCxD, dsoft_BxCxV,
+                                   preferred_element_type=jnp.float32)
+    return dw_DxV, (nll, dx_BxCxD)
+
+  dw0 = jnp.zeros((d, v), jnp.float32) if with_grads else None
+  dw_DxV, (nll_N, dx) = jax.lax.scan(
+      body, dw0, (_split(x_BxTxD, c), _split(y_BxT, c), _split(wt_BxT, c)))
+  if with_grads:  # the one-hot part of dW: -w_t x_t added to row y_t
+    rows_NxD = (-wt_BxT[..., None] * x_BxTxD.astype(jnp.float32)).reshape(-1, d)
+    if w_layout == "vd":
+      onehot_VxD = jnp.zeros((v, d), jnp.float32).at[y_BxT.reshape(-1)].add(rows_NxD)
+      dw_DxV = (dw_DxV, onehot_VxD)
+    else:
+      dw_DxV = dw_DxV.at[:, y_BxT.reshape(-1)].add(rows_NxD.T)
+  return jnp.sum(nll_N), dw_DxV, dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def head_nll_sum(x_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Array, weights_BxT: jax.Array,
+                 w_layout: str = "vd") -> jax.Array:
+  """sum_{b,t} weights[b,t] * -log softmax(x[b,t] @ W)[targets[b,t]], a float32 scalar.
+
+  w is the head's weight: [V, D] (w_layout "vd", a tied embedding table) or [D, V] ("dv", an
+  lm_head kernel). Differentiable in x and w (not in targets or weights).
+  """
+  return _scan(x_BxTxD, w, targets_BxT, weights_BxT.astype(jnp.float32), w_layout, False)[0]
+
+
+def _fwd(x_BxTxD, w, targets_BxT, weights_BxT, w_layout):
+  b, t = targets_BxT.shape
+  nll, dw_DxV, dx_NxBxCxD = _scan(x_BxTxD, w, targets_BxT, weights_BxT.astype(jnp.float32),
+                                  w_layout, True)
+  if w_layout == "vd":
+    # the barrier keeps XLA from folding the transpose into the dot (the slow transposed form)
+    dsoft_DxV, onehot_VxD = dw_DxV
+    dw = jax.lax.optimization_barrier(dsoft_DxV).T + onehot_VxD
+  else:
+    dw = dw_DxV
+  dx_BxTxD = _unsplit(dx_NxBxCxD, b, t)
+  return nll, (dx_BxTxD, dw.astype(w.dtype), targets_BxT, weights_BxT)
+
+
+def _bwd(w_layout, residuals, g):
+  dx_BxTxD, dw, targets_BxT, weights_BxT = residuals
+  del w_layout
+  zeros = lambda a: (jnp.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(
+      a.dtype, jnp.floating) else jnp.zeros_like(a))
+  return ((g * dx_BxTxD).astype(dx_BxTxD.dtype), (g * dw).astype(dw.dtype), zeros(targets_BxT),
+          zeros(weights_BxT))
+
+
+head_nll_sum.defvjp(_fwd, _bwd)
