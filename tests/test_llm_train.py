@@ -198,3 +198,21 @@ def test_training_loss_is_the_unfused_cross_entropy():
   want = jnp.sum(jnp.where(tmask, train._token_nll(logits, targets), 0.0))
   np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
   assert float(count) == float(jnp.sum(tmask))
+
+
+def test_swiglu_gradient_matches_autodiff():
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(2, 5, 8)).astype(np.float32))
+  wg, wu = (jnp.asarray(rng.normal(size=(8, 12)).astype(np.float32)) for _ in range(2))
+  wd = jnp.asarray(rng.normal(size=(12, 8)).astype(np.float32))
+  w = jnp.asarray(rng.normal(size=(2, 5, 8)).astype(np.float32))
+
+  def plain(x, wg, wu, wd):
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(x @ wg) * (x @ wu), wd)
+
+  np.testing.assert_allclose(model.swiglu(x, wg, wu, wd), plain(x, wg, wu, wd), rtol=1e-6)
+  ours = jax.jit(jax.grad(lambda *a: jnp.sum(w * model.swiglu(*a)), argnums=(0, 1, 2, 3)))(
+      x, wg, wu, wd)
+  ref = jax.grad(lambda *a: jnp.sum(w * plain(*a)), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+  for a, b in zip(ours, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)

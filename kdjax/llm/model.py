@@ -144,15 +144,78 @@ class Attention(nn.Module):
     return o(out), new_cache
 
 
+def _t(a_2d):
+  """A transpose XLA must materialize: without the barrier its simplifier folds it into the
+  consuming dot, choosing a transposed-operand form that runs slower on CPU."""
+  return jax.lax.optimization_barrier(a_2d.T)
+
+
+@jax.custom_vjp
+def swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD):
+  """The SwiGLU MLP (silu(x Wg) * (x Wu)) Wd, with a hand-written backward pass.
+
+  Autodiff is correct too; it let XLA write the [tokens, F] activation gradients transposed (a
+  slow strided write) to feed the weight-gradient dots. Here every dot takes its operands in the
+  fast layout: the transposes are of the small [tokens, D] arrays and of the weights.
+  """
+  g = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
+  u = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
+  return jnp.einsum("btf,fd->btd", nn.silu(g) * u, down_FxD)
+
+
+def _swiglu_fwd(x_BxTxD, gate_DxF, up_DxF, down_FxD):
+  g = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
+  u = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
+  y = jnp.einsum("btf,fd->btd", nn.silu(g) * u, down_FxD)
+  return y, (x_BxTxD, gate_DxF, up_DxF, down_FxD, g, u)
+
+
+def _swiglu_bwd(res, dy_BxTxD):
+  x_BxTxD, gate_DxF, up_DxF, down_FxD, g, u = res
+  b, t, d = x_BxTxD.shape
+  x_NxD, dy_NxD = x_BxTxD.reshape(b * t, d), dy_BxTxD.reshape(b * t, d).astype(x_BxTxD.dtype)
+  g_NxF, u_NxF = g.reshape(b * t, -1), u.reshape(b * t, -1)
+  sig_NxF = jax.nn.sigmoid(g_NxF)
+  silu_NxF = g_NxF * sig_NxF
+  dh_NxF = dy_NxD @ _t(down_FxD)
+  du_NxF = dh_NxF * silu_NxF
+  dg_NxF = dh_NxF * u_NxF * sig_NxF * (1 + g_NxF * (1 - sig_NxF))
+  x_DxN, dy_DxN = _t(x_NxD), _t(dy_NxD)
+  d_gate = x_DxN @ dg_NxF
+  d_up = x_DxN @ du_NxF
+  d_down = _t(dy_DxN @ (silu_NxF * u_NxF))
+  dx_NxD = dg_NxF @ _t(gate_DxF) + du_NxF @ _t(up_DxF)
+  return (dx_NxD.reshape(b, t, d), d_gate.astype(gate_DxF.dtype), d_up.astype(up_DxF.dtype),
+          d_down.astype(down_FxD.dtype))
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+class _Kernel(nn.Module):
+  """A dense layer's kernel alone (same parameter path and metadata as nn.DenseGeneral's)."""
+  shape: tuple
+  axes: tuple
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self):
+    c = self.config
+    return self.param("kernel", _init(self.axes), self.shape,
+                      jnp.dtype(c.param_dtype)).astype(c.compute_dtype)
+
+
 class MLP(nn.Module):
   config: LlamaConfig
 
   @nn.compact
   def __call__(self, x_BxTxD):
     c = self.config
-    gate = _dense("gate", None, c.intermediate_size, ("embed", "mlp"), c)(x_BxTxD)
-    up = _dense("up", None, c.intermediate_size, ("embed", "mlp"), c)(x_BxTxD)
-    return _dense("down", None, c.hidden_size, ("mlp", "embed"), c)(nn.silu(gate) * up)
+    d, f = c.hidden_size, c.intermediate_size
+    gate = _Kernel((d, f), ("embed", "mlp"), c, name="gate")()
+    up = _Kernel((d, f), ("embed", "mlp"), c, name="up")()
+    down = _Kernel((f, d), ("mlp", "embed"), c, name="down")()
+    return swiglu(x_BxTxD.astype(c.compute_dtype), gate, up, down)
 
 
 class Block(nn.Module):
