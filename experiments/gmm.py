@@ -35,7 +35,8 @@ _STEPS = flags.DEFINE_integer("steps", 300, "optimizer steps of the fkl / rkl / 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Monte Carlo samples per optimizer step")
 _LR = flags.DEFINE_float("learning_rate", 0.05, "Adam learning rate of the gradient students")
 _JSD_MIX = flags.DEFINE_float("jsd_mix", 0.5, "generalized JSD mixing pi in (0, 1); 0.5 = JSD")
-_SEED_CHUNK = flags.DEFINE_integer("seed_chunk", 16, "seeds vmapped at once (bounds memory)")
+_SEED_CHUNK = flags.DEFINE_integer("seed_chunk", 16, "seeds whose beta parts run at once "
+                                  "(bounds memory: seed_chunk x num_betas configurations)")
 _EXACT = flags.DEFINE_bool("exact", True, "add the exact forward-KL limit (one-Gaussian student)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a workdir of another configuration")

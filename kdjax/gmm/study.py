@@ -16,9 +16,11 @@ Data flow of `run_config` (the paper's protocol, then four more students):
 Everything random comes from jax.random.PRNGKey(seed). The same seed uses the same random numbers at
 every beta (common random numbers: curves over beta are smooth, differences are due to beta).
 The seed and beta are array arguments; `StudyConfig` (shapes, objective list, optimiser settings)
-is static. `run_grid` vmaps over betas inside a `lax.map` over seeds (vmapped in chunks of
-`seed_chunk` seeds, which bounds memory): the teacher and the direct student depend only on the
-seed, so under the inner vmap they are computed once per seed, not once per beta.
+is static. A configuration splits into `seed_part` (what does not depend on beta: training data,
+teacher, direct student, p* evaluation samples, standard draws) and `beta_part`; `run_config` is
+their composition. `run_grid` computes the seed parts of all seeds (vmapped), then a `lax.map` over
+chunks of `seed_chunk` seeds runs the beta parts of a chunk vmapped over its seeds and all betas
+(the chunk bounds memory: seed_chunk x num_betas x n_eval samples at once).
 """
 
 from __future__ import annotations
