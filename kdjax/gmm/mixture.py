@@ -126,7 +126,7 @@ def _log_prob_unrolled(m: Mixture, x_NxD: jax.Array) -> jax.Array:
 
 def log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
   """log p(x_n) under the mixture, [N]."""
-  if is_diag(m) and 1 < m.means.shape[0] <= _SELECT_MAX_COMPONENTS:
+  if is_diag(m) and 1 < m.means.shape[0] <= _UNROLL_MAX_COMPONENTS:
     return _log_prob_unrolled(m, x_NxD)
   joint_KxN = _component_log_prob_KxN(m, x_NxD) + log_weights(m)[:, None]
   if joint_KxN.shape[0] == 1:  # one component: log-sum-exp of one term is that term (exactly)
@@ -152,21 +152,22 @@ def sample_components(m: Mixture, key: jax.Array, n: int) -> jax.Array:
 
 
 # Up to this many components, `sample` picks each draw's component parameters with a chain of
-# selects (elementwise: fuses with the rest and vectorizes) instead of a gather (slow on CPU, worse
-# under vmap); both give the same draws.
-_SELECT_MAX_COMPONENTS = 16
+# selects and `log_prob` (diagonal) keeps one elementwise array per component: both fuse into one
+# vectorized loop, where a gather / a reduction over the component axis ran slowly on CPU (worse
+# under vmap). Above it, the gather and the reduction; both ways give the same values.
+_UNROLL_MAX_COMPONENTS = 16
 
 
-def _pick(values_Kx: jax.Array, comp_N: jax.Array, after_N: list[jax.Array]) -> jax.Array:
-  """values[comp_n] for every draw, [N, ...]; after_N[k-1] says comp_n >= k."""
+def _pick(values_Kx: jax.Array, u_N: jax.Array, cdf_K: jax.Array) -> jax.Array:
+  """values[comp_n] for every draw, [N, ...], where comp_n is the number of cdf entries (the last
+  excluded) at or below u_n: the inverse-CDF component."""
   k = values_Kx.shape[0]
-  if k > _SELECT_MAX_COMPONENTS:
-    return values_Kx[comp_N]
-  shape = (comp_N.shape[0],) + values_Kx.shape[1:]
-  out = jnp.broadcast_to(values_Kx[0][None], shape)
+  if k > _UNROLL_MAX_COMPONENTS:
+    return values_Kx[jnp.sum(u_N[:, None] >= cdf_K[None, :-1], axis=-1)]
+  out = jnp.broadcast_to(values_Kx[0][None], u_N.shape + values_Kx.shape[1:])
   for i in range(1, k):  # the cdf is non-decreasing, so the last true test wins: values[comp]
-    cond = after_N[i - 1].reshape(after_N[i - 1].shape + (1,) * (values_Kx.ndim - 1))
-    out = jnp.where(cond, values_Kx[i][None], out)
+    after_N = (u_N >= cdf_K[i - 1]).reshape(u_N.shape + (1,) * (values_Kx.ndim - 1))
+    out = jnp.where(after_N, values_Kx[i][None], out)
   return out
 
 
@@ -186,15 +187,12 @@ def draws(key: jax.Array, n: int, d: int, dtype=jnp.float32) -> Draws:
 def sample_with(m: Mixture, dr: Draws) -> jax.Array:
   """The mixture's samples for given standard draws, [n, D] (reparameterized in means and
   scales)."""
-  k = m.means.shape[0]
   cdf_K = jnp.cumsum(weights(m))
   u_N = dr.u * cdf_K[-1]
-  after_N = [u_N >= cdf_K[i] for i in range(k - 1)] if k <= _SELECT_MAX_COMPONENTS else []
-  comp_N = jnp.sum(u_N[:, None] >= cdf_K[None, :-1], axis=-1)
-  mu_NxD = _pick(m.means, comp_N, after_N)
+  mu_NxD = _pick(m.means, u_N, cdf_K)
   if is_diag(m):
-    return mu_NxD + _pick(jnp.exp(m.scales), comp_N, after_N) * dr.eps
-  return mu_NxD + jnp.einsum("nde,ne->nd", _pick(scale_tril(m), comp_N, after_N), dr.eps)
+    return mu_NxD + _pick(jnp.exp(m.scales), u_N, cdf_K) * dr.eps
+  return mu_NxD + jnp.einsum("nde,ne->nd", _pick(scale_tril(m), u_N, cdf_K), dr.eps)
 
 
 def sample(m: Mixture, key: jax.Array, n: int) -> jax.Array:

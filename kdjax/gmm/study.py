@@ -171,7 +171,7 @@ def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
   k = _keys(seed)
   d = p_star.means.shape[-1]
   x_train_NxD = mx.sample(p_star, k["data"], cfg.n_train)
-  part = {"x_train": x_train_NxD,
+  part = {"keys": k, "x_train": x_train_NxD,
           "teacher": _fit(cfg, k["teacher"], x_train_NxD, cfg.teacher_components),
           "x_star": mx.sample(p_star, k["eval_star"], cfg.n_eval),
           "eval_draws": mx.draws(k["eval_student"], cfg.n_eval, d),
@@ -182,9 +182,9 @@ def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
   return part
 
 
-def beta_part(cfg: StudyConfig, p_star: Mixture, seed, part: dict, beta) -> dict:
+def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta) -> dict:
   """The rest of a configuration, given its seed_part: sharpen, the students, their scores."""
-  k = _keys(seed)
+  k = part["keys"]
   sharp = mx.sharpen(part["teacher"], beta)
   students, scores = {}, {}
   for i, obj in enumerate(cfg.objectives):
@@ -213,7 +213,7 @@ def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Arr
   "students": {method: Mixture}, "teacher": Mixture (unsharpened), "x_train": [n_train, D]}.
   """
   part = seed_part(cfg, p_star, seed)
-  return dict(beta_part(cfg, p_star, seed, part, beta), x_train=part["x_train"])
+  return dict(beta_part(cfg, p_star, part, beta), x_train=part["x_train"])
 
 
 def ground_truth(spec: str, seed: int = 0) -> Mixture:
@@ -239,11 +239,10 @@ def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax
   """
   parts = jax.vmap(lambda seed: seed_part(cfg, p_star, seed))(seeds_S)
 
-  def per_seed(seed_and_part):
-    seed, part = seed_and_part
-    return jax.vmap(lambda beta: beta_part(cfg, p_star, seed, part, beta))(betas_B)
+  def per_seed(part):
+    return jax.vmap(lambda beta: beta_part(cfg, p_star, part, beta))(betas_B)
 
-  out = jax.lax.map(per_seed, (seeds_S, parts), batch_size=seed_batch(cfg, seeds_S.shape[0]))
+  out = jax.lax.map(per_seed, parts, batch_size=seed_batch(cfg, seeds_S.shape[0]))
   return dict(out, x_train=parts["x_train"])
 
 

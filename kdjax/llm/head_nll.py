@@ -1,14 +1,16 @@
-"""The LM head and next-token cross-entropy fused, for training: sum_t w_t * -log softmax(x_t W)[y_t].
+"""The LM head and next-token cross-entropy fused, for training:
+sum_t w_t * -log softmax(x_t W)[y_t].
 
 Autodiff of `logits = x @ W; nll = logsumexp(logits) - logits[y]` streams the [B, T, V] logits
 through memory about seven times (written by the matmul, read for the max, for the exponentials'
 sum and for the picked logit, read and written again for the softmax gradient, read by both
 gradient matmuls); at tiny-49k scale that is 400 MB per pass on a CPU with about 10 GB/s. Here
-the forward pass walks over chunks of positions: a chunk's logits stay in cache while its
-log-sum-exp, its softmax gradient and its input gradient dx = dlogits @ W^T are formed, and only the
-gradient of the logits is written out, once, for the weight gradient dW = x^T @ dlogits (one large
-matmul in its fast layout). The gradients are formed in the forward pass for a unit cotangent and
-scaled by the real one in the backward pass (the loss is a sum, so that is exact).
+the forward pass walks over chunks of positions: a chunk's logits stay close to the cache while its
+log-sum-exp, the softmax part of its logits' gradient, its input gradient dx and its share of the
+weight gradient dW^T += x^T @ dsoftmax ([D, V], the dot's fast layout) are formed; no [B, T, V]
+array is ever written. The one-hot part of the gradient (-w at the target) is gathers and a scatter
+of rows. The gradients are formed in the forward pass for a unit cotangent and scaled by the real
+one in the backward pass (the loss is a sum, so that is exact).
 
 Numerics: the same float32 softmax as the unfused loss (logits in float32 whatever the compute
 dtype, max-shifted exponentials). tests/test_llm_train.py checks values and gradients against
@@ -79,10 +81,9 @@ def _chunk_nll(x_BxCxD, w, y_BxC, wt_BxC, w_layout, with_grads: bool):
 
 
 def _scan(x_BxTxD, w, y_BxT, wt_BxT, w_layout, with_grads):
-  """(nll sum, dW^T [D, V] float32 or None, dx [N, B, c, D] or None) over the chunks."""
+  """(nll sum, dW^T [D, V] float32 of the softmax part or None, dx [N, B, c, D] or None)."""
   b, t = y_BxT.shape
   c = _chunk_len(b, t)
-  d, v = (w.shape[1], w.shape[0]) if w_layout == "vd" else w.shape
 
   def body(dw_DxV, xs):
     x_BxCxD = xs[0]
@@ -93,16 +94,11 @@ def _scan(x_BxTxD, w, y_BxT, wt_BxT, w_layout, with_grads):
                                    preferred_element_type=jnp.float32)
     return dw_DxV, (nll, dx_BxCxD)
 
-  dw0 = jnp.zeros((d, v), jnp.float32) if with_grads else None
+  dw0 = None
+  if with_grads:
+    dw0 = jnp.zeros(w.shape[::-1] if w_layout == "vd" else w.shape, jnp.float32)
   dw_DxV, (nll_N, dx) = jax.lax.scan(
       body, dw0, (_split(x_BxTxD, c), _split(y_BxT, c), _split(wt_BxT, c)))
-  if with_grads:  # the one-hot part of dW: -w_t x_t added to row y_t
-    rows_NxD = (-wt_BxT[..., None] * x_BxTxD.astype(jnp.float32)).reshape(-1, d)
-    if w_layout == "vd":
-      onehot_VxD = jnp.zeros((v, d), jnp.float32).at[y_BxT.reshape(-1)].add(rows_NxD)
-      dw_DxV = (dw_DxV, onehot_VxD)
-    else:
-      dw_DxV = dw_DxV.at[:, y_BxT.reshape(-1)].add(rows_NxD.T)
   return jnp.sum(nll_N), dw_DxV, dx
 
 
@@ -119,16 +115,18 @@ def head_nll_sum(x_BxTxD: jax.Array, w: jax.Array, targets_BxT: jax.Array, weigh
 
 def _fwd(x_BxTxD, w, targets_BxT, weights_BxT, w_layout):
   b, t = targets_BxT.shape
-  nll, dw_DxV, dx_NxBxCxD = _scan(x_BxTxD, w, targets_BxT, weights_BxT.astype(jnp.float32),
-                                  w_layout, True)
+  wt_BxT = weights_BxT.astype(jnp.float32)
+  nll, dsoft_DxV, dx_NxBxCxD = _scan(x_BxTxD, w, targets_BxT, wt_BxT, w_layout, True)
+  # the one-hot part of dW: -w_t x_t added to the row (or column) of target y_t
+  y_N = targets_BxT.reshape(-1)
+  rows_NxD = (-wt_BxT[..., None] * x_BxTxD.astype(jnp.float32)).reshape(y_N.shape[0], -1)
   if w_layout == "vd":
     # the barrier keeps XLA from folding the transpose into the dot (the slow transposed form)
-    dsoft_DxV, onehot_VxD = dw_DxV
+    onehot_VxD = jnp.zeros(w.shape, jnp.float32).at[y_N].add(rows_NxD)
     dw = jax.lax.optimization_barrier(dsoft_DxV).T + onehot_VxD
   else:
-    dw = dw_DxV
-  dx_BxTxD = _unsplit(dx_NxBxCxD, b, t)
-  return nll, (dx_BxTxD, dw.astype(w.dtype), targets_BxT, weights_BxT)
+    dw = dsoft_DxV.at[:, y_N].add(rows_NxD.T)
+  return nll, (_unsplit(dx_NxBxCxD, b, t), dw.astype(w.dtype), targets_BxT, weights_BxT)
 
 
 def _bwd(w_layout, residuals, g):

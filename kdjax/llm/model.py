@@ -145,8 +145,8 @@ class Attention(nn.Module):
 
 
 def _t(a_2d):
-  """A transpose XLA must materialize: without the barrier its simplifier folds it into the
-  consuming dot, choosing a transposed-operand form that runs slower on CPU."""
+  """A transposed dot operand XLA must materialize: without the barrier its simplifier folds the
+  transpose into the consuming dot, choosing a transposed-operand form that runs slower on CPU."""
   return jax.lax.optimization_barrier(a_2d.T)
 
 
@@ -158,9 +158,7 @@ def swiglu(x_BxTxD, gate_DxF, up_DxF, down_FxD):
   slow strided write) to feed the weight-gradient dots. Here every dot takes its operands in the
   fast layout: the transposes are of the small [tokens, D] arrays and of the weights.
   """
-  g = jnp.einsum("btd,df->btf", x_BxTxD, gate_DxF)
-  u = jnp.einsum("btd,df->btf", x_BxTxD, up_DxF)
-  return jnp.einsum("btf,fd->btd", nn.silu(g) * u, down_FxD)
+  return _swiglu_fwd(x_BxTxD, gate_DxF, up_DxF, down_FxD)[0]
 
 
 def _swiglu_fwd(x_BxTxD, gate_DxF, up_DxF, down_FxD):
@@ -183,7 +181,8 @@ def _swiglu_bwd(res, dy_BxTxD):
   x_DxN, dy_DxN = _t(x_NxD), _t(dy_NxD)
   d_gate = x_DxN @ dg_NxF
   d_up = x_DxN @ du_NxF
-  d_down = _t(dy_DxN @ (silu_NxF * u_NxF))
+  # [D, F] is the dot's fast output layout; the barrier keeps the transpose after it
+  d_down = jax.lax.optimization_barrier(dy_DxN @ (silu_NxF * u_NxF)).T
   dx_NxD = dg_NxF @ _t(gate_DxF) + du_NxF @ _t(up_DxF)
   return (dx_NxD.reshape(b, t, d), d_gate.astype(gate_DxF.dtype), d_up.astype(up_DxF.dtype),
           d_down.astype(down_FxD.dtype))
@@ -284,10 +283,10 @@ class Llama(nn.Module):
     if not self.head:
       logits = x_BxTxD
     elif c.tie_embeddings:
-      logits = tied_lm_head(x_BxTxD, embed.embedding.astype(c.compute_dtype))
+      logits = tied_lm_head(x_BxTxD, embed.embedding.astype(c.compute_dtype)).astype(jnp.float32)
     else:
       logits = _dense("lm_head", None, c.vocab_size, ("embed", "vocab"), c)(x_BxTxD)
-    logits = logits.astype(jnp.float32) if self.head else logits
+      logits = logits.astype(jnp.float32)
 
     new_cache = None
     if cache is not None:
