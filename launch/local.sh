@@ -8,8 +8,9 @@
 # Process i gets KDJAX_COORDINATOR=127.0.0.1:PORT (a free port), KDJAX_NUM_PROCESSES=N,
 # KDJAX_PROCESS_ID=i and KDJAX_LOCAL_DEVICE_COUNT=D fake CPU devices (D from the environment's
 # KDJAX_LOCAL_DEVICE_COUNT, default 2); kdjax.distributed.initialize() joins them over gloo.
-# Output lines are prefixed [p0], [p1], ... If one process fails, the others are stopped and this
-# script exits with the failed process's status; it exits 0 when all succeed.
+# Output lines are prefixed [p0], [p1], ... (stdout to stdout, stderr to stderr). If one process
+# fails, the others are stopped and this script exits with the failed process's status; it exits 0
+# when all succeed.
 set -euo pipefail
 
 usage="usage: bash launch/local.sh N COMMAND [ARGS...]  (N processes, 1..64)"
@@ -69,7 +70,9 @@ for ((i = 0; i < num_processes; i++)); do
     export KDJAX_PROCESS_ID="$i" KDJAX_LOCAL_DEVICE_COUNT="$devices" KDJAX_CLUSTER=env
     export JAX_COORDINATOR_BIND_ADDRESS="127.0.0.1:${port}" JAX_PLATFORMS=cpu
     export XLA_FLAGS="$xla_flags"
-    "$@" 2>&1 | sed -u "s/^/[p${i}] /"
+    # stdout and stderr stay apart (each prefixed): merged, a native library's stderr logging
+    # from another thread could land in the middle of a line the program prints
+    "$@" 2> >(sed -u "s/^/[p${i}] /" >&2) | sed -u "s/^/[p${i}] /"
     exit "${PIPESTATUS[0]}"
   ) &
   pids+=("$!")

@@ -133,7 +133,7 @@ def test_local_two_processes_psum_and_allgather(program):
   # Rows 0,1 (process 0) and 10,11 (process 1): column sums 22 * [1, 2, 3].
   for i in range(2):
     assert f"[p{i}] OK process={i} devices=4 total=[22.0, 44.0, 66.0]" in out, out[-3000:]
-    assert f"process_index={i} process_count=2" in out
+    assert f"[p{i}] INFO:absl:process_index={i} process_count=2" in r.stderr  # logging: stderr
 
 
 def test_local_one_failure_stops_the_others(program):
@@ -178,7 +178,7 @@ def test_multihost_smoke_matches_one_process(tmp_path):
             flagfile, f"--workdir={multi}"], timeout=300)
   assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
   for i in range(2):
-    assert f"process_index={i} process_count=2" in r.stdout
+    assert f"process_index={i} process_count=2" in r.stderr  # absl logging goes to stderr
   assert [l.startswith("[p0] {") for l in r.stdout.splitlines()].count(True) == 1  # summary: p0 only
   assert not any(l.startswith("[p1] {") for l in r.stdout.splitlines())
   r = _run([sys.executable, "-m", "experiments.train_lm", flagfile, f"--workdir={single}"],
