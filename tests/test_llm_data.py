@@ -98,3 +98,20 @@ def test_process_rows_and_global_batch():
   np.testing.assert_array_equal(np.asarray(g["input_ids"]), local["input_ids"])
   ssh = sharding.batch_sharding(mesh, students=True)
   assert len(data_lib.process_rows(ssh, (3, 8, 4), 1)) == 8
+
+
+def test_shard_index_past_99999(tmp_path):
+  """Names and numbering agree past five digits (a fabricated index: shards 0..99997 are absent):
+  shards 99998, 99999, 100000 load in index order, not name order, and the next write is 100001."""
+  d = tmp_path / "ds"
+  w = data_lib.ShardWriter(str(d))
+  for i in range(3):
+    w.write([[i, i]])
+  for old, new in ((2, 100000), (1, 99999), (0, 99998)):
+    os.rename(d / f"shard-{old:05d}", d / data_lib.shard_name(new))
+  os.makedirs(d / "shard-000004")  # not how index 4 is spelled: not a shard
+  assert data_lib.num_complete_shards(str(d)) == 100001
+  assert list(data_lib.load_dataset_dir(str(d))["input_ids"]) == [[0, 0], [1, 1], [2, 2]]
+  for i in (3, 4):  # a rerun keeps appending where the last one stopped
+    assert data_lib.ShardWriter(str(d)).write([[i, i]]).endswith(f"shard-{100001 + i - 3}")
+  assert list(data_lib.load_dataset_dir(str(d))["input_ids"])[-2:] == [[3, 3], [4, 4]]

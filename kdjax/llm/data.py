@@ -24,7 +24,9 @@ import numpy as np
 
 from kdjax.cli import UserError
 
-_SHARD = re.compile(r"^shard-(\d{5})$")
+# Shard i is named shard-<i, zero-padded to at least five digits>: shard-00000 ... shard-99999,
+# shard-100000, ... Only that exact spelling of each index is a shard (shard-000001 is not).
+_SHARD = re.compile(r"^shard-(\d{5,})$")
 
 
 def _features():
@@ -36,16 +38,28 @@ def _features():
   })
 
 
-def shard_dirs(directory: str) -> list[str]:
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}"
+
+
+def _shard_indices(directory: str) -> list[int]:
+  """The indices of the complete shards in `directory`, ascending (numerically, not by name)."""
   if not os.path.isdir(directory):
     return []
-  names = sorted(n for n in os.listdir(directory) if _SHARD.match(n))
-  return [os.path.join(directory, n) for n in names]
+  found = (_SHARD.match(n) for n in os.listdir(directory))
+  return sorted(int(m.group(1)) for m in found if m and m.group(0) == shard_name(int(m.group(1))))
+
+
+def shard_dirs(directory: str) -> list[str]:
+  """The complete shards of `directory` in index order (partial ones live under temporary names)."""
+  return [os.path.join(directory, shard_name(i)) for i in _shard_indices(directory)]
 
 
 def num_complete_shards(directory: str) -> int:
-  """How many shards are complete (partial ones live under temporary names and do not count)."""
-  return len(shard_dirs(directory))
+  """The index the next shard gets: 1 + the highest complete index (0 when there is none). Shards
+  are written in order 0, 1, 2, ..., so this is also how many are complete."""
+  indices = _shard_indices(directory)
+  return indices[-1] + 1 if indices else 0
 
 
 class ShardWriter:
@@ -69,8 +83,8 @@ class ShardWriter:
         {"input_ids": input_ids, "text": texts, "length": [len(r) for r in input_ids]},
         features=_features())
     index = num_complete_shards(self.directory)
-    final = os.path.join(self.directory, f"shard-{index:05d}")
-    tmp = os.path.join(self.directory, f".tmp-shard-{index:05d}")
+    final = os.path.join(self.directory, shard_name(index))
+    tmp = os.path.join(self.directory, f".tmp-{shard_name(index)}")
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
     ds.save_to_disk(tmp)
