@@ -26,7 +26,7 @@ def test_shard_writer_and_loading(tmp_path):
   assert data_lib.num_complete_shards(str(d)) == 3
   assert sorted(os.listdir(d)) == ["shard-00000", "shard-00001", "shard-00002"]
   ds = data_lib.load_dataset_dir(str(d))
-  assert len(ds) == 10 and set(ds.column_names) == {"input_ids", "text", "length"}
+  assert len(ds) == 10 and set(ds.column_names) == {"input_ids", "text", "length", "prompt_len"}
   assert ds[4]["input_ids"] == seqs[4].tolist() and ds[4]["length"] == len(seqs[4])
   assert ds[9]["text"] == "t9"
   rows = data_lib.TokenRows(ds)
@@ -85,6 +85,32 @@ def test_eval_batches_cover_every_row_once():
   assert len(batches) == 3
   assert sum(int(b["attention_mask"].sum()) for b in batches) == 15
   assert batches[-1]["attention_mask"][1].sum() == 0  # filler row
+
+
+def test_prompt_lengths_travel_from_disk_to_target_masks(tmp_path):
+  """Rows written with their prompt length come back as batches whose target mask covers exactly
+  the tokens after the prompt; rows written without one (old datasets) have prompt length 1."""
+  import datasets
+  seqs = [[7] * k for k in (6, 4, 9, 2)]
+  data_lib.ShardWriter(str(tmp_path / "ds")).write(seqs, prompt_lens=[3, 3, 1, 3])
+  rows = data_lib.TokenRows(data_lib.load_dataset_dir(str(tmp_path / "ds")))
+  np.testing.assert_array_equal(rows.prompt_lens, [3, 3, 1, 3])
+  (batch,) = data_lib.eval_batches(rows, 4, 8)
+  want = np.zeros((4, 8), bool)
+  want[0, 3:6], want[1, 3:4], want[2, 1:8] = True, True, True  # row 3: all prompt, truncated to 8
+  np.testing.assert_array_equal(batch["target_mask"], want)
+  it = data_lib.BatchIterator(rows, batch_size=2, seq_len=8, seed=3)
+  b = it.local_batch(0, 1)
+  for k, r in enumerate(it.global_rows(0, 1)):
+    np.testing.assert_array_equal(b["target_mask"][k], want[r])
+  # a dataset saved before the prompt_len column: every row's prompt is its first token
+  datasets.Dataset.from_dict({"input_ids": seqs}).save_to_disk(str(tmp_path / "old" / "shard-00000"))
+  assert not data_lib.has_prompt_lens(str(tmp_path / "old"))
+  assert data_lib.has_prompt_lens(str(tmp_path / "ds"))
+  old = data_lib.TokenRows(data_lib.load_dataset_dir(str(tmp_path / "old")))
+  np.testing.assert_array_equal(old.prompt_lens, 1)
+  (b,) = data_lib.eval_batches(old, 4, 8)
+  np.testing.assert_array_equal(b["target_mask"], b["attention_mask"] & (np.arange(8) >= 1))
 
 
 def test_process_rows_and_global_batch():

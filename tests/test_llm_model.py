@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.llm import KVCache, Llama, get_preset, init_params
+from kdjax.llm import KVCache, Llama, get_preset, init_params, target_mask
 from kdjax.llm import forward as _forward, token_logprobs as _token_logprobs
 from kdjax.llm.model import rotary
 
@@ -95,11 +95,26 @@ def test_left_padding_matches_unpadded(tiny):
   np.testing.assert_allclose(np.asarray(logits[0, 3:]), np.asarray(alone[0]), atol=1e-5)
   np.testing.assert_allclose(np.asarray(logits[1]), np.asarray(forward(config, params, other)[0]),
                              atol=1e-5)
-  lp = token_logprobs(config, params, batch, mask)
+  lp = np.asarray(token_logprobs(config, params, batch, mask))
   assert lp.shape == (2, 7)
-  np.testing.assert_array_equal(np.asarray(lp[0, :2]), 0.0)  # targets that are padding
-  np.testing.assert_allclose(np.asarray(lp[0, 3:]),
-                             np.asarray(token_logprobs(config, params, short)[0]), atol=1e-5)
+  # position 2 predicts the first real token from a pad: not a target, like the pads themselves
+  np.testing.assert_array_equal(lp[0, :3], 0.0)
+  np.testing.assert_allclose(lp[0, 3:], np.asarray(token_logprobs(config, params, short)[0]),
+                             atol=1e-5)
+  assert (lp[0] != 0).sum() == 4 and (lp[1] != 0).sum() == 7  # the unpadded rows' target counts
+  np.testing.assert_array_equal(target_mask(mask)[:, 1:].sum(axis=1), [4, 7])
+
+
+def test_no_position_depends_on_later_tokens(tiny):
+  """Pads' outputs too: a left pad's query has no real key before it and must not fall back on
+  attending to the whole row (later tokens included)."""
+  config, params = tiny
+  ids = jax.random.randint(jax.random.key(6), (2, 8), 0, config.vocab_size)
+  mask = jnp.ones((2, 8), bool).at[0, :3].set(False).at[1, 6:].set(False)  # left, right padded
+  changed = ids.at[:, 5].set((ids[:, 5] + 1) % config.vocab_size)
+  a, b = forward(config, params, ids, mask), forward(config, params, changed, mask)
+  np.testing.assert_array_equal(np.asarray(a[:, :5]), np.asarray(b[:, :5]))
+  assert np.abs(np.asarray(a[:, 5] - b[:, 5])).max() > 1e-4
 
 
 @pytest.mark.parametrize("preset", ["test-tiny", "test-tiny-untied"])
@@ -118,5 +133,5 @@ def test_kv_cache_decoding_equals_full_forward(preset):
     steps.append(step)
   decoded = jnp.concatenate(steps, axis=1)
   assert int(cache.index) == 10
-  np.testing.assert_allclose(np.asarray(decoded[0, 2:]), np.asarray(full[0, 2:]), atol=1e-5)
-  np.testing.assert_allclose(np.asarray(decoded[1]), np.asarray(full[1]), atol=1e-5)
+  # every position, the pads too (a pad's query sees only itself, with or without a cache)
+  np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), atol=1e-5)

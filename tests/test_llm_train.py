@@ -14,6 +14,7 @@ from kdjax import sharding
 from kdjax.llm import data as data_lib
 from kdjax.llm import evaluate, head_nll, model, train
 from kdjax.llm.config import get_preset
+from kdjax.llm.targets import target_mask
 
 CFG = get_preset("test-tiny")
 
@@ -121,6 +122,55 @@ def test_evaluate_is_per_token_mean(tmp_path):
     mean, ppl = evaluate.mean_token_loglik(CFG, params, seqs, batch_size=bsz, seq_len=32)
     np.testing.assert_allclose(mean, total / count, rtol=1e-5)
     np.testing.assert_allclose(ppl, np.exp(-total / count), rtol=1e-5)
+
+
+PROMPT_LEN = 3
+
+
+def _prompted_rows(params, rng):
+  """Rows of a 3-token prompt and 1 to 9 generated tokens, and their direct score: the sum of the
+  log-probs of the generated tokens alone (each row run by itself, unpadded) and their number."""
+  rows = [rng.integers(0, 256, size=PROMPT_LEN + k).astype(np.int32) for k in (5, 1, 9, 4)]
+  total = 0.0
+  for r in rows:
+    logp = np.asarray(jax.nn.log_softmax(model.forward(CFG, params, jnp.asarray(r[None]))[0]))
+    total += sum(float(logp[t - 1, r[t]]) for t in range(PROMPT_LEN, len(r)))
+  return rows, total, sum(len(r) - PROMPT_LEN for r in rows)
+
+
+def _padded(rows, width, left):
+  ids, mask = np.zeros((len(rows), width), np.int32), np.zeros((len(rows), width), bool)
+  for i, r in enumerate(rows):
+    at = slice(width - len(r), width) if left else slice(0, len(r))
+    ids[i, at], mask[i, at] = r, True
+  return ids, mask
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_every_score_counts_the_generated_tokens_only(left):
+  """token_logprobs, the training loss (plain and KD), validation and mean_token_loglik all equal a
+  direct sum over the generated tokens: prompt tokens are context, pads are nothing."""
+  params = model.init_params(CFG, jax.random.PRNGKey(0))
+  rows, total, count = _prompted_rows(params, np.random.default_rng(8))
+  ids, mask = _padded(rows, 14, left)
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.asarray(mask),
+           "target_mask": jnp.asarray(target_mask(mask, PROMPT_LEN))}
+  lp = np.asarray(jax.jit(model.token_logprobs, static_argnums=0)(
+      CFG, params, batch["input_ids"], batch["attention_mask"], batch["target_mask"]))
+  assert (lp != 0).sum() == count
+  np.testing.assert_allclose(lp.sum(), total, rtol=1e-5)
+  for teacher in (None, params):  # KD against itself: the nll and count come from the same mask
+    kw = dict(teacher=CFG, objective="fkl") if teacher else {}
+    _, (nll, n) = jax.jit(train._loss_sums, static_argnums=3)(params, batch, teacher, _spec(**kw))
+    assert float(n) == count
+    np.testing.assert_allclose(-float(nll), total, rtol=1e-5)
+  s, n = jax.jit(train._eval_sums, static_argnums=2)(params, batch, _spec())
+  assert float(n) == count
+  np.testing.assert_allclose(float(s), total, rtol=1e-5)
+  # the data path: a dataset's prompt lengths become its batches' target masks
+  rows = data_lib.TokenRows(rows, prompt_lens=[PROMPT_LEN] * len(rows))
+  mean, _ = evaluate.mean_token_loglik(CFG, params, rows, batch_size=3, seq_len=14)
+  np.testing.assert_allclose(mean, total / count, rtol=1e-5)
 
 
 def test_train_summary_checksum_and_determinism(tmp_path):

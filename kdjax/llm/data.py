@@ -1,12 +1,13 @@
 """Token datasets on disk and a deterministic, resumable, per-process batch iterator.
 
 On disk a dataset is a directory of shards `shard-00000`, `shard-00001`, ... each an HF `datasets`
-Dataset (save_to_disk) with columns input_ids (list[int32]), text (str, may be empty) and length
-(int32). `ShardWriter` writes each shard into a temporary directory and renames it into place, so
+Dataset (save_to_disk) with columns input_ids (list[int32]), text (str, may be empty), length
+(int32) and prompt_len (int32: how many leading tokens of the row are prompt, context that is never
+scored; kdjax.llm.targets. Datasets written without the column read as prompt length 1). `ShardWriter` writes each shard into a temporary directory and renames it into place, so
 a killed writer leaves only complete shards, and a restarted one continues after them.
 
 `BatchIterator` turns a dataset into fixed-shape batches: rows are truncated or padded to
-`seq_len` (pad id + attention mask), shuffled per epoch by (seed, epoch), and the batch at data
+`seq_len` (pad id + attention mask, and a target mask: which tokens are scored), shuffled per epoch by (seed, epoch), and the batch at data
 position (epoch, index) is a pure function of those two numbers, so a resumed run reads exactly
 the batches an uninterrupted one would. Each process materialises only the rows of the global batch
 that its devices hold; `global_batch` assembles them into one global jax.Array.
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 
 from kdjax.cli import UserError
+from kdjax.llm import targets
 
 # Shard i is named shard-<i, zero-padded to at least five digits>: shard-00000 ... shard-99999,
 # shard-100000, ... Only that exact spelling of each index is a shard (shard-000001 is not).
@@ -35,6 +37,7 @@ def _features():
       "input_ids": datasets.Sequence(datasets.Value("int32")),
       "text": datasets.Value("string"),
       "length": datasets.Value("int32"),
+      "prompt_len": datasets.Value("int32"),
   })
 
 
@@ -72,16 +75,21 @@ class ShardWriter:
       if name.startswith(".tmp-shard-"):
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
-  def write(self, input_ids: Sequence[Sequence[int]], texts: Optional[Sequence[str]] = None) -> str:
-    """Write one shard; returns its path. texts default to empty strings."""
+  def write(self, input_ids: Sequence[Sequence[int]], texts: Optional[Sequence[str]] = None,
+            prompt_lens: Optional[Sequence[int]] = None) -> str:
+    """Write one shard; returns its path. texts default to empty strings, prompt_lens (each row's
+    number of prompt tokens) to 1."""
     import datasets
     input_ids = [np.asarray(row, np.int32).tolist() for row in input_ids]
     texts = list(texts) if texts is not None else [""] * len(input_ids)
     if len(texts) != len(input_ids):
       raise ValueError(f"{len(texts)} texts for {len(input_ids)} sequences")
+    prompt_lens = [1] * len(input_ids) if prompt_lens is None else [int(p) for p in prompt_lens]
+    if len(prompt_lens) != len(input_ids):
+      raise ValueError(f"{len(prompt_lens)} prompt lengths for {len(input_ids)} sequences")
     ds = datasets.Dataset.from_dict(
-        {"input_ids": input_ids, "text": texts, "length": [len(r) for r in input_ids]},
-        features=_features())
+        {"input_ids": input_ids, "text": texts, "length": [len(r) for r in input_ids],
+         "prompt_len": prompt_lens}, features=_features())
     index = num_complete_shards(self.directory)
     final = os.path.join(self.directory, shard_name(index))
     tmp = os.path.join(self.directory, f".tmp-{shard_name(index)}")
@@ -113,10 +121,19 @@ def load_dataset_dir(directory: str):
   return ds
 
 
-class TokenRows:
-  """Random access to the token rows of a dataset without copying it (arrow buffers, zero-copy)."""
+def has_prompt_lens(directory: str) -> bool:
+  """Whether a dataset's rows record their prompt length (the prompt_len column; without it every
+  row reads as prompt length 1). True for a directory without shards yet."""
+  import datasets
+  paths = shard_dirs(directory)
+  return not paths or "prompt_len" in datasets.load_from_disk(paths[0]).column_names
 
-  def __init__(self, dataset):
+
+class TokenRows:
+  """Random access to the token rows of a dataset without copying it (arrow buffers, zero-copy),
+  and each row's prompt length (the dataset's prompt_len column, or `prompt_lens`, or 1)."""
+
+  def __init__(self, dataset, prompt_lens: Optional[Sequence[int]] = None):
     if isinstance(dataset, (list, tuple)):  # plain lists of token ids (tests, small data)
       self._chunks = [(np.concatenate([np.asarray(r, np.int32) for r in dataset] or
                                       [np.zeros(0, np.int32)]),
@@ -124,6 +141,8 @@ class TokenRows:
     else:
       if getattr(dataset, "_indices", None) is not None:
         dataset = dataset.flatten_indices()
+      if prompt_lens is None and "prompt_len" in dataset.column_names:
+        prompt_lens = dataset.data.column("prompt_len").to_numpy()
       column = dataset.data.column("input_ids")
       self._chunks = []
       for chunk in column.chunks:
@@ -133,6 +152,10 @@ class TokenRows:
     sizes = [len(o) - 1 for _, o in self._chunks]
     self._starts = np.cumsum([0] + sizes)
     self.num_rows = int(self._starts[-1])
+    self.prompt_lens = (np.ones(self.num_rows, np.int32) if prompt_lens is None
+                        else np.asarray(prompt_lens, np.int32).reshape(-1))
+    if len(self.prompt_lens) != self.num_rows:
+      raise ValueError(f"{len(self.prompt_lens)} prompt lengths for {self.num_rows} rows")
 
   def __len__(self):
     return self.num_rows
@@ -143,16 +166,18 @@ class TokenRows:
     j = i - self._starts[c]
     return values[offsets[j]:offsets[j + 1]]
 
-  def batch(self, indices: Iterable[int], seq_len: int, pad_id: int):
-    """Rows truncated / padded to seq_len: (input_ids [n, seq_len] int32, mask [n, seq_len] bool)."""
-    indices = list(indices)
+  def batch(self, indices: Iterable[int], seq_len: int, pad_id: int) -> dict:
+    """Rows truncated / right-padded to seq_len: {input_ids [n, seq_len] int32, attention_mask and
+    target_mask [n, seq_len] bool} (targets: the tokens after each row's prompt, kdjax.llm.targets)."""
+    indices = np.asarray(list(indices), np.int64)
     ids = np.full((len(indices), seq_len), pad_id, np.int32)
     mask = np.zeros((len(indices), seq_len), bool)
     for k, i in enumerate(indices):
       r = self.row(int(i))[:seq_len]
       ids[k, :len(r)] = r
       mask[k, :len(r)] = True
-    return ids, mask
+    return {"input_ids": ids, "attention_mask": mask,
+            "target_mask": targets.target_mask(mask, self.prompt_lens[indices])}
 
 
 def process_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int], axis: int) -> np.ndarray:
@@ -201,26 +226,26 @@ class BatchIterator:
     return self._permutation(epoch)[index * b:(index + 1) * b]
 
   def local_batch(self, epoch: int, index: int, local_rows: Optional[np.ndarray] = None):
-    """This process's part: {'input_ids', 'attention_mask'} numpy arrays of len(local_rows) rows."""
+    """This process's part: {'input_ids', 'attention_mask', 'target_mask'} numpy arrays of
+    len(local_rows) rows."""
     rows = self.global_rows(epoch, index)
     if local_rows is not None:
       rows = rows[local_rows]
-    ids, mask = self.rows.batch(rows, self.seq_len, self.pad_id)
-    return {"input_ids": ids, "attention_mask": mask}
+    return self.rows.batch(rows, self.seq_len, self.pad_id)
 
 
 def eval_batches(dataset, batch_size: int, seq_len: int, pad_id: int = 0):
-  """Every row once, in order; the last batch is filled with all-padding rows (mask False)."""
+  """Every row once, in order; the last batch is filled with all-padding rows (masks False)."""
   rows = dataset if isinstance(dataset, TokenRows) else TokenRows(dataset)
   n = len(rows)
   for start in range(0, n, batch_size):
     idx = list(range(start, min(start + batch_size, n)))
-    ids, mask = rows.batch(idx, seq_len, pad_id)
+    batch = rows.batch(idx, seq_len, pad_id)
     if len(idx) < batch_size:
       fill = batch_size - len(idx)
-      ids = np.concatenate([ids, np.full((fill, seq_len), pad_id, np.int32)])
-      mask = np.concatenate([mask, np.zeros((fill, seq_len), bool)])
-    yield {"input_ids": ids, "attention_mask": mask}
+      batch = {k: np.concatenate([v, np.full((fill, seq_len), pad_id if k == "input_ids" else 0,
+                                             v.dtype)]) for k, v in batch.items()}
+    yield batch
 
 
 def global_batch(local: dict, sharding: jax.sharding.Sharding, global_shape: Sequence[int]) -> dict:

@@ -1,8 +1,9 @@
 """Mean per-token log-likelihood and perplexity of a model on a token dataset.
 
 The paper's per-token definition (its authors' code): the sum of next-token log-probabilities over
-all non-padding targets of all sequences, divided by the number of those targets (not a mean of
-per-sequence means). Perplexity = exp(-mean log-likelihood).
+all targets of all sequences, divided by the number of those targets (not a mean of per-sequence
+means). Perplexity = exp(-mean log-likelihood). The targets are kdjax.llm.targets' (generated
+tokens only: never padding, a token predicted from padding, or a prompt token).
 """
 
 from __future__ import annotations
@@ -17,18 +18,20 @@ import numpy as np
 
 from kdjax.llm import data as data_lib
 from kdjax.llm import model
+from kdjax.llm import targets
 
 
-def loglik_sums(config, params, input_ids_BxT, attention_mask_BxT):
-  """(sum of target log-probs, number of targets) of one batch, float32 scalars."""
-  logp = model.token_logprobs(config, params, input_ids_BxT, attention_mask_BxT)
-  targets = attention_mask_BxT[:, 1:].astype(jnp.float32)
-  return jnp.sum(logp * targets), jnp.sum(targets)
+def loglik_sums(config, params, input_ids_BxT, attention_mask_BxT, target_mask_BxT=None):
+  """(sum of target log-probs, number of targets) of one batch, float32 scalars. target_mask_BxT:
+  a batch's `target_mask` (None: prompt length 1)."""
+  logp = model.token_logprobs(config, params, input_ids_BxT, attention_mask_BxT, target_mask_BxT)
+  counted = targets.counted(attention_mask_BxT, target_mask_BxT)[:, 1:].astype(jnp.float32)
+  return jnp.sum(logp * counted), jnp.sum(counted)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _sums_jit(config, params, input_ids, mask):
-  return loglik_sums(config, params, input_ids, mask)
+def _sums_jit(config, params, input_ids, mask, target_mask):
+  return loglik_sums(config, params, input_ids, mask, target_mask)
 
 
 def mean_token_loglik(config, params, dataset_or_batches: Union[object, Iterable[dict]],
@@ -36,8 +39,9 @@ def mean_token_loglik(config, params, dataset_or_batches: Union[object, Iterable
   """(mean per-token log-likelihood, perplexity) over a dataset or an iterable of batches.
 
   `dataset_or_batches`: a datasets.Dataset / TokenRows / list of token lists (truncated to seq_len,
-  batched by batch_size, the last batch padded), or an iterable of {'input_ids', 'attention_mask'}
-  batches used as given. Single-process helper (params on local devices).
+  batched by batch_size, the last batch padded; a dataset's prompt_len column marks its prompts),
+  or an iterable of {'input_ids', 'attention_mask', optional 'target_mask'} batches used as given.
+  Single-process helper (params on local devices).
   """
   if isinstance(dataset_or_batches, (list, tuple, data_lib.TokenRows)) or hasattr(
       dataset_or_batches, "column_names"):
@@ -50,11 +54,14 @@ def mean_token_loglik(config, params, dataset_or_batches: Union[object, Iterable
     mask = batch.get("attention_mask")
     if mask is None:
       mask = np.ones(np.shape(batch["input_ids"]), bool)
-    pending.append(_sums_jit(config, params, jnp.asarray(batch["input_ids"]), jnp.asarray(mask)))
+    mask = jnp.asarray(mask)
+    given = batch.get("target_mask")
+    given = targets.target_mask(mask) if given is None else jnp.asarray(given)
+    pending.append(_sums_jit(config, params, jnp.asarray(batch["input_ids"]), mask, given))
   for s, c in jax.device_get(pending):  # one sync at the end: batches run back to back
     total += float(s)
     count += float(c)
   if count == 0:
-    raise ValueError("no target tokens to evaluate (every sequence shorter than 2 tokens)")
+    raise ValueError("no target tokens to evaluate (no sequence has a token after its prompt)")
   mean = total / count
   return mean, math.exp(-mean)

@@ -27,9 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kdjax.llm import targets
 from kdjax.llm.config import LlamaConfig
 
-_MASKED = -1e30  # finite: a fully padded row gives a uniform softmax, never NaN
+_MASKED = -1e30  # finite, and every query may see itself: no softmax row is empty
 
 
 class KVCache(NamedTuple):
@@ -252,17 +253,20 @@ class Llama(nn.Module):
       if cache is not None:  # continue counting from the filled slots
         positions_BxT = positions_BxT + jnp.sum(cache.mask_BxS, axis=1, keepdims=True)
 
+    # A query sees the real keys up to itself, and always itself: a pad's query (which has no real
+    # key before it in a left-padded row) then depends on nothing later, not on the whole row.
     if cache is None:
-      causal_TxS = jnp.tril(jnp.ones((t, t), bool))
-      allowed_BxTxS = causal_TxS[None] & attention_mask_BxT[:, None, :]
+      causal_TxS, own_TxS = jnp.tril(jnp.ones((t, t), bool)), jnp.eye(t, dtype=bool)
+      allowed_BxTxS = (causal_TxS[None] & attention_mask_BxT[:, None, :]) | own_TxS[None]
       layer_caches = None
     else:
       s = cache.mask_BxS.shape[1]
       key_mask_BxS = jax.lax.dynamic_update_slice_in_dim(cache.mask_BxS, attention_mask_BxT,
                                                          cache.index, axis=1)
-      slot_S = jnp.arange(s)
-      causal_TxS = slot_S[None, :] <= (cache.index + jnp.arange(t))[:, None]
-      allowed_BxTxS = causal_TxS[None] & key_mask_BxS[:, None, :]
+      slot_S, own_T = jnp.arange(s), cache.index + jnp.arange(t)
+      causal_TxS = slot_S[None, :] <= own_T[:, None]
+      own_TxS = slot_S[None, :] == own_T[:, None]
+      allowed_BxTxS = (causal_TxS[None] & key_mask_BxS[:, None, :]) | own_TxS[None]
       layer_caches = (cache.k_LxBxSxKxE, cache.v_LxBxSxKxE, jnp.broadcast_to(cache.index, (c.num_layers,)))
 
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
@@ -327,12 +331,18 @@ def head_weight(config: LlamaConfig, params) -> tuple[jax.Array, str]:
   return params["lm_head"]["kernel"].astype(config.compute_dtype), "dv"
 
 
-def token_logprobs(config: LlamaConfig, params, input_ids_BxT, attention_mask_BxT=None):
-  """log p(token_{t+1} | tokens_<=t) for t in [0, T-1): [B, T-1], zero where the target is padding."""
+def token_logprobs(config: LlamaConfig, params, input_ids_BxT, attention_mask_BxT=None,
+                   target_mask_BxT=None):
+  """log p(token_{t+1} | tokens_<=t) for t in [0, T-1): [B, T-1], zero where token t+1 is not a
+  target (kdjax.llm.targets: padding, predicted from padding, or a prompt token). target_mask_BxT:
+  `targets.target_mask(attention_mask, prompt_len)`; None: prompt length 1 (every real token after
+  a row's first one is a target)."""
   if attention_mask_BxT is None:
     attention_mask_BxT = jnp.ones(input_ids_BxT.shape, bool)
+  attention_mask_BxT = jnp.asarray(attention_mask_BxT)
+  counted_BxT = targets.counted(attention_mask_BxT, target_mask_BxT)
   logits = forward(config, params, input_ids_BxT, attention_mask_BxT)[:, :-1]
-  targets = input_ids_BxT[:, 1:]
+  next_ids = input_ids_BxT[:, 1:]
   logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.where(attention_mask_BxT[:, 1:].astype(bool), picked - logz, 0.0)
+  picked = jnp.take_along_axis(logits, next_ids[..., None], axis=-1)[..., 0]
+  return jnp.where(counted_BxT[:, 1:], picked - logz, 0.0)

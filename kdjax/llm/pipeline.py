@@ -101,7 +101,7 @@ def load_dataset(path: str):
 
 def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> float:
   """Mean per-token log-likelihood of a dataset under a model: sum of next-token log-probs over
-  non-pad targets / number of such targets (the paper's precision and recall)."""
+  the generated tokens (kdjax.llm.targets) / their number (the paper's precision and recall)."""
   from kdjax.llm import data, evaluate
   from tqdm import tqdm
   params, shard = data_parallel(params, batch)
@@ -152,7 +152,8 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
       for i in range(min(b, n_shard - j * b)):
         ids_rows.append(prompt + tokens_BxN[i, :lengths_B[i]].tolist())
       bar.update(min(b, n_shard - j * b) * cfg.max_new_tokens)
-    writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows])
+    writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows],
+                 prompt_lens=[len(prompt)] * len(ids_rows))
   bar.close()
   mark_done(out_dir, {"sequences": num, "shards": shards, "temperature": temperature})
 
@@ -246,9 +247,23 @@ def teacher_sample_dir(study: Study, seed: int, t: float, split: str) -> str:
   return study.path(f"seed_{seed}", f"teacher_T{t:g}", split)
 
 
+def check_prompt_lens(st: Study) -> None:
+  """Refuse datasets sampled before rows recorded their prompt length, when the prompt has more
+  than one token: they read as prompt length 1, so the rest of their prompt would be scored."""
+  import glob
+  from kdjax.llm import data
+  if len(st.prompt) == 1:
+    return
+  for pattern in (("pstar", "*"), ("seed_*", "teacher_T*", "*"), ("seed_*", "student_samples", "*")):
+    for d in sorted(glob.glob(st.path(*pattern))):
+      require(data.has_prompt_lens(d), f"{d} was sampled before datasets recorded their prompt "
+              f"length (its {len(st.prompt)}-token prompt would be scored): use a new --workdir")
+
+
 def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
   """Run (or resume) every stage; returns results.json's rows."""
   st = Study(cfg, workdir)
+  check_prompt_lens(st)
   splits = (("train", cfg.num_train), ("val", cfg.num_val))
   st.run("1_sample_ground_truth",
          [(pstar_dir(st, s), i, n) for i, (s, n) in enumerate(splits)],

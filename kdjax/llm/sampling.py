@@ -126,7 +126,9 @@ def _prefill(config, dp, ids_BxP, mask_BxP, cache_len):
   h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
   positions = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
   cos, sin = _rope_tables(positions, e, c.rope_theta)          # [B, P, 1, E/2]
-  allowed_BxPxP = jnp.tril(jnp.ones((p, p), bool))[None] & mask_BxP[:, None, :]
+  # as model.Llama: real keys up to the query, and the query itself (a pad sees only itself)
+  allowed_BxPxP = ((jnp.tril(jnp.ones((p, p), bool))[None] & mask_BxP[:, None, :])
+                   | jnp.eye(p, dtype=bool)[None])
   x = dp["embed_VxD"][ids_BxP]
   caches = []
   for lp in dp["layers"]:

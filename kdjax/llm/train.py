@@ -41,6 +41,7 @@ from kdjax.cli import UserError, atomic_write_json, prepare_workdir, require
 from kdjax.llm import data as data_lib
 from kdjax.llm import head_nll
 from kdjax.llm import model
+from kdjax.llm import targets
 from kdjax.llm.config import LlamaConfig, get_preset
 
 
@@ -97,13 +98,16 @@ def make_optimizer(spec: StepSpec) -> optax.GradientTransformation:
                   weight_decay=spec.weight_decay, mask=_decay_mask))
 
 
-def _next_token_targets(ids_BxT, mask_BxT):
-  """Position t predicts token t+1: targets shifted left, the last position masked out.
+def _next_token_targets(ids_BxT, mask_BxT, target_mask_BxT=None):
+  """Position t predicts token t+1: targets shifted left; the loss mask is whether token t+1 is a
+  target (kdjax.llm.targets; target_mask_BxT: the batch's, None: prompt length 1), the last
+  position masked out.
 
   Kept at full length T (not sliced to T-1) so the [B, T, V] logits are never copied or padded.
   """
+  counted_BxT = targets.counted(mask_BxT, target_mask_BxT)
   targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros_like(ids_BxT[:, :1])], axis=1)
-  tmask_BxT = jnp.concatenate([mask_BxT[:, 1:], jnp.zeros_like(mask_BxT[:, :1])], axis=1)
+  tmask_BxT = jnp.concatenate([counted_BxT[:, 1:], jnp.zeros_like(counted_BxT[:, :1])], axis=1)
   return targets_BxT, tmask_BxT
 
 
@@ -119,7 +123,7 @@ def _token_nll(logits_BxTxV, targets_BxT):
 def _loss_sums(params, batch, teacher_params, spec: StepSpec):
   """(objective summed over target tokens, (nll sum, target count)) of one (micro-)batch."""
   ids_BxT, mask_BxT = batch["input_ids"], batch["attention_mask"].astype(bool)
-  targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT)
+  targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT, batch.get("target_mask"))
   count = jnp.sum(tmask_BxT.astype(jnp.float32))
   if spec.teacher is None:
     # plain next-token training: the head and the cross-entropy fused (never forms the logits)
@@ -180,8 +184,9 @@ def _update(params, opt_state, rng, step, batch, teacher_params, spec: StepSpec)
 def train_step(state: dict, batch: dict, teacher_params, spec: StepSpec):
   """One optimizer step: (state, batch) -> (state, metrics). Pure; jit it with `spec` static.
 
-  state = {step, params, opt_state, rng}; batch = {input_ids, attention_mask} of shape [B, T]
-  ([N, B, T] with N students: student i trains on batch[i]).
+  state = {step, params, opt_state, rng}; batch = {input_ids, attention_mask, optional
+  target_mask (kdjax.llm.targets)} of shape [B, T] ([N, B, T] with N students: student i trains on
+  batch[i]).
   """
   update = functools.partial(_update, spec=spec)
   if spec.num_students is not None:
@@ -195,8 +200,9 @@ def _eval_sums(params, batch, spec: StepSpec):
   from kdjax.llm import evaluate
   fn = functools.partial(evaluate.loglik_sums, spec.model)
   if spec.num_students is not None:
-    fn = jax.vmap(fn, in_axes=(0, None, None))
-  return fn(params, batch["input_ids"], batch["attention_mask"].astype(bool))
+    fn = jax.vmap(fn, in_axes=(0, None, None, None))
+  return fn(params, batch["input_ids"], batch["attention_mask"].astype(bool),
+            batch.get("target_mask"))
 
 
 # ----------------------------------------------------------------------------- state and shardings
