@@ -105,6 +105,24 @@ def test_left_padding_matches_unpadded(tiny):
   np.testing.assert_array_equal(target_mask(mask)[:, 1:].sum(axis=1), [4, 7])
 
 
+def test_target_mask_is_the_generated_tokens():
+  """Targets: real tokens after the prompt whose predecessor is real (kdjax.llm.targets)."""
+  mask = np.array([[1, 1, 1, 1, 1, 0],    # right padded
+                   [0, 0, 1, 1, 1, 1],    # left padded
+                   [1, 1, 0, 1, 1, 1],    # a hole: token 3 would be predicted from a pad
+                   [1, 1, 1, 0, 0, 0]], bool)
+  want = np.array([[0, 0, 0, 1, 1, 0],
+                   [0, 0, 0, 0, 0, 1],
+                   [0, 1, 0, 0, 1, 1],
+                   [0, 0, 0, 0, 0, 0]], bool)  # prompt only: nothing to score
+  prompt_len = np.array([3, 3, 1, 3])
+  np.testing.assert_array_equal(target_mask(mask, prompt_len), want)
+  np.testing.assert_array_equal(np.asarray(target_mask(jnp.asarray(mask), prompt_len)), want)
+  # no prompt length: the first real token is the only context; 0 counts as 1
+  np.testing.assert_array_equal(target_mask(mask), target_mask(mask, 0))
+  np.testing.assert_array_equal(target_mask(mask)[:2], [[0, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]])
+
+
 def test_no_position_depends_on_later_tokens(tiny):
   """Pads' outputs too: a left pad's query has no real key before it and must not fall back on
   attending to the whole row (later tokens included)."""

@@ -193,6 +193,50 @@ def test_end_to_end_outputs(study):
     assert len(ids) == TINY.teacher_num_train and all(r[:3] == [84, 104, 101] for r in ids)
 
 
+def _generated_loglik(model, rows, prompt_len):
+  """Mean log-prob of the tokens after each row's prompt, every row run alone and unpadded: the
+  definition of precision and recall, computed without the pipeline's batching and masks."""
+  import jax
+  from kdjax.llm import forward
+  config, params = model
+  total, count = 0.0, 0
+  for r in rows:
+    logits = jax.jit(forward, static_argnums=0)(config, params, np.asarray([r], np.int32))[0]
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    total += sum(logp[t - 1, r[t]] for t in range(prompt_len, len(r)))
+    count += len(r) - prompt_len
+  return total / count
+
+
+def test_scores_are_generated_tokens_under_the_right_model(study):
+  """Precision = the student's saved samples under p* (not under the student), recall = p*'s
+  validation samples under the student, both over generated tokens only: with the bytes tokenizer
+  the prompt "The" is three tokens, and they are never scored."""
+  from kdjax.llm import loading
+  workdir, rows = study
+  prompt = [84, 104, 101]
+  pstar = loading.load_model(TINY.ground_truth)
+  val = _dataset_rows(os.path.join(workdir, "pstar", "val"))[0]
+  for k, (row, name) in enumerate(zip(rows, TINY.student_names())):
+    done = pipeline.read_done(os.path.join(workdir, "seed_0", "students", "kd" if k else "direct"))
+    student = loading.load_model(done["models"][max(k - 1, 0)]["checkpoint"])
+    samples = _dataset_rows(os.path.join(workdir, "seed_0", "student_samples", name))[0]
+    assert all(r[:3] == prompt and len(r) > 3 for r in samples)
+    assert row["precision"] == pytest.approx(_generated_loglik(pstar, samples, 3), abs=1e-5)
+    assert abs(row["precision"] - _generated_loglik(student, samples, 3)) > 1e-2
+    assert row["recall"] == pytest.approx(_generated_loglik(student, val, 3), abs=1e-5)
+
+
+def test_datasets_without_prompt_lengths_are_refused(tmp_path):
+  """A workdir sampled before rows recorded their prompt length would score two of the three
+  prompt tokens: the study stops at once instead."""
+  import datasets
+  datasets.Dataset.from_dict({"input_ids": [[84, 104, 101, 5, 6]]}).save_to_disk(
+      str(tmp_path / "pstar" / "train" / "shard-00000"))
+  with pytest.raises(UserError, match="pstar/train was sampled before.*3-token prompt"):
+    pipeline.run_study(TINY, str(tmp_path))
+
+
 def test_rerun_skips_finished_stages(study, monkeypatch):
   workdir, rows = study
   from kdjax.llm import loading, sampling, train

@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kdjax.cli import UserError  # noqa: E402
-from kdjax.llm import describe_spec, get_preset, load_model, load_tokenizer, token_logprobs  # noqa: E402
+from kdjax.llm import (describe_spec, get_preset, load_model, load_tokenizer, target_mask,  # noqa: E402
+                       token_logprobs)
 from kdjax.llm.loading import default_gguf_path, gguf_bpe_tokenizer  # noqa: E402
 
 TEXTS = [
@@ -91,3 +92,27 @@ def test_logprobs_match_transformers(real):
     assert diff < 2e-3, (TEXTS[i], diff)
     assert theirs.mean() > -6.0  # a working model, not two equally broken ones (uniform is -10.8)
   print(f"max |ours - transformers| per-token log-prob: {worst:.2e}")
+
+
+def test_left_padding_scores_what_the_unpadded_rows_score(real):
+  """Left-padded rows give the unpadded rows' scores and target counts: the first real token is
+  predicted from a pad, so it is no target (it once was, at about -9 nats). With a 3-token prompt
+  the first three tokens are context."""
+  _, config, params, tok, _ = real
+  rows = [tok(t).input_ids for t in TEXTS]
+  width = max(map(len, rows)) + 3  # every row at least 3 pads on the left
+  right = np.full((len(rows), width), config.eos_token_id, np.int32)
+  left, rmask, lmask = right.copy(), np.zeros(right.shape, bool), np.zeros(right.shape, bool)
+  for i, r in enumerate(rows):
+    right[i, :len(r)], rmask[i, :len(r)] = r, True
+    left[i, width - len(r):], lmask[i, width - len(r):] = r, True
+  logprobs = jax.jit(token_logprobs, static_argnums=0)
+  for prompt_len in (None, 3):
+    lp_r = np.asarray(logprobs(config, params, right, rmask, target_mask(rmask, prompt_len)))
+    lp_l = np.asarray(logprobs(config, params, left, lmask, target_mask(lmask, prompt_len)))
+    context = prompt_len or 1
+    for i, r in enumerate(rows):
+      pad = width - len(r)
+      assert (lp_l[i] != 0).sum() == (lp_r[i] != 0).sum() == len(r) - context
+      np.testing.assert_array_equal(lp_l[i, :pad + context - 1], 0.0)
+      np.testing.assert_allclose(lp_l[i, pad:], lp_r[i, :len(r) - 1], atol=2e-4)

@@ -94,6 +94,32 @@ def test_top_k_and_top_p_never_emit_excluded_tokens(params):
   assert _outside_nucleus(logits, np.asarray(out.tokens_BxN), 1.3, 0.5).any()
 
 
+def test_top_p_keeps_the_boundary_token_at_its_renormalised_frequency(params):
+  """The nucleus is the most likely tokens up to and including the one whose cumulative mass
+  crosses top_p; each is drawn with its probability divided by the nucleus's mass."""
+  logits = np.asarray(forward(CONFIG, params, PROMPT)[0, -1], np.float64)
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs)
+  cum = np.cumsum(probs[order])
+  top_p = (cum[2] + cum[3]) / 2  # the 4th most likely token crosses it: the nucleus is 4 tokens
+  nucleus, boundary = order[:4], order[3]
+  rows = 20000
+  ids = jnp.broadcast_to(PROMPT, (rows, PROMPT.shape[1]))
+  out = sample(CONFIG, params, ids, jnp.ones(ids.shape, bool), jax.random.key(15),
+               max_new_tokens=1, top_p=top_p, eos_id=-1)
+  first = np.asarray(out.tokens_BxN[:, 0])
+  counts = np.bincount(first, minlength=CONFIG.vocab_size)
+  assert counts.sum() == counts[nucleus].sum()  # nothing outside the nucleus
+  want = probs[nucleus] / cum[3]
+  assert _gof_pvalue(counts[nucleus], want) > 1e-3
+  n_boundary, p_boundary = counts[boundary], want[3]
+  assert abs(n_boundary - rows * p_boundary) < 4 * np.sqrt(rows * p_boundary * (1 - p_boundary))
+  # each token's log-prob is under the renormalised nucleus
+  picked = np.asarray(out.logprobs_BxN[:, 0])
+  np.testing.assert_allclose(picked[first == boundary], np.log(p_boundary), atol=1e-4)
+
+
 def test_decode_loop_follows_the_model(params):
   """Greedy tokens are the model's argmax and logprobs its log_softmax(logits / T), left-padded rows too."""
   prompt, mask = _prompts(13)

@@ -38,7 +38,8 @@ def target_mask(attention_mask_BxT, prompt_len_B=None):
   if prompt_len_B is None:
     first_Bx1 = xp.ones((b, 1), index_BxT.dtype)
   else:
-    first_Bx1 = xp.broadcast_to(xp.maximum(xp.asarray(prompt_len_B), 1), (b,))[:, None]
+    first_Bx1 = xp.broadcast_to(xp.asarray(prompt_len_B), (b,))[:, None]
+  # a row's first real token never has a real predecessor: prompt_len < 1 acts as 1
   return real_BxT & prev_real_BxT & (index_BxT >= first_Bx1)
 
 
