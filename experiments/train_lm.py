@@ -20,14 +20,15 @@ from kdjax import cli
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output folder (resumed when it holds this configuration).")
 flags.DEFINE_bool("overwrite", False, "Reuse a workdir that holds another configuration.")
-flags.DEFINE_string("model", "preset:test-tiny", "Model to start from: preset:NAME (random init), "
-                    "ckpt:DIR, hf:DIR or gguf:PATH.")
+flags.DEFINE_string("model", "preset:test-tiny", "Model to start from: preset:NAME[@SEED] (random "
+                    "init from SEED, else from --seed), ckpt:DIR, hf:DIR or gguf:PATH.")
 flags.DEFINE_string("train_data", None, "Dataset dir(s); a comma list trains one student per dir "
                     "together (vmapped). synthetic:N = N random sequences made from --seed.")
 flags.DEFINE_string("val_data", "", "Validation dataset dir (or synthetic:N); best checkpoint by "
                     "its perplexity.")
-flags.DEFINE_string("teacher", "", "Distil online from this frozen model spec (empty: plain "
-                    "next-token training).")
+flags.DEFINE_string("teacher", "", "Distil online from this frozen model spec, any form --model "
+                    "takes (a preset without @SEED: from --seed + 1; empty: plain next-token "
+                    "training).")
 flags.DEFINE_string("objective", "fkl", "Token-level KD objective: fkl, rkl, jsd, skl, tvd.")
 flags.DEFINE_float("kd_temperature", 1.0, "Temperature of both models' softmax in the KD loss.")
 flags.DEFINE_integer("batch_size", 16, "Global batch (sequences per optimizer step).")

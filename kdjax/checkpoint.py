@@ -104,6 +104,28 @@ def is_model_checkpoint(directory: str) -> bool:
           and os.path.isdir(os.path.join(directory, "params")))
 
 
+def check_model_checkpoint(directory: str, config) -> None:
+  """Refuse a model export whose saved parameter tree (orbax metadata: names and shapes, no
+  weights read) is not the one `config` implies: what load_model_checkpoint would find."""
+  from kdjax.llm import model
+  want = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      meta = ckptr.metadata(os.path.join(directory, "params"))
+    saved = getattr(meta, "item_metadata", meta)
+    got = {jax.tree_util.keystr(k): tuple(m.shape)
+           for k, m in jax.tree_util.tree_leaves_with_path(saved)}
+  except (ValueError, FileNotFoundError, KeyError, OSError, AttributeError) as e:
+    msg = " ".join(str(e).split())[:200]
+    raise UserError(f"ckpt:{directory}: unreadable parameters in params/ ({msg})") from None
+  for k, a in jax.tree_util.tree_leaves_with_path(want):
+    name = jax.tree_util.keystr(k)
+    if got.get(name) != tuple(a.shape):
+      raise UserError(f"ckpt:{directory}: parameter {name} is "
+                      f"{'missing' if name not in got else f'of shape {got[name]}'}; "
+                      f"{MODEL_CONFIG} implies {tuple(a.shape)}")
+
+
 def load_model_checkpoint(directory: str, sharding=None):
   """(LlamaConfig, params) from a standalone model checkpoint written by `export_model`.
 

@@ -52,6 +52,29 @@ def test_students_with_online_kd_on_a_mesh(tmp_path):
   assert "--lr (was 0.0005, now 0.001)" in r.stderr
 
 
+def test_preset_seed_names_one_init(tmp_path):
+  """`preset:NAME@SEED` is the model kdjax.llm.load_model gives for that spec, wherever it is used:
+  training from it (born sharded on a mesh) ends exactly where training from an export of
+  load_model('preset:test-tiny@3') does, and @4 ends elsewhere; a teacher takes @SEED too."""
+  from kdjax.llm import load_model
+  ckpt_lib.export_model(str(tmp_path / "init3"), *load_model("preset:test-tiny@3"))
+  d = _dataset(tmp_path / "d", 32, 0)
+  runs = {"at3": "preset:test-tiny@3", "ckpt3": f"ckpt:{tmp_path / 'init3'}",
+          "at4": "preset:test-tiny@4"}
+  procs = {name: subprocess.Popen(
+      _cmd(f"--workdir={tmp_path / name}", f"--model={spec}", f"--train_data={d}",
+           "--teacher=preset:test-tiny@5", "--batch_size=8", "--seq_len=16", "--steps=2",
+           "--mesh=data=2,fsdp=2,tensor=2"),
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for name, spec in runs.items()}
+  sums = {}
+  for name, p in procs.items():
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, (name, err[-3000:])
+    sums[name] = json.loads(out.strip().splitlines()[-1])["params_checksum"]
+  assert sums["at3"] == sums["ckpt3"] != sums["at4"]
+
+
 BAD = [
     (["--batch_size=0"], "--batch_size=0"),
     (["--lr=-1"], "--lr=-1.0"),
@@ -61,6 +84,9 @@ BAD = [
     (["--teacher=preset:test-tiny", "--kd_temperature=0"], "--kd_temperature=0.0"),
     (["--train_data=/no/such/dir"], "dataset directory /no/such/dir does not exist"),
     (["--model=preset:nope"], "unknown preset 'nope'"),
+    (["--model=preset:test-tiny@x"], "seed 'x'"),
+    (["--teacher=preset:test-tiny@-1"], "preset:test-tiny@-1"),
+    (["--teacher=ckpt:/no/such/ckpt"], "/no/such/ckpt"),
     (["--mesh=data=3"], "--mesh: data=3"),
     (["--flagfile=/no/such.flags"], "/no/such.flags"),
     (["--grad_accum=3"], "--grad_accum=3"),

@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kdjax.llm import forward, load_model, save_hf  # noqa: E402
-from kdjax.llm import convert  # noqa: E402
+from kdjax.llm import convert, gguf_io  # noqa: E402
 
 TOL = 1e-4
 
@@ -119,7 +119,7 @@ def test_unpermute_inverts_llama_cpp_permutation():
   w_hf = rng.normal(size=(n_heads * e, d)).astype(np.float32)
   w_gguf = w_hf.reshape(n_heads, 2, e // 2, d).swapaxes(1, 2).reshape(n_heads * e, d)
   assert not np.array_equal(w_gguf, w_hf)
-  np.testing.assert_array_equal(convert.unpermute_qk(w_gguf, n_heads), w_hf)
+  np.testing.assert_array_equal(gguf_io.unpermute_qk(w_gguf, n_heads), w_hf)
   # the interleaved pair (2i, 2i+1) of a GGUF head is HF's (i, i + E/2)
   np.testing.assert_array_equal(w_gguf[2], w_hf[1])
   np.testing.assert_array_equal(w_gguf[3], w_hf[1 + e // 2])

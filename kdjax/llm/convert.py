@@ -1,4 +1,5 @@
-"""Weights in and out: GGUF (llama.cpp) and HF (config.json + safetensors) <-> (LlamaConfig, params).
+"""Weights in and out: HF (config.json + safetensors) <-> (LlamaConfig, params); GGUF files are read
+into the same HF layout by kdjax.llm.gguf_io.
 
 Every reader first builds a function `get(hf_name) -> np.ndarray` that returns a tensor in
 transformers' LlamaForCausalLM layout ([out, in] matrices, HF's rotate-half rotary convention);
@@ -44,12 +45,39 @@ def _check_shape(name: str, x: np.ndarray, shape: tuple, source: str) -> np.ndar
   return x
 
 
+def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple]:
+  """Every HF-named tensor a Llama of `config` is read from, with its HF shape ([out, in])."""
+  c = config
+  d, f, v, h, k, e = (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_heads,
+                      c.num_kv_heads, c.head_dim)
+  layer = {"attn_norm": (d,), "mlp_norm": (d,), "q": (h * e, d), "k": (k * e, d),
+           "v": (k * e, d), "o": (d, h * e), "gate": (f, d), "up": (f, d), "down": (d, f)}
+  shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+  for i in range(c.num_layers):
+    shapes.update({name: layer[ours] for ours, name in _layer_names(i).items()})
+  if not c.tie_embeddings:
+    shapes["lm_head.weight"] = (v, d)
+  return shapes
+
+
+def check_tensor_shapes(config: LlamaConfig, shapes: dict[str, tuple], source: str) -> None:
+  """Refuse a checkpoint whose tensor table (HF name -> shape) lacks a tensor `config` needs or
+  holds it in another shape: what loading it would find, found without reading the weights."""
+  for name, want in hf_tensor_shapes(config).items():
+    if name not in shapes:
+      raise UserError(f"{source}: tensor {name} is missing")
+    if tuple(shapes[name]) != want:
+      raise UserError(f"{source}: tensor {name} has shape {tuple(shapes[name])}, the config "
+                      f"implies {want}")
+
+
 def _params_from_hf_tensors(config: LlamaConfig, get: Getter, source: str) -> dict:
   """The canonical parameter tree from HF-layout tensors, converted one layer at a time."""
   c = config
   d, f, v, h, k, e, n = (c.hidden_size, c.intermediate_size, c.vocab_size, c.num_heads,
                          c.num_kv_heads, c.head_dim, c.num_layers)
-  f32 = lambda name, shape: _check_shape(name, np.asarray(get(name), np.float32), shape, source)
+  shapes = hf_tensor_shapes(config)
+  f32 = lambda name: _check_shape(name, np.asarray(get(name), np.float32), shapes[name], source)
   layers = {
       "attn_norm": {"scale": np.empty((n, d), np.float32)},
       "attn": {"q": {"kernel": np.empty((n, d, h, e), np.float32)},
@@ -63,23 +91,23 @@ def _params_from_hf_tensors(config: LlamaConfig, get: Getter, source: str) -> di
   }
   for i in range(n):
     nm = _layer_names(i)
-    layers["attn_norm"]["scale"][i] = f32(nm["attn_norm"], (d,))
-    layers["mlp_norm"]["scale"][i] = f32(nm["mlp_norm"], (d,))
+    layers["attn_norm"]["scale"][i] = f32(nm["attn_norm"])
+    layers["mlp_norm"]["scale"][i] = f32(nm["mlp_norm"])
     # HF Linear weights are [out, in]; our kernels are [in, out] with the head axes split out.
-    layers["attn"]["q"]["kernel"][i] = f32(nm["q"], (h * e, d)).T.reshape(d, h, e)
-    layers["attn"]["k"]["kernel"][i] = f32(nm["k"], (k * e, d)).T.reshape(d, k, e)
-    layers["attn"]["v"]["kernel"][i] = f32(nm["v"], (k * e, d)).T.reshape(d, k, e)
-    layers["attn"]["o"]["kernel"][i] = f32(nm["o"], (d, h * e)).T.reshape(h, e, d)
-    layers["mlp"]["gate"]["kernel"][i] = f32(nm["gate"], (f, d)).T
-    layers["mlp"]["up"]["kernel"][i] = f32(nm["up"], (f, d)).T
-    layers["mlp"]["down"]["kernel"][i] = f32(nm["down"], (d, f)).T
+    layers["attn"]["q"]["kernel"][i] = f32(nm["q"]).T.reshape(d, h, e)
+    layers["attn"]["k"]["kernel"][i] = f32(nm["k"]).T.reshape(d, k, e)
+    layers["attn"]["v"]["kernel"][i] = f32(nm["v"]).T.reshape(d, k, e)
+    layers["attn"]["o"]["kernel"][i] = f32(nm["o"]).T.reshape(h, e, d)
+    layers["mlp"]["gate"]["kernel"][i] = f32(nm["gate"]).T
+    layers["mlp"]["up"]["kernel"][i] = f32(nm["up"]).T
+    layers["mlp"]["down"]["kernel"][i] = f32(nm["down"]).T
   params = {
-      "embed": {"embedding": f32("model.embed_tokens.weight", (v, d))},
+      "embed": {"embedding": f32("model.embed_tokens.weight")},
       "layers": layers,
-      "final_norm": {"scale": f32("model.norm.weight", (d,))},
+      "final_norm": {"scale": f32("model.norm.weight")},
   }
   if not c.tie_embeddings:
-    params["lm_head"] = {"kernel": np.ascontiguousarray(f32("lm_head.weight", (v, d)).T)}
+    params["lm_head"] = {"kernel": np.ascontiguousarray(f32("lm_head.weight").T)}
   return params
 
 
@@ -168,8 +196,8 @@ _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
-def _read_safetensors_index(path: str) -> dict[str, Callable[[], np.ndarray]]:
-  """name -> loader for one .safetensors file (memory-mapped; bfloat16 via ml_dtypes).
+def _read_safetensors_index(path: str) -> dict[str, tuple[tuple, Callable[[], np.ndarray]]]:
+  """name -> (shape, loader) for one .safetensors file (memory-mapped; bfloat16 via ml_dtypes).
 
   Parsed by hand (8-byte header length, JSON header, raw bytes) because safetensors' numpy
   backend cannot return bfloat16, the dtype most HF checkpoints ship in.
@@ -194,12 +222,13 @@ def _read_safetensors_index(path: str) -> dict[str, Callable[[], np.ndarray]]:
     if info["dtype"] not in dtypes or end > data.size:
       raise UserError(f"{path}: tensor {name} has dtype {info['dtype']} or lies past the end of the file")
     dtype, shape = dtypes[info["dtype"]], tuple(info["shape"])
-    out[name] = lambda s=start, e=end, dt=dtype, sh=shape: data[s:e].view(dt).reshape(sh)
+    out[name] = (shape, lambda s=start, e=end, dt=dtype, sh=shape: data[s:e].view(dt).reshape(sh))
   return out
 
 
-def hf_getter(folder: str) -> Getter:
-  """Tensor getter over a HF dir: model.safetensors, or the shards of model.safetensors.index.json."""
+def hf_tensor_table(folder: str) -> dict[str, tuple[tuple, Callable[[], np.ndarray]]]:
+  """name -> (shape, loader) over a HF dir: model.safetensors, or the shards of
+  model.safetensors.index.json (headers only: no weights are read)."""
   index_path = os.path.join(folder, "model.safetensors.index.json")
   if os.path.isfile(index_path):
     try:
@@ -217,11 +246,17 @@ def hf_getter(folder: str) -> Getter:
     if not os.path.isfile(path):
       raise UserError(f"{index_path}: lists {name}, which is missing")
     loaders.update(_read_safetensors_index(path))
+  return loaders
+
+
+def hf_getter(folder: str) -> Getter:
+  """Tensor getter over a HF dir (hf_tensor_table)."""
+  loaders = hf_tensor_table(folder)
 
   def get(name: str) -> np.ndarray:
     if name not in loaders:
       raise UserError(f"hf:{folder}: tensor {name} is missing from the safetensors files")
-    return loaders[name]()
+    return loaders[name][1]()
 
   return get
 
@@ -266,128 +301,3 @@ def save_hf(config: LlamaConfig, params, folder: str, tokenizer=None) -> None:
   atomic_write_json(os.path.join(folder, "config.json"), hf_config_dict(config))
   if tokenizer is not None:
     tokenizer.save_pretrained(folder)
-
-
-# ----------------------------------------------------------------------------- GGUF
-
-
-def open_gguf(path: str):
-  """A gguf.GGUFReader, with any failure (missing, truncated, not GGUF) as a UserError naming path."""
-  import gguf
-  if not os.path.isfile(path):
-    raise UserError(f"gguf:{path}: no such file")
-  try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # the reader raises ValueError/KeyError/IndexError/... on bad bytes
-    raise UserError(f"gguf:{path}: not a readable GGUF file (truncated or corrupt?): "
-                    f"{type(e).__name__}: {e}") from None
-
-
-def _field(reader, key: str, default=None):
-  f = reader.fields.get(key)
-  if f is None:
-    return default
-  return f.contents()
-
-
-def _f32_to_float(x) -> float:
-  """GGUF stores these as float32: 1e-5 reads back as 9.9999997e-06. Keep float32's 7 digits."""
-  return float(f"{float(x):.7g}")
-
-
-def config_from_gguf(reader, path: str) -> LlamaConfig:
-  """LlamaConfig from the llama.* metadata of a GGUF; refuses other architectures."""
-  arch = _field(reader, "general.architecture")
-  if arch != "llama":
-    raise UserError(f"gguf:{path}: general.architecture is {arch!r}; only 'llama' GGUFs are supported")
-  scaling = _field(reader, "llama.rope.scaling.type", "none")
-  if scaling not in ("none", None):
-    raise UserError(f"gguf:{path}: rope scaling {scaling!r} is not supported")
-
-  def get(key, required=True):
-    value = _field(reader, "llama." + key)
-    if value is None and required:
-      raise UserError(f"gguf:{path}: metadata llama.{key} is missing")
-    return value
-
-  try:
-    d, heads = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", False) or d // heads)
-    rot = get("rope.dimension_count", False)
-    if rot is not None and int(rot) != head_dim:
-      raise UserError(f"gguf:{path}: partial rotary ({rot} of {head_dim} dims) is not supported")
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else int(get("vocab_size"))
-    names = {t.name for t in reader.tensors}
-    return LlamaConfig(
-        vocab_size=vocab, hidden_size=d, intermediate_size=int(get("feed_forward_length")),
-        num_layers=int(get("block_count")), num_heads=heads,
-        num_kv_heads=int(get("attention.head_count_kv", False) or heads), head_dim=head_dim,
-        rope_theta=_f32_to_float(get("rope.freq_base", False) or 10000.0),
-        rms_norm_eps=_f32_to_float(get("attention.layer_norm_rms_epsilon")),
-        max_position_embeddings=int(get("context_length")),
-        tie_embeddings="output.weight" not in names,
-        bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id", 1)),
-        eos_token_id=int(_field(reader, "tokenizer.ggml.eos_token_id", 2)))
-  except (TypeError, ValueError) as e:
-    raise UserError(f"gguf:{path}: unusable llama metadata ({type(e).__name__}: {e})") from None
-
-
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-  """Undo llama.cpp's q/k row permutation: [n*E, D] interleaved pairs -> HF rotate-half rows.
-
-  llama.cpp's convert_hf_to_gguf.py applies, to Wq (n = heads) and Wk (n = kv heads),
-      w.reshape(n, 2, E // 2, D).swapaxes(1, 2).reshape(n * E, D)
-  so that within each head, rows (i, i + E/2) of HF's rotate-half layout become the adjacent pair
-  (2i, 2i + 1) that ggml's interleaved rope rotates together. Our rotary (kdjax.llm.model.rotary)
-  follows HF and rotates the two halves, so we swap the axes back:
-      w.reshape(n, E // 2, 2, D).swapaxes(1, 2).reshape(n * E, D).
-  Leaving the rows permuted gives a model that runs but whose attention is scrambled by position
-  (tests/test_llm_real_checkpoint.py would catch it: log-probs far from transformers').
-  """
-  rows, d = w.shape
-  e = rows // n_heads
-  return w.reshape(n_heads, e // 2, 2, d).swapaxes(1, 2).reshape(rows, d)
-
-
-_GGUF_NAMES = {
-    "attn_norm": "attn_norm", "q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-    "mlp_norm": "ffn_norm", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down",
-}
-
-
-def gguf_getter(reader, config: LlamaConfig, path: str) -> Getter:
-  """HF-named, HF-layout float32 tensors from a GGUF (dequantized with gguf.quants, q/k unpermuted)."""
-  from gguf import quants
-  tensors = {t.name: t for t in reader.tensors}
-  to_gguf = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-             "lm_head.weight": "output.weight"}
-  for i in range(config.num_layers):
-    for ours, hf_name in _layer_names(i).items():
-      to_gguf[hf_name] = f"blk.{i}.{_GGUF_NAMES[ours]}.weight"
-
-  def get(name: str) -> np.ndarray:
-    g = to_gguf.get(name)
-    if g not in tensors:
-      raise UserError(f"gguf:{path}: tensor {g or name} is missing")
-    t = tensors[g]
-    try:
-      w = quants.dequantize(t.data, t.tensor_type)
-      # GGUF lists dims fastest-first (ne0 = in features); numpy's shape is the reverse, [out, in].
-      w = np.asarray(w, np.float32).reshape(tuple(int(s) for s in reversed(t.shape)))
-    except (NotImplementedError, ValueError) as e:
-      raise UserError(f"gguf:{path}: cannot dequantize {g} ({t.tensor_type.name}): {e}") from None
-    if ".attn_q." in g:
-      w = unpermute_qk(w, config.num_heads)
-    elif ".attn_k." in g:
-      w = unpermute_qk(w, config.num_kv_heads)
-    return w
-
-  return get
-
-
-def load_gguf(path: str) -> tuple[LlamaConfig, dict]:
-  """(config, params) from a llama.cpp GGUF file (any quantization gguf.quants can dequantize)."""
-  reader = open_gguf(path)
-  config = config_from_gguf(reader, path)
-  return config, _params_from_hf_tensors(config, gguf_getter(reader, config, path), f"gguf:{path}")

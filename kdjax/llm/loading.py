@@ -4,9 +4,14 @@ A model spec names a model everywhere one is needed (flags, API):
   gguf:PATH          a llama.cpp GGUF file (dequantized with numpy, q/k permutation undone)
   hf:DIR             a transformers Llama dir: config.json + *.safetensors (sharded or not)
   ckpt:DIR           one of our orbax checkpoints (kdjax.checkpoint)
-  preset:NAME[@SEED] random init of a named preset (kdjax.llm.config.PRESETS), seed 0 by default
-Every problem with a spec (missing file, truncated or non-Llama GGUF, config.json of another
-architecture, unknown preset or scheme) is a one-line UserError naming the spec or file.
+  preset:NAME[@SEED] random init of a named preset (kdjax.llm.config.PRESETS) from SEED (an integer
+                     in [0, 2**32)); without @SEED, from the caller's default seed (0 here; training
+                     uses --seed)
+`parse_spec` and `parse_preset` are the one parser of specs; `validate_spec` checks everything a
+load will need without reading the weights (the study's pre-flight check). Every problem with a spec
+(missing file, truncated or non-Llama GGUF, config.json of another architecture, a tensor missing or
+of the wrong shape, unknown preset or scheme, a bad seed) is a one-line UserError naming the spec or
+file.
 """
 
 from __future__ import annotations
@@ -15,13 +20,14 @@ import functools
 import glob
 import importlib.util
 import os
-from typing import Any
+import re
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from kdjax.cli import UserError, read_json
-from kdjax.llm import convert
+from kdjax.llm import convert, gguf_io
 from kdjax.llm.config import LlamaConfig, get_preset
 
 SCHEMES = ("gguf", "hf", "ckpt", "preset")
@@ -38,16 +44,26 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return scheme, rest
 
 
-def _parse_preset(rest: str, spec: str) -> tuple[LlamaConfig, int]:
-  name, _, seed = rest.partition("@")
+def parse_preset(spec: str) -> tuple[LlamaConfig, Optional[int]]:
+  """(config, seed) of a `preset:NAME[@SEED]` spec; seed is None when the spec names none."""
+  scheme, rest = parse_spec(spec)
+  if scheme != "preset":
+    raise UserError(f"model spec {spec!r}: expected preset:NAME[@SEED]")
+  name, at, seed = rest.partition("@")
+  if at and not (re.fullmatch(r"[0-9]+", seed) and int(seed) < 2**32):
+    raise UserError(f"model spec {spec!r}: seed {seed!r} is not an integer in [0, 2**32)")
   try:
-    seed_value = int(seed) if seed else 0
-  except ValueError:
-    raise UserError(f"model spec {spec!r}: seed {seed!r} is not an integer") from None
-  try:
-    return get_preset(name), seed_value
+    return get_preset(name), (int(seed) if at else None)
   except UserError as e:
     raise UserError(f"model spec {spec!r}: {e}") from None
+
+
+def init_preset(config: LlamaConfig, seed: int, shardings=None):
+  """The random init `preset:NAME@SEED` names, everywhere: init_params from jax.random.key(seed);
+  born sharded on `shardings` when given (the same values: threefry keys are partitionable)."""
+  from kdjax.llm.model import init_params
+  init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
+  return init(config, jax.random.key(seed))
 
 
 def _require_file(path: str, spec: str) -> str:
@@ -62,20 +78,20 @@ def _require_dir(path: str, spec: str) -> str:
   return path
 
 
-def load_model(spec: str) -> tuple[LlamaConfig, Any]:
-  """(config, params) for a model spec; params are float32 jax arrays in the canonical layout."""
+def load_model(spec: str, default_seed: int = 0) -> tuple[LlamaConfig, Any]:
+  """(config, params) for a model spec; params are float32 jax arrays in the canonical layout.
+  A preset without @SEED is initialised from `default_seed`."""
   scheme, rest = parse_spec(spec)
   if scheme == "gguf":
-    config, params = convert.load_gguf(_require_file(rest, spec))
+    config, params = gguf_io.load_gguf(_require_file(rest, spec))
   elif scheme == "hf":
     config, params = convert.load_hf(_require_dir(rest, spec))
   elif scheme == "ckpt":
     from kdjax.checkpoint import load_model_checkpoint
     return load_model_checkpoint(_require_dir(rest, spec))
   else:
-    from kdjax.llm.model import init_params
-    config, seed = _parse_preset(rest, spec)
-    return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(seed))
+    config, seed = parse_preset(spec)
+    return config, init_preset(config, default_seed if seed is None else seed)
   return config, jax.tree.map(jnp.asarray, params)
 
 
@@ -89,8 +105,8 @@ def describe_spec(spec: str) -> tuple[LlamaConfig, dict]:
   info: dict[str, Any] = {"spec": spec, "scheme": scheme}
   if scheme == "gguf":
     path = _require_file(rest, spec)
-    reader = convert.open_gguf(path)
-    config = convert.config_from_gguf(reader, path)
+    reader = gguf_io.open_gguf(path)
+    config = gguf_io.config_from_gguf(reader, path)
     info.update(path=os.path.abspath(path), bytes=os.path.getsize(path),
                 tensor_types=sorted({t.tensor_type.name for t in reader.tensors}))
   elif scheme == "hf":
@@ -106,10 +122,30 @@ def describe_spec(spec: str) -> tuple[LlamaConfig, dict]:
     config = _ckpt_config(folder)
     info.update(path=os.path.abspath(folder), tokenizer=_ckpt_tokenizer_spec(folder))
   else:
-    config, seed = _parse_preset(rest, spec)
+    config, seed = parse_preset(spec)
     info.update(preset=rest.partition("@")[0], seed=seed)
   info["num_params"] = config.num_params()
   return config, info
+
+
+def validate_spec(spec: str) -> LlamaConfig:
+  """The config of a spec, once everything loading it will need is checked without reading the
+  weights: describe_spec, then every tensor the loader reads present in the shape the config
+  implies (GGUF tensor table, safetensors headers, the checkpoint's orbax metadata)."""
+  config, _ = describe_spec(spec)
+  scheme, rest = parse_spec(spec)
+  if scheme == "gguf":
+    shapes = gguf_io.gguf_tensor_shapes(gguf_io.open_gguf(rest), config)
+  elif scheme == "hf":
+    shapes = {name: shape for name, (shape, _) in convert.hf_tensor_table(rest).items()}
+  elif scheme == "ckpt":
+    from kdjax.checkpoint import check_model_checkpoint
+    check_model_checkpoint(rest, config)
+    return config
+  else:
+    return config
+  convert.check_tensor_shapes(config, shapes, spec)
+  return config
 
 
 def _ckpt_config(folder: str) -> LlamaConfig:

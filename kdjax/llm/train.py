@@ -40,9 +40,10 @@ from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, atomic_write_json, prepare_workdir, require
 from kdjax.llm import data as data_lib
 from kdjax.llm import head_nll
+from kdjax.llm import loading
 from kdjax.llm import model
 from kdjax.llm import targets
-from kdjax.llm.config import LlamaConfig, get_preset
+from kdjax.llm.config import LlamaConfig
 
 
 # ----------------------------------------------------------------------------- the step
@@ -379,24 +380,44 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def load_spec(spec: str, seed: int = 0):
-  """(config, params on the first local device) of a model spec. `preset:NAME` -> random init."""
-  require(isinstance(spec, str) and ":" in spec,
-          f"model spec {spec!r}: expected preset:NAME, ckpt:DIR, hf:DIR or gguf:PATH")
-  kind, _, rest = spec.partition(":")
-  if kind == "preset":
-    config = get_preset(rest)
-    return config, model.init_params(config, jax.random.PRNGKey(seed))
-  if kind == "ckpt":
-    return ckpt_lib.load_model_checkpoint(rest)
-  try:
-    from kdjax.llm.loading import load_model
-  except ImportError:
-    raise UserError(f"model spec {spec!r}: kdjax.llm.loading is not available") from None
-  return load_model(spec)
+  """(config, params) of a model spec (kdjax.llm.loading, the one parser of specs); a preset
+  without @SEED is initialised from `seed`."""
+  return loading.load_model(spec, default_seed=seed)
 
 
-def _is_preset(spec: str) -> bool:
-  return spec.startswith("preset:")
+def _initial_model(spec: str, seed: int, mesh):
+  """(config, initial params) of the model to train. `preset:NAME`: params None (init_state draws
+  them born sharded from --seed); `preset:NAME@SEED`: the init that spec names everywhere, born
+  sharded on the mesh; other specs: host copies (identical on every process) that init_state
+  places on the mesh."""
+  if loading.parse_spec(spec)[0] == "preset":
+    config, preset_seed = loading.parse_preset(spec)
+    if preset_seed is None:
+      return config, None
+    shardings = sharding_lib.param_shardings(config, mesh)
+    return config, loading.init_preset(config, preset_seed, shardings)
+  config, params = load_spec(spec, seed)
+  return config, jax.device_get(params)
+
+
+def preflight(cfg: TrainConfig):
+  """Everything checkable before data or weights are read: the flags, the mesh and the batch sizes
+  it must divide, the model specs (kdjax.llm.loading.validate_spec) and the teacher's vocabulary.
+  Returns (mesh, eval batch size). The SmolLM2 study runs it on each of its training runs first."""
+  validate(cfg)
+  mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  require(cfg.batch_size % batch_shards == 0,
+          f"--batch_size={cfg.batch_size} is not a multiple of data x fsdp = {batch_shards}")
+  eval_b = cfg.eval_batch_size or cfg.batch_size
+  require(eval_b % batch_shards == 0,
+          f"--eval_batch_size={eval_b} is not a multiple of data x fsdp = {batch_shards}")
+  config = loading.validate_spec(cfg.model)
+  if cfg.teacher:
+    teacher = loading.validate_spec(cfg.teacher)
+    require(teacher.vocab_size == config.vocab_size,
+            f"--teacher vocabulary {teacher.vocab_size} != student vocabulary {config.vocab_size}")
+  return mesh, eval_b
 
 
 def resolve_dataset(spec: str, workdir: str, vocab_size: int, seed: int, name: str) -> str:
@@ -427,31 +448,17 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
   tb/ (TensorBoard), train_summary.json. Rerunning the same cfg resumes from the latest checkpoint;
   a finished run returns its summary without training.
   """
-  validate(cfg)
-  mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
+  mesh, eval_b = preflight(cfg)
   primary = jax.process_index() == 0
   workdir = os.path.abspath(workdir)
-  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  require(cfg.batch_size % batch_shards == 0,
-          f"--batch_size={cfg.batch_size} is not a multiple of data x fsdp = {batch_shards}")
-  eval_b = cfg.eval_batch_size or cfg.batch_size
-  require(eval_b % batch_shards == 0,
-          f"--eval_batch_size={eval_b} is not a multiple of data x fsdp = {batch_shards}")
   # --- models
-  if _is_preset(cfg.model):  # random init happens born sharded, below
-    config, init_params = get_preset(cfg.model.split(":", 1)[1]), None
-  else:  # host copies: identical on every process, placed on the mesh by jit below
-    config, init_params = load_spec(cfg.model, cfg.seed)
-    init_params = jax.device_get(init_params)
+  config, init_params = _initial_model(cfg.model, cfg.seed, mesh)
   config = config.replace(dtype=cfg.dtype)
   teacher_config, teacher_params = None, None
   if cfg.teacher:
     teacher_config, teacher_params = load_spec(cfg.teacher, cfg.seed + 1)
     teacher_params = jax.device_get(teacher_params)
     teacher_config = teacher_config.replace(dtype=cfg.dtype)
-    require(teacher_config.vocab_size == config.vocab_size,
-            f"--teacher vocabulary {teacher_config.vocab_size} != student vocabulary "
-            f"{config.vocab_size}")
 
   # --- data
   n_data = len(cfg.train_data)
