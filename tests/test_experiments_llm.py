@@ -17,9 +17,10 @@ import pytest
 
 from tests.conftest import REPO
 
-TINY_FLAGS = [
-    "--ground_truth=preset:test-tiny@7", "--tokenizer=bytes", "--teacher=preset:test-tiny",
+TINY_FLAGS = [  # the teacher's spec carries a seed: preset:NAME@SEED through the entry point
+    "--ground_truth=preset:test-tiny@7", "--tokenizer=bytes", "--teacher=preset:test-tiny@5",
     "--student=preset:test-tiny", "--temperatures=0.8,1.0", "--num_train=64", "--num_val=16",
+    "--num_select=8",
     "--teacher_num_train=32", "--teacher_num_val=8", "--num_eval_samples=16",
     "--max_new_tokens=8", "--sample_batch_size=8", "--shard_size=8", "--teacher_epochs=3",
     "--student_epochs=1", "--batch_size=8", "--learning_rate=3e-3", "--checkpoint_every=2",
@@ -82,8 +83,11 @@ def _truncated_gguf(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["temperature_zero", "temperature_negative", "missing_model",
-                                  "truncated_model", "empty_dataset", "bad_number"])
+                                  "truncated_model", "empty_dataset", "bad_number", "preset_seed",
+                                  "not_a_checkpoint", "mesh"])
 def test_bad_input_is_one_line(env, tmp_path, case):
+  """Refused before any stage runs (issue 11: nothing fails after hours on input it could have
+  refused at the start), one line, nothing sampled."""
   workdir = tmp_path / "w"
   flags, expect = {
       "temperature_zero": (["--temperatures=0.8,0"], "--temperatures"),
@@ -92,12 +96,15 @@ def test_bad_input_is_one_line(env, tmp_path, case):
       "truncated_model": ([f"--ground_truth=gguf:{tmp_path / 'broken.gguf'}"], "broken.gguf"),
       "empty_dataset": (["--num_train=0"], "--num_train"),
       "bad_number": (["--num_seeds=two"], "--num_seeds"),
+      "preset_seed": (["--student=preset:test-tiny@x"], "preset:test-tiny@x"),
+      "not_a_checkpoint": ([f"--ground_truth=ckpt:{tmp_path}"], "not a kdjax model checkpoint"),
+      "mesh": (["--mesh=data=3"], "--mesh"),
   }[case]
   if case == "truncated_model":
     _truncated_gguf(tmp_path)
   proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}", *flags)
   assert expect in _error_line(proc)
-  assert not (workdir / "pstar").exists()
+  assert not (workdir / "pstar").exists() and not (workdir / "config.json").exists()
 
 
 def _wait_then_kill(proc, condition, what, timeout=300):

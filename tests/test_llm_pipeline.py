@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -21,9 +22,9 @@ from kdjax.llm import plan as plan_lib
 from kdjax.llm.config import get_preset
 from kdjax.llm.plan import StudyConfig, format_plan, make_plan, validate
 
-TINY = StudyConfig(
-    ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny",
-    student="preset:test-tiny", temperatures=(0.8, 1.0), num_train=32, num_val=16,
+TINY = StudyConfig(  # the teacher spec carries a seed: preset:NAME@SEED works through the study
+    ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny@5",
+    student="preset:test-tiny", temperatures=(0.8, 1.0), num_train=32, num_val=16, num_select=8,
     teacher_num_train=32, teacher_num_val=8, num_eval_samples=16, max_new_tokens=8,
     sample_batch_size=8, shard_size=8, teacher_epochs=2, student_epochs=1, batch_size=8,
     learning_rate=3e-3, checkpoint_every=2, eval_batch_size=8)
@@ -40,6 +41,7 @@ def _describe(spec):
     ({"temperatures": ()}, "--temperatures"),
     ({"temperatures": (0.8, 0.8)}, "--temperatures"),
     ({"num_train": 0}, "--num_train"),
+    ({"num_select": 0}, "--num_select"),
     ({"num_eval_samples": 0}, "--num_eval_samples"),
     ({"batch_size": 64}, "--batch_size"),
     ({"teacher_epochs": 0}, "--teacher_epochs"),
@@ -60,7 +62,7 @@ def test_plan_counts_every_stage():
                           "4_train_students", "5_score_students", "6_results"]
   assert plan["seq_len"] == 3 + TINY.max_new_tokens
   s1 = stages["1_sample_ground_truth"]
-  assert s1["sequences"] == TINY.num_train + TINY.num_val
+  assert s1["sequences"] == TINY.num_train + TINY.num_val + TINY.num_select
   assert s1["tokens"] == s1["sequences"] * plan["seq_len"]
   assert stages["3_sample_teacher"]["sequences"] == 2 * (TINY.teacher_num_train + TINY.teacher_num_val)
   assert stages["2_train_teacher"]["tokens"] == TINY.teacher_epochs * TINY.num_train * plan["seq_len"]
@@ -280,3 +282,81 @@ def test_clear_outputs_removes_only_pipeline_outputs(tmp_path):
     (tmp_path / f).write_text("x")
   pipeline.clear_outputs(str(tmp_path))
   assert sorted(os.listdir(tmp_path)) == ["config.json", "mine.txt", "notes"]
+
+
+def test_teacher_selects_on_its_own_split(study):
+  """p*'s splits are disjoint draws with one use each: the teacher trains on train and keeps its
+  checkpoint of best perplexity on select (its recorded perplexity is the kept checkpoint's on
+  select, not on val); val is recall's test set only; students have no validation data at all."""
+  from kdjax.llm import loading
+  workdir, _ = study
+  rows = {s: {tuple(r) for r in _dataset_rows(os.path.join(workdir, "pstar", s))[0]}
+          for s in ("train", "val", "select")}
+  assert len(rows["select"]) == TINY.num_select
+  assert not rows["val"] & rows["select"] and not rows["val"] & rows["train"]
+  with open(os.path.join(workdir, "teacher", "config.json")) as f:
+    assert json.load(f)["val_data"] == os.path.join(workdir, "pstar", "select")
+  for name in ("direct", "kd"):
+    with open(os.path.join(workdir, "seed_0", "students", name, "config.json")) as f:
+      assert json.load(f)["val_data"] == ""
+  kept = pipeline.read_done(os.path.join(workdir, "teacher"))["models"][0]
+  teacher = loading.load_model(kept["checkpoint"])
+  ll = {s: pipeline.mean_loglik(*teacher, pipeline.load_dataset(os.path.join(workdir, "pstar", s)),
+                                TINY.eval_batch_size, 3 + TINY.max_new_tokens, s)
+        for s in ("select", "val")}
+  assert kept["val_perplexity"] == pytest.approx(np.exp(-ll["select"]), rel=1e-4)
+  assert kept["val_perplexity"] != pytest.approx(np.exp(-ll["val"]), rel=1e-3)
+
+
+def _hf_dir_without(path, tensor):
+  """An hf:DIR of preset test-tiny whose safetensors lack one tensor (config.json intact)."""
+  from safetensors.numpy import load_file, save_file
+  from kdjax.llm import loading, save_hf
+  save_hf(*loading.load_model("preset:test-tiny"), str(path))
+  tensors = load_file(str(path / "model.safetensors"))
+  del tensors[tensor]
+  save_file(tensors, str(path / "model.safetensors"))
+  return f"hf:{path}"
+
+
+def _ckpt_of_another_shape(path):
+  """A ckpt:DIR whose model_config.json says a wider MLP than its saved parameters have."""
+  from kdjax import checkpoint
+  from kdjax.llm import loading
+  config, params = loading.load_model("preset:test-tiny")
+  checkpoint.export_model(str(path), config, params)
+  with open(path / checkpoint.MODEL_CONFIG, "w") as f:
+    json.dump(config.replace(intermediate_size=256).to_dict(), f)
+  return f"ckpt:{path}"
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("teacher_seed", "preset:test-tiny@x"), ("student_preset", "no-such"),
+    ("gt_missing_tensor", "model.norm.weight is missing"),
+    ("gt_ckpt_shape", "['mlp']['down']['kernel'] is of shape (2, 128, 64)"),
+    ("gt_not_ckpt", "not a kdjax model checkpoint"), ("mesh", "--mesh"),
+    ("eval_batch", "--eval_batch_size=4"), ("length", "--max_new_tokens=600")])
+def test_preflight_refuses_bad_input_before_any_stage(tmp_path, monkeypatch, case, needle):
+  """Input that a later stage would fail on (after hours of earlier ones) is refused up front:
+  nothing is sampled, trained or loaded, and no stage output appears."""
+  from kdjax.llm import loading, sampling, train
+  (tmp_path / "empty").mkdir()
+  cfg = dataclasses.replace(TINY, **{
+      "teacher_seed": lambda: {"teacher": "preset:test-tiny@x"},
+      "student_preset": lambda: {"student": "preset:no-such@3"},
+      "gt_missing_tensor": lambda: {"ground_truth": _hf_dir_without(tmp_path / "hf",
+                                                                    "model.norm.weight")},
+      "gt_ckpt_shape": lambda: {"ground_truth": _ckpt_of_another_shape(tmp_path / "ck")},
+      "gt_not_ckpt": lambda: {"ground_truth": f"ckpt:{tmp_path / 'empty'}"},
+      "mesh": lambda: {"mesh": "data=3"},
+      "eval_batch": lambda: {"mesh": "data=8", "eval_batch_size": 4},
+      "length": lambda: {"max_new_tokens": 600},
+  }[case]())
+
+  def refuse(*a, **k):
+    raise AssertionError("a stage ran before the bad input was refused")
+  for module, name in ((train, "train"), (sampling, "sample"), (loading, "load_model")):
+    monkeypatch.setattr(module, name, refuse)
+  with pytest.raises(UserError, match=re.escape(needle)):
+    pipeline.run_study(cfg, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w" / "pstar")

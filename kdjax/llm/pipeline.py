@@ -1,13 +1,20 @@
 """The SmolLM2 study end to end, as stages over a workdir (paper/NOTES.md, "LLM protocol").
 
-  1. sample p* (prompt, full vocabulary, T=1) -> pstar/{train,val}
-  2. train the teacher from scratch on p*'s samples (best validation perplexity) -> teacher/
+  1. sample p* (prompt, full vocabulary, T=1) -> pstar/{train,val,select}
+  2. train the teacher from scratch on pstar/train, keeping its checkpoint of best perplexity on
+     pstar/select -> teacher/
   3. sample the teacher at each temperature, per seed -> seed_S/teacher_T<t>/{train,val}
   4. train the students from scratch per seed: direct on p*'s samples, one KD student per
      temperature on the teacher's samples (trained together, vmapped) -> seed_S/students/
   5. sample each student (T=1) and score: precision = mean per-token log p*(student samples),
      recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME.json
   6. results.json, results.csv, figures.
+
+p*'s splits serve one purpose each: train (the teacher's and the direct student's training set),
+select (held out; selects the teacher's checkpoint) and val (recall's test set and nothing else: no
+model is selected on it). Students are not selected at all: each keeps its final parameters. Before
+any stage runs, `preflight` checks every input the stages will meet (specs, tokenizer, each
+training run's mesh and batch sizes).
 
 Every unit of work writes its outputs, then an atomic DONE.json; a rerun skips units with a DONE.json
 and resumes the others (datasets shard by shard, training from its last checkpoint). Randomness is
@@ -31,7 +38,8 @@ from absl import logging
 from kdjax import cli
 from kdjax.cli import UserError, require
 from kdjax.llm import plots
-from kdjax.llm.plan import StudyConfig, load_tokenizer, prompt_ids, resolve_spec, validate
+from kdjax.llm.plan import (StudyConfig, check_inputs, load_tokenizer, prompt_ids, resolve_spec,
+                            train_config, validate)
 
 DONE = "DONE.json"
 
@@ -161,23 +169,15 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
 # ----------------------------------------------------------------------------- training
 
 
-def train_models(cfg: StudyConfig, out_dir: str, model_spec: str, train_dirs, val_dir: str,
-                 epochs: int, seed: int, seq_len: int) -> None:
-  """Train one model per train dir from scratch (several: vmapped together, kdjax.llm.train);
-  DONE.json lists the `ckpt:` spec of each model's best (or, without val_dir, final) parameters."""
+def train_models(out_dir: str, tc) -> None:
+  """Run the training run `tc` (plan.train_config: one model per train dir, several vmapped
+  together); DONE.json lists the `ckpt:` spec of each model's best (or, without validation data,
+  final) parameters."""
   from kdjax.llm import train as trainlib
   if is_done(out_dir):
     return
-  for d in list(train_dirs) + ([val_dir] if val_dir else []):
+  for d in list(tc.train_data) + ([tc.val_data] if tc.val_data else []):
     load_dataset(d)  # a clear error for an empty or missing dataset before any compile
-  eval_every = cfg.eval_every or cfg.num_train // cfg.batch_size  # default: once per epoch
-  tc = trainlib.TrainConfig(
-      model=model_spec, train_data=tuple(train_dirs), val_data=val_dir or "",
-      batch_size=cfg.batch_size, seq_len=seq_len, epochs=epochs, lr=cfg.learning_rate,
-      warmup_frac=cfg.warmup_fraction, decay_frac=cfg.decay_fraction,
-      weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh,
-      eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
-      checkpoint_every=cfg.checkpoint_every, seed=seed)
   summary = trainlib.train(tc, out_dir)
   best = summary["best_dir"]
   if summary.get("num_students") is None:
@@ -260,21 +260,49 @@ def check_prompt_lens(st: Study) -> None:
               f"length (its {len(st.prompt)}-token prompt would be scored): use a new --workdir")
 
 
-def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
-  """Run (or resume) every stage; returns results.json's rows."""
+def training_runs(st: Study) -> dict[str, list]:
+  """{stage: [(out_dir, TrainConfig)]}: the teacher on pstar/train, selected on pstar/select; per
+  seed, the direct student on pstar/train and the KD students on the teacher's samples (vmapped
+  together), both keeping their final parameters."""
+  cfg, train = st.cfg, [pstar_dir(st, "train")]
+  runs = {"2_train_teacher": [(st.path("teacher"), train_config(
+      cfg, cfg.teacher, train, pstar_dir(st, "select"), cfg.teacher_epochs, cfg.seed, st.seq_len))],
+          "4_train_students": []}
+  for seed in cfg.seeds:
+    kd = [teacher_sample_dir(st, seed, t, "train") for t in cfg.temperatures]
+    for name, dirs in (("direct", train), ("kd", kd)):
+      runs["4_train_students"].append((st.path(f"seed_{seed}", "students", name), train_config(
+          cfg, cfg.student, dirs, "", cfg.student_epochs, seed, st.seq_len)))
+  return runs
+
+
+def preflight(cfg: StudyConfig, workdir: str) -> Study:
+  """Every input the stages will meet, checked before any runs (and before the workdir is touched):
+  the models as their loaders will find them, vocabularies, tokenizer, prompt and lengths
+  (plan.check_inputs), then each training run's own checks (kdjax.llm.train.preflight: mesh,
+  batch sizes, specs). Returns the Study."""
+  from kdjax.llm import train as trainlib
   st = Study(cfg, workdir)
+  check_inputs(cfg, st.tokenizer)
+  for runs in training_runs(st).values():
+    for _, tc in runs:
+      trainlib.preflight(tc)
+  return st
+
+
+def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
+  """Run (or resume) every stage, after the pre-flight check; returns results.json's rows."""
+  st = preflight(cfg, workdir)
+  runs = training_runs(st)
   check_prompt_lens(st)
-  splits = (("train", cfg.num_train), ("val", cfg.num_val))
+  splits = (("train", cfg.num_train), ("val", cfg.num_val), ("select", cfg.num_select))
   st.run("1_sample_ground_truth",
          [(pstar_dir(st, s), i, n) for i, (s, n) in enumerate(splits)],
          lambda out, i, n: st.sample(out, st.gt_spec, seed_key(cfg.seed, 0, i), n, 1.0,
                                      f"p* {os.path.basename(out)}"))
 
-  teacher_dir = st.path("teacher")
-  st.run("2_train_teacher", [(teacher_dir,)],
-         lambda out: train_models(cfg, out, cfg.teacher, [pstar_dir(st, "train")],
-                                  pstar_dir(st, "val"), cfg.teacher_epochs, cfg.seed, st.seq_len))
-  teacher_ckpt = read_done(teacher_dir)["models"][0]["checkpoint"]
+  st.run("2_train_teacher", runs["2_train_teacher"], train_models)
+  teacher_ckpt = read_done(st.path("teacher"))["models"][0]["checkpoint"]
 
   units = []
   for seed in cfg.seeds:
@@ -287,14 +315,7 @@ def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
 
   # Students keep their final parameters (one epoch ending in the WSD decay); each one's validation
   # perplexity, on held-out samples of its own training distribution, is measured in stage 5.
-  units = []
-  for seed in cfg.seeds:
-    units.append((st.path(f"seed_{seed}", "students", "direct"), [pstar_dir(st, "train")], seed))
-    units.append((st.path(f"seed_{seed}", "students", "kd"),
-                  [teacher_sample_dir(st, seed, t, "train") for t in cfg.temperatures], seed))
-  st.run("4_train_students", units,
-         lambda out, tr, seed: train_models(cfg, out, cfg.student, tr, "", cfg.student_epochs,
-                                            seed, st.seq_len))
+  st.run("4_train_students", runs["4_train_students"], train_models)
 
   units = [(st.path(f"seed_{seed}", "scores", name), seed, k, name)
            for seed in cfg.seeds for k, name in enumerate(cfg.student_names())]

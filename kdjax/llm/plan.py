@@ -1,7 +1,8 @@
 """The SmolLM2 study's configuration, its inputs, and the plan a --dry_run prints.
 
 `StudyConfig` holds every knob of the pipeline (kdjax/llm/pipeline.py); `validate` checks its values;
-`check_inputs` checks models, vocabularies, tokenizer and lengths before a workdir is touched;
+`check_inputs` checks models (as their loaders will meet them), vocabularies, tokenizer and lengths
+before a workdir is touched; `train_config` is the training run of a stage;
 `make_plan` / `dry_run_plan` estimate what each stage will do (sequences, tokens, FLOPs, memory per
 device) from model configs alone, never loading weights.
 """
@@ -19,16 +20,17 @@ from kdjax.llm.config import LlamaConfig
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
   """One run of the study. Field names are the flag names of experiments/llm.py."""
-  ground_truth: str = "gguf:default"     # p*: gguf:PATH|default, hf:DIR, ckpt:DIR, preset:NAME
+  ground_truth: str = "gguf:default"     # p*: gguf:PATH|default, hf:DIR, ckpt:DIR, preset:...
   tokenizer: str = ""                    # "" = the ground truth's; "bytes" = byte-level (tests)
   prompt: str = "The"
-  teacher: str = "preset:tiny-49k"       # architecture of p' (trained from scratch)
-  student: str = "preset:micro-49k"      # architecture of p'' (trained from scratch)
+  teacher: str = "preset:tiny-49k"       # p' from scratch: preset:NAME[@SEED] (default: --seed)
+  student: str = "preset:micro-49k"      # p'' from scratch: preset:NAME[@SEED] (default: each seed)
   temperatures: tuple = (0.8, 0.875, 0.95, 1.0)
   num_seeds: int = 1
   seed: int = 0
   num_train: int = 4096                  # p* training sequences
-  num_val: int = 512                     # p* validation sequences (also recall's test set)
+  num_val: int = 512                     # p* validation sequences: recall's test set, nothing else
+  num_select: int = 512                  # p* sequences held out to select the teacher's checkpoint
   teacher_num_train: int = 4096          # teacher samples per temperature (KD training set)
   teacher_num_val: int = 256             # teacher samples per temperature (KD validation set)
   num_eval_samples: int = 512            # student samples per student (precision's test set)
@@ -73,8 +75,8 @@ def validate(cfg: StudyConfig) -> None:
     require(math.isfinite(t) and t > 0, f"--temperatures: {t:g} is not a positive temperature")
   require(len(set(kd_name(t) for t in cfg.temperatures)) == len(cfg.temperatures),
           "--temperatures: a temperature is repeated")
-  for name in ("num_seeds", "num_train", "num_val", "teacher_num_train", "teacher_num_val",
-               "num_eval_samples", "max_new_tokens", "sample_batch_size", "shard_size",
+  for name in ("num_seeds", "num_train", "num_val", "num_select", "teacher_num_train",
+               "teacher_num_val", "num_eval_samples", "max_new_tokens", "sample_batch_size", "shard_size",
                "batch_size", "eval_batch_size"):
     require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
   require(cfg.seed >= 0, f"--seed={cfg.seed}: must be >= 0")
@@ -96,10 +98,12 @@ def validate(cfg: StudyConfig) -> None:
   require(bool(cfg.prompt), "--prompt: must not be empty")
   for name in ("ground_truth", "teacher", "student"):
     spec = getattr(cfg, name)
-    require(":" in spec, f"--{name}={spec!r}: expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME")
+    require(":" in spec,
+            f"--{name}={spec!r}: expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME[@SEED]")
   for name in ("teacher", "student"):
     require(getattr(cfg, name).startswith("preset:"),
-            f"--{name}={getattr(cfg, name)!r}: the study trains from scratch; give preset:NAME")
+            f"--{name}={getattr(cfg, name)!r}: the study trains from scratch; give "
+            "preset:NAME[@SEED]")
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -113,6 +117,9 @@ class ByteTokenizer:
 
   def decode(self, ids) -> str:
     return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+  def __len__(self) -> int:
+    return 256
 
 
 def resolve_spec(spec: str) -> str:
@@ -202,11 +209,12 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
     stages.append({"stage": name, "what": what, "sequences": int(sequences), "tokens": int(tokens),
                    "flops": float(flops), "memory_per_device_bytes": int(memory)})
 
-  n = cfg.num_train + cfg.num_val
+  n = cfg.num_train + cfg.num_val + cfg.num_select
   add("1_sample_ground_truth", f"sample p* ({cfg.ground_truth}) at T=1: {cfg.num_train} train + "
-      f"{cfg.num_val} validation", n,
+      f"{cfg.num_val} validation (recall) + {cfg.num_select} teacher selection", n,
       _sampling(gt, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
-  add("2_train_teacher", f"train teacher {cfg.teacher} from scratch, {cfg.teacher_epochs:g} epochs",
+  add("2_train_teacher", f"train teacher {cfg.teacher} from scratch, {cfg.teacher_epochs:g} "
+      f"epochs, best checkpoint on the {cfg.num_select} selection samples",
       cfg.num_train, _training(teacher, cfg.num_train, seq_len, cfg.teacher_epochs, cfg.batch_size,
                                devices, cfg.dtype))
   n = (cfg.teacher_num_train + cfg.teacher_num_val) * n_temps * n_seeds
@@ -252,25 +260,49 @@ def describe(spec: str):
   return loading.describe_spec(resolve_spec(spec))[0]
 
 
-def check_inputs(cfg: StudyConfig) -> None:
-  """Everything checkable before the workdir is touched: models, vocabularies, tokenizer, lengths."""
+def check_inputs(cfg: StudyConfig, tokenizer=None) -> None:
+  """Everything about the inputs checkable before the workdir is touched, as the stages will meet
+  them: each spec validated the way its loader will find it (kdjax.llm.loading.validate_spec:
+  preset names and seeds, files, tensor tables, checkpoints), vocabularies against the ground
+  truth's and its tokenizer's, the prompt, and lengths against every model's positions. (Each
+  training run's own checks are kdjax.llm.pipeline.preflight's.)"""
+  from kdjax.llm import loading
   validate(cfg)
-  gt = describe(cfg.ground_truth)
+  models = {name: loading.validate_spec(resolve_spec(getattr(cfg, name)))
+            for name in ("ground_truth", "teacher", "student")}
+  gt = models["ground_truth"]
   for name in ("teacher", "student"):
-    c = describe(getattr(cfg, name))
-    require(c.vocab_size == gt.vocab_size,
-            f"--{name}={getattr(cfg, name)!r}: vocabulary {c.vocab_size} differs from the ground "
-            f"truth's {gt.vocab_size}")
-  tokenizer = load_tokenizer(cfg)
+    require(models[name].vocab_size == gt.vocab_size,
+            f"--{name}={getattr(cfg, name)!r}: vocabulary {models[name].vocab_size} differs from "
+            f"the ground truth's {gt.vocab_size}")
+  tokenizer = tokenizer or load_tokenizer(cfg)
+  require(len(tokenizer) <= gt.vocab_size, f"--tokenizer: its {len(tokenizer)} tokens exceed the "
+          f"ground truth's vocabulary {gt.vocab_size}")
   ids = prompt_ids(cfg, tokenizer)
   require(max(ids) < gt.vocab_size, f"--tokenizer: prompt ids reach {max(ids)}, beyond the ground "
           f"truth's vocabulary {gt.vocab_size}")
   seq_len = len(ids) + cfg.max_new_tokens
-  for name in ("ground_truth", "teacher", "student"):
-    c = describe(getattr(cfg, name))
+  for name, c in models.items():
     require(seq_len <= c.max_position_embeddings,
             f"--max_new_tokens={cfg.max_new_tokens}: {seq_len} tokens exceed --{name}'s "
             f"{c.max_position_embeddings} positions")
+
+
+def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs: int, seed: int,
+                 seq_len: int):
+  """The kdjax.llm.train.TrainConfig of one of the study's training runs: `model` from scratch on
+  `train_dirs` (several: trained together, vmapped); with `val_dir`, the kept checkpoint is the one
+  of best perplexity on it (evaluated every --eval_every steps, default once per epoch), without,
+  the final parameters."""
+  from kdjax.llm import train as trainlib
+  eval_every = cfg.eval_every or cfg.num_train // cfg.batch_size
+  return trainlib.TrainConfig(
+      model=model, train_data=tuple(train_dirs), val_data=val_dir or "",
+      batch_size=cfg.batch_size, seq_len=seq_len, epochs=epochs, lr=cfg.learning_rate,
+      warmup_frac=cfg.warmup_fraction, decay_frac=cfg.decay_fraction,
+      weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh,
+      eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
+      checkpoint_every=cfg.checkpoint_every, seed=seed)
 
 
 def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
