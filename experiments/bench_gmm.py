@@ -76,7 +76,7 @@ def main(argv):
                      ("baseline_seeds", _BASELINE_SEEDS), ("n_eval", _N_EVAL)):
     cli.require(flag.value >= 1, f"--{name}={flag.value}: must be >= 1")
   import numpy as np
-  from kdjax.gmm import mixture as mx
+  from kdjax import mixture as mx
   from kdjax.gmm import study
   seeds = list(range(_NUM_SEEDS.value))
   betas = np.asarray(study.geometric_betas(1.0, 100.0, _NUM_BETAS.value))

@@ -7,7 +7,7 @@ import pytest
 from sklearn.mixture import GaussianMixture
 
 from kdjax.gmm import em
-from kdjax.gmm import mixture as mx
+from kdjax import mixture as mx
 
 
 def _data(n=300, seed=0):

@@ -9,7 +9,7 @@ from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
 
 from kdjax.gmm import em
-from kdjax.gmm import mixture as mx
+from kdjax import mixture as mx
 from kdjax.gmm import study
 
 SEEDS = 32

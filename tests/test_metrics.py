@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import metrics
-from kdjax.gmm import mixture as mx
+from kdjax import mixture as mx
 
 
 def _expected_loglik(m_p, s_p, m_q, s_q):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.gmm import mixture as mx
+from kdjax import mixture as mx
 from kdjax.objectives import density
 
 

@@ -20,8 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kdjax.gmm import mixture as mx
-from kdjax.gmm.mixture import Mixture
+from kdjax import mixture as mx
+from kdjax.mixture import Mixture
 
 INITS = ("kmeans", "kmeans++", "data")
 

@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import jax  # noqa: E402
 
 from kdjax import cli  # noqa: E402
-from kdjax.gmm.mixture import Mixture  # noqa: E402
+from kdjax.mixture import Mixture  # noqa: E402
 from kdjax.gmm.study import EXACT  # noqa: E402
 
 COLORS = {"direct": "black", "seqkd": "tab:red", "fkl": "tab:blue", "rkl": "tab:green",

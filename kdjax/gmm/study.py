@@ -5,13 +5,15 @@ Data flow of `run_config` (the paper's protocol, then four more students):
   students of K'' components:
     direct  EM on the p* training samples (the baseline; does not depend on beta)
     seqkd   EM on n_teacher_samples samples of teacher_beta (the paper's KD)
-    fkl     optax Adam on forward KL(teacher_beta || student), fresh teacher samples each step
-    rkl     optax Adam on reverse KL(student || teacher_beta), reparameterized student samples
-    jsd     optax Adam on the generalized JSD with mixing `jsd_mix`
+    fkl     Adam on forward KL(teacher_beta || student), fresh teacher samples each step
+    rkl     Adam on reverse KL(student || teacher_beta), reparameterized student samples
+    jsd     Adam on the generalized JSD with mixing `jsd_mix`
+            (kdjax/gmm/train.py: whitened coordinates, cosine-decayed rate, convergence report)
     exact   (K'' = 1 only) moment matching of teacher_beta: the forward-KL optimum, i.e. seqkd's
             infinite-sample limit
-  metrics: precision E_{student}[log p*], recall E_{p*}[log student] with n_eval samples each;
-  the teacher's weight entropy at beta.
+  metrics: precision E_{student}[log p*], recall E_{p*}[log student] with n_eval samples each
+  (and their Monte Carlo standard errors); the teacher's weight entropy at beta; per student a
+  convergence report (EM's own flag; the gradient students' objective and its change).
 
 Everything random comes from jax.random.PRNGKey(seed). The same seed uses the same random numbers at
 every beta (common random numbers: curves over beta are smooth, differences are due to beta).
@@ -32,14 +34,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from kdjax import metrics
+from kdjax import mixture as mx
 from kdjax.cli import require
 from kdjax.gmm import em
-from kdjax.gmm import mixture as mx
-from kdjax.gmm.mixture import Mixture
-from kdjax.objectives import density
+from kdjax.gmm import train
+from kdjax.mixture import Mixture
 
 OBJECTIVES = ("direct", "seqkd", "fkl", "rkl", "jsd")
 GRADIENT_OBJECTIVES = ("fkl", "rkl", "jsd")
@@ -62,8 +63,9 @@ class StudyConfig:
   reg_covar: float = 1e-6
   steps: int = 300
   batch_size: int = 128
-  learning_rate: float = 0.05
+  learning_rate: float = 0.1
   jsd_mix: float = 0.5
+  convergence_tol: float = 0.05
   seed_chunk: int = 16
   exact: bool = True  # add the exact forward-KL limit rows (one-Gaussian students only)
 
@@ -84,6 +86,7 @@ class StudyConfig:
     require(self.reg_covar >= 0, f"--reg_covar={self.reg_covar}: must be >= 0")
     require(self.learning_rate > 0, f"--learning_rate={self.learning_rate}: must be > 0")
     require(0 < self.jsd_mix < 1, f"--jsd_mix={self.jsd_mix}: must be in (0, 1)")
+    require(self.convergence_tol > 0, f"--convergence_tol={self.convergence_tol}: must be > 0")
     require(self.teacher_components <= self.n_train,
             f"--teacher_components={self.teacher_components}: more than --n_train={self.n_train}")
     for name in ("n_train", "n_teacher_samples", "batch_size"):
@@ -106,43 +109,6 @@ class StudyConfig:
     return d
 
 
-def _gradient_init(cfg: StudyConfig, teacher: Mixture, key: jax.Array) -> Mixture:
-  """Start of a gradient-trained student: means at random teacher samples, covariance of a batch."""
-  x_NxD = mx.sample(teacher, key, cfg.batch_size)
-  k = cfg.student_components
-  means_KxD = x_NxD[:k]  # i.i.d. teacher samples already
-  w_K = jnp.full((k,), 1.0 / k, x_NxD.dtype)
-  diff_NxD = x_NxD - jnp.mean(x_NxD, axis=0)[None]
-  if cfg.diag:
-    cov = jnp.broadcast_to(jnp.mean(jnp.square(diff_NxD), axis=0)[None], means_KxD.shape)
-  else:
-    cov_DxD = diff_NxD.T @ diff_NxD / cfg.batch_size
-    cov = jnp.broadcast_to(cov_DxD[None], (k,) + cov_DxD.shape)
-  return mx.from_moments(w_K, means_KxD, cov + cfg.reg_covar if cfg.diag
-                         else cov + cfg.reg_covar * jnp.eye(means_KxD.shape[-1])[None])
-
-
-def train_student(cfg: StudyConfig, objective: str, teacher: Mixture,
-                  key: jax.Array) -> tuple[Mixture, jax.Array]:
-  """Adam on a density KD loss for cfg.steps steps; returns (student, loss per step)."""
-  loss = density.LOSSES[objective]
-  if objective == "jsd":
-    loss = partial(loss, mix=cfg.jsd_mix)
-  k_init, k_steps = jax.random.split(key)
-  student = _gradient_init(cfg, teacher, k_init)
-  opt = optax.adam(cfg.learning_rate)
-
-  def step(carry, k):
-    student, state = carry
-    value, grads = jax.value_and_grad(loss)(student, teacher, k, cfg.batch_size)
-    updates, state = opt.update(grads, state, student)
-    return (optax.apply_updates(student, updates), state), value
-
-  (student, _), losses = jax.lax.scan(step, (student, opt.init(student)),
-                                      jax.random.split(k_steps, cfg.steps))
-  return student, losses
-
-
 _KEY_NAMES = ("data", "teacher", "direct", "seq_x", "seq_init", "grad", "eval_star", "eval_student")
 
 
@@ -151,9 +117,25 @@ def _keys(seed) -> dict[str, jax.Array]:
   return dict(zip(_KEY_NAMES, jax.random.split(jax.random.PRNGKey(seed), len(_KEY_NAMES))))
 
 
+def _fit_info(cfg: StudyConfig, key, x_NxD, k) -> tuple[Mixture, train.TrainInfo]:
+  """EM fit and its report: EM's own convergence flag, the negative mean log-likelihood of its
+  data as the objective, no change (EM's stopping rule is its tolerance on that bound)."""
+  m, info = em.fit(key, x_NxD, k, diag=cfg.diag, init=cfg.em_init, max_iter=cfg.em_max_iter,
+                   tol=cfg.em_tol, reg_covar=cfg.reg_covar)
+  nan = jnp.full((), jnp.nan, x_NxD.dtype)
+  ok = info.converged & jnp.isfinite(info.lower_bound)
+  return m, train.TrainInfo(ok, -info.lower_bound, nan)
+
+
 def _fit(cfg: StudyConfig, key, x_NxD, k):
-  return em.fit(key, x_NxD, k, diag=cfg.diag, init=cfg.em_init, max_iter=cfg.em_max_iter,
-                tol=cfg.em_tol, reg_covar=cfg.reg_covar)[0]
+  return _fit_info(cfg, key, x_NxD, k)[0]
+
+
+def _train(cfg: StudyConfig, objective: str, teacher: Mixture, key):
+  return train.train_student(objective, teacher, key, components=cfg.student_components,
+                             steps=cfg.steps, batch_size=cfg.batch_size,
+                             learning_rate=cfg.learning_rate, jsd_mix=cfg.jsd_mix,
+                             tol=cfg.convergence_tol)
 
 
 def _score(cfg: StudyConfig, p_star: Mixture, seed_part: dict, student: Mixture):
@@ -177,7 +159,8 @@ def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
           "eval_draws": mx.draws(k["eval_student"], cfg.n_eval, d),
           "seq_draws": mx.draws(k["seq_x"], cfg.n_teacher_samples, d)}
   if "direct" in cfg.objectives:
-    part["direct"] = _fit(cfg, k["direct"], x_train_NxD, cfg.student_components)
+    part["direct"], part["direct_info"] = _fit_info(cfg, k["direct"], x_train_NxD,
+                                                    cfg.student_components)
     part["direct_scores"] = _score(cfg, p_star, part, part["direct"])
   return part
 
@@ -186,23 +169,30 @@ def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta) -> dict:
   """The rest of a configuration, given its seed_part: sharpen, the students, their scores."""
   k = part["keys"]
   sharp = mx.sharpen(part["teacher"], beta)
-  students, scores = {}, {}
+  students, scores, infos = {}, {}, {}
   for i, obj in enumerate(cfg.objectives):
     if obj == "direct":
       students[obj], scores[obj] = part["direct"], part["direct_scores"]
+      infos[obj] = part["direct_info"]
       continue
     if obj == "seqkd":
       x_teacher_NxD = mx.sample_with(sharp, part["seq_draws"])
-      students[obj] = _fit(cfg, k["seq_init"], x_teacher_NxD, cfg.student_components)
+      students[obj], infos[obj] = _fit_info(cfg, k["seq_init"], x_teacher_NxD,
+                                            cfg.student_components)
     else:
-      students[obj], _ = train_student(cfg, obj, sharp, jax.random.fold_in(k["grad"], i))
+      students[obj], infos[obj] = _train(cfg, obj, sharp, jax.random.fold_in(k["grad"], i))
     scores[obj] = _score(cfg, p_star, part, students[obj])
   if EXACT in cfg.methods:
     students[EXACT] = mx.moment_match(sharp, cfg.diag)
     scores[EXACT] = _score(cfg, p_star, part, students[EXACT])
+    nan = jnp.full((), jnp.nan, beta.dtype)
+    infos[EXACT] = train.TrainInfo(jnp.ones((), bool), nan, nan)  # closed form
   return {"teacher_entropy": mx.weight_entropy(sharp),
           "precision": {m: p for m, (p, _) in scores.items()},
           "recall": {m: r for m, (_, r) in scores.items()},
+          "converged": {m: i.converged for m, i in infos.items()},
+          "final_objective": {m: i.objective for m, i in infos.items()},
+          "objective_change": {m: i.change for m, i in infos.items()},
           "students": students, "teacher": part["teacher"]}
 
 

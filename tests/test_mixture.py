@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 from scipy.special import logsumexp
 
-from kdjax.gmm import mixture as mx
+from kdjax import mixture as mx
 
 
 def _scipy_log_prob(m, x):

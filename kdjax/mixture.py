@@ -43,7 +43,7 @@ def weights(m: Mixture) -> jax.Array:
   return jax.nn.softmax(m.logits, axis=-1)
 
 
-def _diag_embed(v: jax.Array) -> jax.Array:
+def diag_embed(v: jax.Array) -> jax.Array:
   """[..., D] -> [..., D, D] diagonal matrices (rank-explicit, fine under strict rank promotion)."""
   eye = jnp.eye(v.shape[-1], dtype=v.dtype)
   return v[..., :, None] * jnp.broadcast_to(eye, v.shape + v.shape[-1:])
@@ -52,9 +52,9 @@ def _diag_embed(v: jax.Array) -> jax.Array:
 def scale_tril(m: Mixture) -> jax.Array:
   """Cholesky factors of the component covariances, [K, D, D]."""
   if is_diag(m):
-    return _diag_embed(jnp.exp(m.scales))
+    return diag_embed(jnp.exp(m.scales))
   diag = jnp.diagonal(m.scales, axis1=-2, axis2=-1)
-  return jnp.tril(m.scales, -1) + _diag_embed(jnp.exp(diag))
+  return jnp.tril(m.scales, -1) + diag_embed(jnp.exp(diag))
 
 
 def covariances(m: Mixture) -> jax.Array:
@@ -77,7 +77,7 @@ def from_moments(weights_K: jax.Array, means_KxD: jax.Array, cov: jax.Array) -> 
     return Mixture(logits, means_KxD, 0.5 * jnp.log(cov))
   tril = jnp.linalg.cholesky(cov)
   diag = jnp.diagonal(tril, axis1=-2, axis2=-1)
-  raw = jnp.tril(tril, -1) + _diag_embed(jnp.log(diag))
+  raw = jnp.tril(tril, -1) + diag_embed(jnp.log(diag))
   return Mixture(logits, means_KxD, raw)
 
 
@@ -144,11 +144,63 @@ def sample_components(m: Mixture, key: jax.Array, n: int) -> jax.Array:
   gives an expectation under the mixture that is differentiable in the weights too (used by the
   reverse-KL and JSD students).
   """
-  k, d = m.means.shape
-  eps_KxNxD = jax.random.normal(key, (k, n, d), m.means.dtype)
+  return _per_component(m, jax.random.normal(key, m.means.shape[:1] + (n,) + m.means.shape[1:],
+                                              m.means.dtype))
+
+
+def _per_component(m: Mixture, eps_KxNxD: jax.Array) -> jax.Array:
+  """mu_k + L_k eps_kn for every component k and draw n, [K, N, D]."""
   if is_diag(m):
     return m.means[:, None, :] + jnp.exp(m.scales)[:, None, :] * eps_KxNxD
   return m.means[:, None, :] + jnp.einsum("kde,kne->knd", scale_tril(m), eps_KxNxD)
+
+
+def expectation(m: Mixture, key: jax.Array, n: int, fn, weight_gradients: bool = True
+                ) -> jax.Array:
+  """E_{x~m}[fn(x)] by stratified, antithetic Monte Carlo from about n draws (rounded up to an
+  even count); `fn` maps points [M, D] to values [M]. Unbiased, and differentiable in the means and
+  scales (reparameterized draws). Every Gaussian draw mu + L eps comes with its mirror mu - L eps,
+  which cancels the odd-order noise (the mean of a linear function comes out exact).
+
+  weight_gradients=True: n / K draws from EVERY component, averaged with the mixture's weights, so
+  the estimate is differentiable in the weights too (a student's expectation).
+  weight_gradients=False: components by systematic sampling, u_j = (j + U) / (n / 2), so each
+  component gets its expected share of the draws up to one (no component-choice noise, no draws
+  wasted on negligible components; a teacher's expectation, where no weight gradient is needed).
+  """
+  k, d = m.means.shape
+  if weight_gradients:
+    half = max(1, -(-n // (2 * k)))
+    eps_KxHxD = jax.random.normal(key, (k, half, d), m.means.dtype)
+    x_KxNxD = _per_component(m, jnp.concatenate([eps_KxHxD, -eps_KxHxD], axis=1))
+    f_KxN = fn(x_KxNxD.reshape(k * 2 * half, d)).reshape(k, 2 * half)
+    return jnp.sum(weights(m) * jnp.mean(f_KxN, axis=-1))
+  half = max(1, -(-n // 2))
+  key_u, key_e = jax.random.split(key)
+  u_H = (jnp.arange(half, dtype=m.means.dtype) + jax.random.uniform(key_u, (), m.means.dtype)) / half
+  eps_HxD = jax.random.normal(key_e, (half, d), m.means.dtype)
+  x_NxD = jnp.concatenate([sample_with(m, Draws(u_H, eps_HxD)),
+                           sample_with(m, Draws(u_H, -eps_HxD))])
+  return jnp.mean(fn(x_NxD))
+
+
+def gaussian_cross_entropy(m: Mixture, g: Mixture) -> jax.Array:
+  """E_{x~m}[-log g(x)] in closed form for a one-component g (log g is quadratic in x):
+  sum_k w_k 0.5 [D log 2 pi + log|S| + tr(S^-1 C_k) + (m_k - mu)^T S^-1 (m_k - mu)]."""
+  d = m.means.shape[-1]
+  diff_KxD = m.means - g.means[0][None]
+  if is_diag(m) and is_diag(g):
+    inv_var_D = jnp.exp(-2.0 * g.scales[0])
+    quad_K = jnp.sum((variances(m) + jnp.square(diff_KxD)) * inv_var_D[None], axis=-1)
+    log_det = 2.0 * jnp.sum(g.scales[0])
+  else:
+    tril = scale_tril(g)[0]
+    # ||L^-1 [L_k, m_k - mu]||_F^2 = tr(S^-1 C_k) + (m_k - mu)^T S^-1 (m_k - mu)
+    cols_KxDxE = jnp.concatenate([scale_tril(m), diff_KxD[:, :, None]], axis=-1)
+    solved = jax.vmap(lambda c: jax.scipy.linalg.solve_triangular(tril, c, lower=True))(cols_KxDxE)
+    quad_K = jnp.sum(jnp.square(solved), axis=(-2, -1))
+    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(tril)))
+  return jnp.sum(weights(m) * 0.5 * (d * LOG_2PI + log_det + quad_K))
 
 
 # Up to this many components, `sample` picks each draw's component parameters with a chain of
