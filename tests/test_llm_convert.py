@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from kdjax.llm import forward, load_model, save_hf  # noqa: E402
 from kdjax.llm import convert, gguf_io  # noqa: E402
+from kdjax.llm.loading import validate_spec  # noqa: E402
 
 TOL = 1e-4
 
@@ -60,6 +61,7 @@ def test_round_trip(tmp_path, num_kv_heads, tied):
   config, params = load_model(f"hf:{src}")
   assert (config.num_kv_heads, config.tie_embeddings, config.rope_theta, config.head_dim) == (
       num_kv_heads, tied, 500.0, 12)
+  assert validate_spec(f"hf:{src}") == config  # the pre-flight check accepts what loads
   assert ("lm_head" in params) == (not tied)
   ours = np.asarray(forward(config, params, jnp.asarray(ids)))
   assert np.abs(ours - ref).max() < TOL
@@ -73,7 +75,7 @@ def test_round_trip(tmp_path, num_kv_heads, tied):
   assert np.abs(_torch_logits(back, ids) - ref).max() < TOL
   # and ours reads its own export back exactly
   config2, params2 = load_model(f"hf:{out}")
-  assert config2 == config
+  assert config2 == config == validate_spec(f"hf:{out}")
   np.testing.assert_array_equal(np.asarray(params2["layers"]["attn"]["k"]["kernel"]),
                                 np.asarray(params["layers"]["attn"]["k"]["kernel"]))
 
@@ -84,6 +86,7 @@ def test_sharded_safetensors(tmp_path):
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 2
   config, params = load_model(f"hf:{tmp_path}")
+  assert validate_spec(f"hf:{tmp_path}") == config
   ids = _ids(96, seed=3)
   assert np.abs(np.asarray(forward(config, params, jnp.asarray(ids)))
                 - _torch_logits(model, ids)).max() < TOL
@@ -136,7 +139,7 @@ def test_ckpt_spec(tmp_path):
   described, info = describe_spec(f"ckpt:{tmp_path / 'ck'}")
   assert described == config and info["tokenizer"] == f"hf:{missing_tok}"
   config2, params2 = load_model(f"ckpt:{tmp_path / 'ck'}")
-  assert config2 == config
+  assert config2 == config == validate_spec(f"ckpt:{tmp_path / 'ck'}")
   np.testing.assert_array_equal(np.asarray(params2["lm_head"]["kernel"]),
                                 np.asarray(params["lm_head"]["kernel"]))
   with pytest.raises(UserError, match="no-tokenizer-here"):  # the recorded tokenizer is the one used

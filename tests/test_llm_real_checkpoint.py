@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from kdjax.cli import UserError  # noqa: E402
 from kdjax.llm import (describe_spec, get_preset, load_model, load_tokenizer, target_mask,  # noqa: E402
                        token_logprobs)
-from kdjax.llm.loading import default_gguf_path, gguf_bpe_tokenizer  # noqa: E402
+from kdjax.llm.loading import default_gguf_path, gguf_bpe_tokenizer, validate_spec  # noqa: E402
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -51,6 +51,9 @@ def test_config_is_the_135m_preset(real):
   assert described == config
   assert info["bytes"] == os.path.getsize(path) and info["num_params"] == 134515008
   assert info["tensor_types"] == ["F32", "Q4_1", "Q8_0"]
+  # gguf:default names this file wherever a spec is taken, and the pre-flight check (tensor table
+  # against the config) accepts it
+  assert validate_spec("gguf:default") == config == describe_spec("gguf:default")[0]
 
 
 def test_tokenizer_matches_gguf_vocabulary(real):

