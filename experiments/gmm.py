@@ -12,7 +12,8 @@ from absl import flags, logging
 
 from kdjax import cli
 
-_GT = flags.DEFINE_string("ground_truth", "grid8", "p*: grid8 (the paper's) or random:K:D")
+_GT = flags.DEFINE_string("ground_truth", "grid8", "p*: grid8 (the paper's), random:K:D, or "
+                          "json:PATH (weights, means, variances or covariances; see README)")
 _GT_SEED = flags.DEFINE_integer("ground_truth_seed", 0, "seed of a random:K:D ground truth")
 _N_TRAIN = flags.DEFINE_integer("n_train", 100, "p* samples the teacher and direct student see")
 _TEACHER_K = flags.DEFINE_integer("teacher_components", 4, "teacher mixture components K'")
@@ -33,7 +34,11 @@ _EM_TOL = flags.DEFINE_float("em_tol", 1e-3, "EM stops when the mean log-likelih
 _REG_COVAR = flags.DEFINE_float("reg_covar", 1e-6, "added to covariance diagonals (like sklearn)")
 _STEPS = flags.DEFINE_integer("steps", 300, "optimizer steps of the fkl / rkl / jsd students")
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Monte Carlo samples per optimizer step")
-_LR = flags.DEFINE_float("learning_rate", 0.05, "Adam learning rate of the gradient students")
+_LR = flags.DEFINE_float("learning_rate", 0.1, "peak Adam learning rate of the gradient students "
+                         "(whitened coordinates; warm-up then cosine decay)")
+_TOL = flags.DEFINE_float("convergence_tol", 0.01, "a gradient student has converged when its "
+                          "objective moved less than this (relative; absolute in nats below 1 "
+                          "nat) over the last quarter of its steps, Monte Carlo noise aside")
 _JSD_MIX = flags.DEFINE_float("jsd_mix", 0.5, "generalized JSD mixing pi in (0, 1); 0.5 = JSD")
 _SEED_CHUNK = flags.DEFINE_integer("seed_chunk", 16, "seeds whose beta parts run at once "
                                   "(bounds memory: seed_chunk x num_betas configurations)")
@@ -42,9 +47,18 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a workdir of another configuration")
 
 
+def _fmt(x) -> str:
+  return "n/a" if x is None else f"{x:.3f}"
+
+
+def _summary_text(label: str, e: dict) -> str:
+  text = f"{label}: precision {_fmt(e['precision']['mean'])} recall {_fmt(e['recall']['mean'])}"
+  return text + (f" ({e['left_out']} rows left out)" if e["left_out"] else "")
+
+
 def main(argv):
   cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
-  from kdjax.gmm import plots, report, study  # after flag parsing: errors stay fast
+  from kdjax.gmm import ground_truth, plots, report, study  # after flag parsing: fast errors
   objectives = tuple(o.strip() for o in _OBJECTIVES.value.split(",") if o.strip())
   cfg = study.StudyConfig(
       n_train=_N_TRAIN.value, teacher_components=_TEACHER_K.value,
@@ -53,13 +67,14 @@ def main(argv):
       em_init=_EM_INIT.value, em_max_iter=_EM_MAX_ITER.value, em_tol=_EM_TOL.value,
       reg_covar=_REG_COVAR.value, steps=_STEPS.value, batch_size=_BATCH.value,
       learning_rate=_LR.value, jsd_mix=_JSD_MIX.value, seed_chunk=_SEED_CHUNK.value,
+      convergence_tol=_TOL.value,
       exact=_EXACT.value)
   cli.require(_NUM_BETAS.value >= 1, f"--num_betas={_NUM_BETAS.value}: must be >= 1")
   cli.require(_NUM_SEEDS.value >= 1, f"--num_seeds={_NUM_SEEDS.value}: must be >= 1")
   cli.require(_BETA_MIN.value > 0, f"--beta_min={_BETA_MIN.value}: must be > 0")
   cli.require(_BETA_MAX.value >= _BETA_MIN.value,
               f"--beta_max={_BETA_MAX.value}: must be >= --beta_min={_BETA_MIN.value}")
-  p_star = study.ground_truth(_GT.value, _GT_SEED.value)
+  p_star = ground_truth.ground_truth(_GT.value, _GT_SEED.value)
   cli.require(_WORKDIR.value, "--workdir is required")
   config = dict(cfg.to_dict(), ground_truth=_GT.value, ground_truth_seed=_GT_SEED.value,
                 beta_min=_BETA_MIN.value, beta_max=_BETA_MAX.value, num_betas=_NUM_BETAS.value,
@@ -79,10 +94,10 @@ def main(argv):
   t0 = time.perf_counter()
   plots.write_all(_WORKDIR.value, rows, p_star, out, cfg.methods, betas, x_train=out["x_train"][0])
   logging.info("plots %.1f s", time.perf_counter() - t0)
+  for line in report.problems(rows):
+    logging.warning("%s", line)
   for m, entry in result["summary"].items():
-    logging.info("%-7s %s", m, "  ".join(
-        f"{label}: precision {e['precision']['mean']:.3f} recall {e['recall']['mean']:.3f}"
-        for label, e in entry.items()))
+    logging.info("%-7s %s", m, "  ".join(_summary_text(label, e) for label, e in entry.items()))
   print(f"compile_seconds={timing['compile_seconds']:.2f} sweep_seconds="
         f"{timing['sweep_seconds']:.2f} configs={timing['configs']} -> {_WORKDIR.value}")
 

@@ -4,6 +4,7 @@ recall, and density panels like the paper's."""
 from __future__ import annotations
 
 import io
+import warnings
 
 import matplotlib
 import matplotlib.ticker
@@ -29,19 +30,31 @@ def _save(fig, path: str) -> None:
   cli.atomic_write_bytes(path, buf.getvalue())
 
 
+def _value(r, key) -> float:
+  """A row's value for the figures: NaN (left out of every mean) unless the row is `ok`."""
+  ok = r.get("status", "ok") == "ok" and r[key] is not None
+  return float(r[key]) if ok else np.nan
+
+
+def _left_out_text(rows) -> str:
+  n = sum(r.get("status", "ok") != "ok" for r in rows)
+  return f"; {n} unconverged / non-finite rows left out" if n else ""
+
+
 def _by_objective(rows, key):
-  """{objective: (betas [B], values [S, B])} from result rows (direct: betas None, values [S])."""
+  """{objective: (betas [B], values [S, B])} from result rows (direct: betas None, values [S]);
+  rows that are not `ok` (unconverged, non-finite) are NaN, so the nan-means leave them out."""
   out = {}
   for m in dict.fromkeys(r["objective"] for r in rows):
     rs = [r for r in rows if r["objective"] == m]
     seeds = sorted({r["seed"] for r in rs})
     if m == "direct":
-      out[m] = (None, np.array([[r[key] for r in rs if r["seed"] == s][0] for s in seeds], float))
+      out[m] = (None, np.array([[_value(r, key) for r in rs if r["seed"] == s][0]
+                                for s in seeds], float))
       continue
     betas = sorted({r["beta"] for r in rs})
-    table = {(r["seed"], r["beta"]): r[key] for r in rs}
-    vals = np.array([[np.nan if table[(s, b)] is None else table[(s, b)] for b in betas]
-                     for s in seeds], float)
+    table = {(r["seed"], r["beta"]): _value(r, key) for r in rs}
+    vals = np.array([[table[(s, b)] for b in betas] for s in seeds], float)
     out[m] = (np.array(betas), vals)
   return out
 
@@ -75,7 +88,8 @@ def plot_metric_vs_beta(rows, key: str, path: str) -> None:
           "recall": "recall  E_p*[log student(x)]"}.get(key, key)
   ax.set_ylabel(name)
   n_seeds = next(iter(data.values()))[1].shape[0]
-  ax.set_title(f"{key} vs beta: mean and +-1 sd over {n_seeds} seeds")
+  ax.set_title(f"{key} vs beta: mean and +-1 sd over {n_seeds} seeds{_left_out_text(rows)}",
+               fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   _save(fig, path)
@@ -106,7 +120,8 @@ def plot_precision_recall(rows, path: str) -> None:
     fig.colorbar(sc, ax=ax, label="beta")
   ax.set_xlabel("recall  E_p*[log student(x)]")
   ax.set_ylabel("precision  E_student[log p*(x)]")
-  ax.set_title("precision vs recall (seed means), coloured by beta")
+  ax.set_title(f"precision vs recall (seed means), coloured by beta{_left_out_text(rows)}",
+               fontsize=9)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   _save(fig, path)
@@ -147,6 +162,8 @@ def plot_densities(panels: list[tuple[str, Mixture]], path: str, points=None,
     ax.set_axis_off()
   for ax, (title, m) in zip(axes.ravel(), panels):
     dens = np.exp(_log_density_2d(m, xy_Nx2)).reshape(n, n)
+    if not np.all(np.isfinite(dens)):
+      title, dens = f"{title} (non-finite)", np.where(np.isfinite(dens), dens, 0.0)
     ax.set_axis_on()
     ax.contourf(xx, yy, dens, levels=20, cmap="magma")
     ax.set_title(title, fontsize=9)
@@ -164,9 +181,11 @@ def write_all(workdir: str, rows, p_star: Mixture, out: dict, methods, betas_B,
   """All figures of a run; returns their paths. Density panels show seed `seed_index`."""
   paths = [f"{workdir}/precision_vs_beta.png", f"{workdir}/recall_vs_beta.png",
            f"{workdir}/precision_vs_recall.png", f"{workdir}/densities.png"]
-  plot_metric_vs_beta(rows, "precision", paths[0])
-  plot_metric_vs_beta(rows, "recall", paths[1])
-  plot_precision_recall(rows, paths[2])
+  with warnings.catch_warnings():  # all-NaN columns (every seed left out) plot as gaps
+    warnings.simplefilter("ignore", RuntimeWarning)
+    plot_metric_vs_beta(rows, "precision", paths[0])
+    plot_metric_vs_beta(rows, "recall", paths[1])
+    plot_precision_recall(rows, paths[2])
   pick = lambda tree, b: jax.tree.map(lambda a: a[seed_index, b], tree)
   betas_B = np.asarray(betas_B)
   b_last = len(betas_B) - 1
@@ -182,5 +201,7 @@ def write_all(workdir: str, rows, p_star: Mixture, out: dict, methods, betas_B,
   for m in methods:
     label = "direct student" if m == "direct" else f"{m} student, beta={betas_B[-1]:g}"
     panels.append((label, pick(out["students"][m], b_last)))
-  plot_densities(panels, paths[3], points=x_train)
+  with warnings.catch_warnings(), np.errstate(all="ignore"):
+    warnings.simplefilter("ignore", RuntimeWarning)
+    plot_densities(panels, paths[3], points=x_train)
   return paths
