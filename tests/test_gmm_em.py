@@ -98,3 +98,20 @@ def test_one_component_fit_from_any_start_is_the_maximum_likelihood_gaussian(dia
                              np.asarray(mx.covariances(stepped)), rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(float(info.lower_bound), float(jnp.mean(mx.log_prob(stepped, x))),
                              rtol=1e-6)
+
+
+@pytest.mark.parametrize("diag", [True, False])
+def test_a_component_collapsing_onto_one_point_keeps_reg_covar(diag):
+  """Duplicated points pull a component onto a single point: its variance must stay >= reg_covar
+  (scikit-learn's guard) and every log-density finite."""
+  reg = 1e-3
+  x = jnp.concatenate([jnp.full((40, 2), 5.0), mx.sample(mx.grid8(), jax.random.PRNGKey(0), 60)])
+  start = em.init_mixture(jax.random.PRNGKey(1), x, 3, diag=diag, init="kmeans", reg_covar=reg)
+  fitted, _ = em.fit_from(x, start, max_iter=50, tol=1e-8, reg_covar=reg)
+  var = np.asarray(mx.variances(fitted))
+  collapsed = np.argmin(np.linalg.norm(np.asarray(fitted.means) - 5.0, axis=-1))
+  np.testing.assert_allclose(var[collapsed], reg, rtol=1e-2)  # it did collapse, onto reg_covar
+  assert np.all(var >= reg * (1 - 1e-4)), var
+  assert np.all(np.isfinite(np.asarray(mx.log_prob(fitted, x))))
+  one = em.one_gaussian(jnp.full((10, 2), 3.0), diag, reg)
+  np.testing.assert_allclose(np.asarray(mx.variances(one)), reg, rtol=1e-4)
