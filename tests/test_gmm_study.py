@@ -29,29 +29,45 @@ def _grid8_log_prob(x):
   return logsumexp(-d2 / (2 * 0.025) - np.log(2 * np.pi * 0.025) - np.log(8), axis=-1)
 
 
-def _gm_sample(rng, weights, means, variances, n):
+# full covariances and a two-component student: the EM students must agree there too
+CFG_FULL = study.StudyConfig(objectives=("direct", "seqkd"), n_eval=N_EVAL, covariance="full",
+                             student_components=2)
+
+
+def _gm_sample(rng, weights, means, cov, n):
+  """Samples of a mixture with diagonal variances [K, D] or full covariances [K, D, D]."""
   comp = rng.choice(len(weights), size=n, p=weights)
-  return means[comp] + np.sqrt(variances[comp]) * rng.standard_normal((n, means.shape[1]))
+  eps = rng.standard_normal((n, means.shape[1]))
+  if cov.ndim == 2:
+    return means[comp] + np.sqrt(cov[comp]) * eps
+  return means[comp] + np.einsum("nde,ne->nd", np.linalg.cholesky(cov)[comp], eps)
 
 
-def _sklearn_protocol(seed):
+def _sklearn_protocol(seed, cfg=CFG):
   """The authors' way (scikit-learn, numpy RNG): {objective: [(precision, recall) per beta]}."""
   rng = np.random.default_rng(1000 + seed)
-  x = _grid8_sample(rng, CFG.n_train)
-  teacher = GaussianMixture(4, covariance_type="diag", random_state=seed).fit(x)
+  x = _grid8_sample(rng, cfg.n_train)
+  cov = cfg.covariance
+  teacher = GaussianMixture(cfg.teacher_components, covariance_type=cov, random_state=seed).fit(x)
   x_star = _grid8_sample(rng, N_EVAL)
 
   def score(student):
     xs = _gm_sample(rng, student.weights_, student.means_, student.covariances_, N_EVAL)
     return _grid8_log_prob(xs).mean(), student.score(x_star)
 
-  direct = score(GaussianMixture(1, covariance_type="diag").fit(x))
+  k = cfg.student_components
+  direct = score(GaussianMixture(k, covariance_type=cov, random_state=seed).fit(x))
   out = {"direct": [direct] * len(BETAS), "seqkd": []}
   for beta in BETAS:
     w = teacher.weights_ ** beta
-    xt = _gm_sample(rng, w / w.sum(), teacher.means_, teacher.covariances_, CFG.n_teacher_samples)
-    out["seqkd"].append(score(GaussianMixture(1, covariance_type="diag").fit(xt)))
+    xt = _gm_sample(rng, w / w.sum(), teacher.means_, teacher.covariances_, cfg.n_teacher_samples)
+    out["seqkd"].append(score(GaussianMixture(k, covariance_type=cov, random_state=seed).fit(xt)))
   return out
+
+
+def _reference(cfg):
+  runs = [_sklearn_protocol(s, cfg) for s in range(SEEDS)]
+  return {m: np.array([r[m] for r in runs]) for m in ("direct", "seqkd")}  # [S, B, 2]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +77,17 @@ def grid():
 
 @pytest.fixture(scope="module")
 def reference():
-  runs = [_sklearn_protocol(s) for s in range(SEEDS)]
-  return {m: np.array([r[m] for r in runs]) for m in ("direct", "seqkd")}  # [S, B, 2]
+  return _reference(CFG)
+
+
+@pytest.fixture(scope="module")
+def grid_full():
+  return study.grid_fn(CFG_FULL, mx.grid8(), jnp.arange(SEEDS), jnp.asarray(BETAS))
+
+
+@pytest.fixture(scope="module")
+def reference_full():
+  return _reference(CFG_FULL)
 
 
 def _mean_se(v):
@@ -74,6 +99,16 @@ def _mean_se(v):
 def test_agrees_with_sklearn_within_monte_carlo_error(grid, reference, objective, metric):
   ours_mean, ours_se = _mean_se(np.asarray(grid[metric][objective], np.float64))
   ref_mean, ref_se = _mean_se(reference[objective][:, :, 0 if metric == "precision" else 1])
+  z = np.abs(ours_mean - ref_mean) / np.sqrt(ours_se**2 + ref_se**2)
+  assert np.all(z < 4.0), (objective, metric, ours_mean, ref_mean, ours_se, ref_se)
+
+
+@pytest.mark.parametrize("objective", ["direct", "seqkd"])
+@pytest.mark.parametrize("metric", ["precision", "recall"])
+def test_full_covariance_two_component_students_agree_with_sklearn(grid_full, reference_full,
+                                                                   objective, metric):
+  ours_mean, ours_se = _mean_se(np.asarray(grid_full[metric][objective], np.float64))
+  ref_mean, ref_se = _mean_se(reference_full[objective][:, :, 0 if metric == "precision" else 1])
   z = np.abs(ours_mean - ref_mean) / np.sqrt(ours_se**2 + ref_se**2)
   assert np.all(z < 4.0), (objective, metric, ours_mean, ref_mean, ours_se, ref_se)
 
