@@ -32,7 +32,11 @@ def test_results_json_rows_and_timing(smoke_run):
     result = json.load(f)
   rows = result["rows"]
   for r in rows:
-    assert set(r) >= {"objective", "beta", "seed", "precision", "recall", "teacher_entropy"}
+    assert set(r) >= {"objective", "beta", "seed", "precision", "recall", "teacher_entropy",
+                      "status", "converged", "final_objective", "objective_change", "note"}
+    assert r["status"] in ("ok", "not_converged", "non_finite")
+    if r["objective"] in ("fkl", "rkl", "jsd"):
+      assert r["final_objective"] is not None and r["objective_change"] is not None
   objectives = {r["objective"] for r in rows}
   assert objectives == {"direct", "seqkd", "fkl", "rkl", "jsd", "exact"}
   direct = [r for r in rows if r["objective"] == "direct"]
@@ -61,7 +65,9 @@ def test_csv_has_the_same_rows(smoke_run):
   with open(os.path.join(smoke_run, "results.csv")) as f:
     table = list(csv.DictReader(f))
   assert len(table) == len(rows)
-  assert list(table[0]) == ["objective", "beta", "seed", "precision", "recall", "teacher_entropy"]
+  assert list(table[0]) == ["objective", "beta", "seed", "precision", "recall", "teacher_entropy",
+                            "status", "converged", "final_objective", "objective_change",
+                            "objective_gap", "note"]
   for r, t in zip(rows, table):
     assert t["objective"] == r["objective"]
     assert float(t["precision"]) == pytest.approx(r["precision"])
@@ -108,6 +114,8 @@ def test_other_configuration_is_refused_unless_overwrite(smoke_run):
     (["--covariance=spherical"], "--covariance"),
     (["--jsd_mix=1.5"], "--jsd_mix"),
     (["--ground_truth=random:x:2"], "--ground_truth"),
+    (["--ground_truth=json:/nonexistent.json"], "--ground_truth"),
+    (["--convergence_tol=0"], "--convergence_tol"),
     (["--flagfile=/nonexistent/gmm.flags"], "gmm.flags"),
 ])
 def test_flag_errors_are_one_line(tmp_path, args, flag):
@@ -117,3 +125,83 @@ def test_flag_errors_are_one_line(tmp_path, args, flag):
   assert len(lines) == 1, proc.stderr
   assert flag in lines[0] and "Traceback" not in proc.stderr
   assert not os.path.exists(f"{tmp_path}/w/results.json")
+
+
+POISON = """
+import sys
+import experiments.gmm as entry
+from kdjax import cli
+from kdjax.gmm import study
+real = study.compile_and_run
+def poisoned(cfg, p_star, seeds, betas):
+  out, timing = real(cfg, p_star, seeds, betas)
+  out["precision"]["rkl"] = out["precision"]["rkl"].at[1, 0].set(float("nan"))
+  out["recall"]["jsd"] = out["recall"]["jsd"].at[0, 2].set(-float("inf"))
+  return out, timing
+study.compile_and_run = poisoned
+cli.run(entry.main)
+"""
+
+
+def test_non_finite_rows_warn_once_per_objective_and_exit_zero(tmp_path):
+  """NaN / inf in a row (injected into the grid's outputs): one warning line per objective naming
+  the betas and seeds, null values with the reason, left out of the summary, exit status 0."""
+  env = dict(os.environ, PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-c", POISON, f"--flagfile={SMOKE}",
+                         f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "Traceback" not in proc.stderr
+  warned = [l for l in proc.stderr.splitlines() if "non-finite" in l]
+  assert len(warned) == 2, proc.stderr
+  (rkl,) = [l for l in warned if "rkl:" in l]
+  assert "betas 1;" in rkl and "seeds 1" in rkl, rkl
+  (jsd,) = [l for l in warned if "jsd:" in l]
+  assert "betas 30;" in jsd and "seeds 0" in jsd, jsd
+  result = json.load(open(os.path.join(tmp_path, "results.json")))
+  bad = [r for r in result["rows"] if r["status"] == "non_finite"]
+  assert len(bad) == 2 and result["left_out"]["non_finite"] == 2
+  (r,) = [r for r in bad if r["objective"] == "rkl"]
+  assert r["precision"] is None and r["recall"] is not None and "precision was nan" in r["note"]
+  (r,) = [r for r in bad if r["objective"] == "jsd"]
+  assert r["recall"] is None and "recall was -inf" in r["note"]
+  assert result["summary"]["rkl"]["beta=1"]["left_out"] == 1
+  assert result["summary"]["rkl"]["beta=1"]["n"] == 1
+  assert result["summary"]["jsd"]["beta=30"]["left_out"] == 1
+  assert "left out" in proc.stderr
+
+
+def test_the_issues_high_dimensional_case_ends_cleanly(tmp_path):
+  """random:3:40 with full covariances and rkl (NaN rows and a traceback before): exit 0, every
+  row either finite or flagged, and the summary never formats a missing mean."""
+  proc = _run(f"--flagfile={SMOKE}", "--ground_truth=random:3:40", "--covariance=full",
+              "--objectives=rkl", f"--workdir={tmp_path}")
+  assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  rows = json.load(open(os.path.join(tmp_path, "results.json")))["rows"]
+  for r in rows:
+    finite = r["precision"] is not None and r["recall"] is not None
+    assert finite or r["status"] == "non_finite", r
+
+
+def test_json_ground_truth_line_from_the_readme(tmp_path):
+  (line,) = [l.strip() for l in open(os.path.join(REPO, "README.md"))
+             if l.strip().startswith("python -m experiments.gmm") and "json:" in l]
+  argv = [a for a in line.split()[3:] if not a.startswith("--workdir=")]
+  proc = _run(*argv, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.load(open(os.path.join(tmp_path, "results.json")))
+  assert result["config"]["ground_truth"].startswith("json:")
+  assert all(r["precision"] is not None for r in result["rows"])
+
+
+def test_summary_means_use_ok_rows_only():
+  from kdjax.gmm import report
+  row = lambda seed, p, status: {"objective": "rkl", "beta": 1.0, "seed": seed, "precision": p,
+                                 "recall": -1.0, "status": status}
+  rows = [row(0, -1.0, "ok"), row(1, -3.0, "ok"), row(2, -100.0, "not_converged"),
+          row(3, None, "non_finite")]
+  entry = report.summarize(rows)["rkl"]["beta=1"]
+  assert entry["n"] == 2 and entry["left_out"] == 2
+  assert entry["precision"]["mean"] == pytest.approx(-2.0)
+  lines = report.problems(rows)
+  assert len(lines) == 2 and any("seeds 2" in l and "did not converge" in l for l in lines)

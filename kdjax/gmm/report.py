@@ -20,7 +20,7 @@ from kdjax import cli
 from kdjax.gmm.study import EXACT
 
 ROW_KEYS = ("objective", "beta", "seed", "precision", "recall", "teacher_entropy", "status",
-            "converged", "final_objective", "objective_change", "note")
+            "converged", "final_objective", "objective_change", "objective_gap", "note")
 
 
 def _num(x) -> float | None:
@@ -51,7 +51,8 @@ def rows_from_outputs(methods, out: dict, seeds_S, betas_B) -> list[dict]:
   rows = []
   for m in methods:
     arrays = {key: np.asarray(out[key][m]) for key in
-              ("precision", "recall", "converged", "final_objective", "objective_change")}
+              ("precision", "recall", "converged", "final_objective", "objective_change",
+               "objective_gap")}
     for s, seed in enumerate(seeds_S):
       for b, beta in enumerate(betas_B if m != "direct" else [None]):
         at = (s, b if beta is not None else 0)
@@ -61,7 +62,8 @@ def rows_from_outputs(methods, out: dict, seeds_S, betas_B) -> list[dict]:
                "teacher_entropy": None if beta is None else _num(entropy_SxB[at]),
                "converged": bool(arrays["converged"][at]),
                "final_objective": _num(arrays["final_objective"][at]),
-               "objective_change": _num(arrays["objective_change"][at])}
+               "objective_change": _num(arrays["objective_change"][at]),
+               "objective_gap": _num(arrays["objective_gap"][at])}
         rows.append(_judge(row, raw))
   return rows
 
