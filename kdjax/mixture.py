@@ -22,6 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kdjax import linalg
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -75,7 +77,7 @@ def from_moments(weights_K: jax.Array, means_KxD: jax.Array, cov: jax.Array) -> 
   logits = jnp.log(weights_K)
   if cov.ndim == means_KxD.ndim:
     return Mixture(logits, means_KxD, 0.5 * jnp.log(cov))
-  tril = jnp.linalg.cholesky(cov)
+  tril = linalg.cholesky(cov)
   diag = jnp.diagonal(tril, axis1=-2, axis2=-1)
   raw = jnp.tril(tril, -1) + diag_embed(jnp.log(diag))
   return Mixture(logits, means_KxD, raw)
@@ -93,7 +95,7 @@ def _component_log_prob_KxN(m: Mixture, x_NxD: jax.Array) -> jax.Array:
       quad_KxN = quad_KxN + jnp.square(z_KxN)
   else:
     eye = jnp.broadcast_to(jnp.eye(d, dtype=x_NxD.dtype), m.scales.shape)
-    inv_KxDxD = jax.scipy.linalg.solve_triangular(scale_tril(m), eye, lower=True)
+    inv_KxDxD = linalg.solve_lower(scale_tril(m), eye)
     diff_KxDxN = x_NxD.T[None, :, :] - m.means[:, :, None]
     z_KxDxN = jnp.einsum("kde,ken->kdn", inv_KxDxD, diff_KxDxN)
     quad_KxN = jnp.sum(jnp.square(z_KxDxN), axis=1)
@@ -197,7 +199,8 @@ def gaussian_cross_entropy(m: Mixture, g: Mixture) -> jax.Array:
     tril = scale_tril(g)[0]
     # ||L^-1 [L_k, m_k - mu]||_F^2 = tr(S^-1 C_k) + (m_k - mu)^T S^-1 (m_k - mu)
     cols_KxDxE = jnp.concatenate([scale_tril(m), diff_KxD[:, :, None]], axis=-1)
-    solved = jax.vmap(lambda c: jax.scipy.linalg.solve_triangular(tril, c, lower=True))(cols_KxDxE)
+    solved = linalg.solve_lower(jnp.broadcast_to(tril, cols_KxDxE.shape[:1] + tril.shape),
+                                cols_KxDxE)
     quad_K = jnp.sum(jnp.square(solved), axis=(-2, -1))
     log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(tril)))
   return jnp.sum(weights(m) * 0.5 * (d * LOG_2PI + log_det + quad_K))
