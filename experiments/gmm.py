@@ -6,17 +6,11 @@ Writes DIR/config.json, DIR/results.json {"rows", "timing", "summary", ...}, DIR
 DIR/*.png (precision / recall vs beta, precision vs recall, density panels). See kdjax/gmm/study.py.
 """
 
-import os
 import time
 
-# Before JAX starts: XLA:CPU's multi-threaded Eigen pool can wedge on the study's grid (see
-# kdjax.gmm.study.compiler_options); single-threaded Eigen avoids it at no measurable cost.
-os.environ["XLA_FLAGS"] = " ".join(
-    f for f in (os.environ.get("XLA_FLAGS"), "--xla_cpu_multi_thread_eigen=false") if f)
+from absl import flags, logging
 
-from absl import flags, logging  # noqa: E402
-
-from kdjax import cli  # noqa: E402
+from kdjax import cli
 
 _GT = flags.DEFINE_string("ground_truth", "grid8", "p*: grid8 (the paper's), random:K:D, or "
                           "json:PATH (weights, means, variances or covariances; see README)")

@@ -3,10 +3,6 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# XLA:CPU's multi-threaded Eigen pool can wedge on the GMM study's vmapped grids (every thread
-# idle, the result never ready); single-threaded Eigen avoids it (kdjax.gmm.study.compiler_options)
-if "xla_cpu_multi_thread_eigen" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -234,9 +234,6 @@ def seed_batch(cfg: StudyConfig, num_seeds: int) -> int:
 grid_fn = jax.jit(run_grid, static_argnums=0)
 
 
-EIGEN_FLAG = "--xla_cpu_multi_thread_eigen=false"
-
-
 def compiler_options() -> dict:
   """XLA options for compiling the grid, measured on the 2-core CPU this was built on (bench_gmm):
 
@@ -247,11 +244,6 @@ def compiler_options() -> dict:
     pipeline and the newer fusion emitters cost ~2.5 s of compilation for no measurable speed in
     this elementwise-bound sweep (compile 3.8 s -> 1.4 s, sweep unchanged at ~0.23 s).
   On other backends: none.
-
-  Not a compile option but a process-wide one: XLA:CPU's multi-threaded Eigen pool can wedge on
-  this grid (seen with full covariances, 16 seeds x 32 betas: every thread idle, the result never
-  ready, about one run in three). `EIGEN_FLAG` in XLA_FLAGS before JAX starts avoids it (16 of 16
-  runs) at no measurable cost; the entry points (experiments.gmm, bench_gmm) and the tests set it.
   """
   if jax.default_backend() != "cpu":
     return {}
