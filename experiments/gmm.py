@@ -36,9 +36,9 @@ _STEPS = flags.DEFINE_integer("steps", 300, "optimizer steps of the fkl / rkl / 
 _BATCH = flags.DEFINE_integer("batch_size", 128, "Monte Carlo samples per optimizer step")
 _LR = flags.DEFINE_float("learning_rate", 0.1, "peak Adam learning rate of the gradient students "
                          "(whitened coordinates; warm-up then cosine decay)")
-_TOL = flags.DEFINE_float("convergence_tol", 0.01, "a gradient student has converged when its "
-                          "objective moved less than this (relative; absolute in nats below 1 "
-                          "nat) over the last quarter of its steps, Monte Carlo noise aside")
+_TOL = flags.DEFINE_float("convergence_tol", 0.01, "a gradient student has converged when the "
+                          "decrease its gradient at the end still promises (0.5 |E grad|^2 in "
+                          "whitened coordinates) is at most this many nats")
 _JSD_MIX = flags.DEFINE_float("jsd_mix", 0.5, "generalized JSD mixing pi in (0, 1); 0.5 = JSD")
 _SEED_CHUNK = flags.DEFINE_integer("seed_chunk", 16, "seeds whose beta parts run at once "
                                   "(bounds memory: seed_chunk x num_betas configurations)")

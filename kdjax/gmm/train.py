@@ -1,26 +1,28 @@
 """Gradient-trained GMM students (fkl, rkl, jsd): Adam in whitened coordinates, a decaying
 learning rate, and a convergence report for every student.
 
-Coordinates. The student is optimised relative to a reference Gaussian N(m0, L0 L0^T): the
-teacher's moment match (closed form). A component's mean is m0 + L0 a and its covariance's
-Cholesky factor is L0 T(b), T(b) = tril(b, -1) + diag(exp(diag b)) (diagonal: std = s0 exp(b)).
+Coordinates. Each student component k is optimised relative to a reference Gaussian
+N(m0_k, L0_k L0_k^T), its start. Its mean is m0_k + L0_k a_k and its covariance's Cholesky factor
+is L0_k T(b_k), T(b) = tril(b, -1) + diag(exp(diag b)) (diagonal: std = s0_k exp(b_k)).
 In these coordinates the problem looks the same whatever the data's scale, orientation or
 dimension, so one learning rate suits 2-D and 16-D alike, and every parameter value is a valid
 covariance. The product of two lower-triangular factors is lower triangular with diagonal
 diag(L0) exp(diag b), so the student's log-scales are a sum, never a log of a computed value.
 
-Start. Means at K i.i.d. samples of the teacher, every covariance the teacher's (b = 0), equal
-weights.
+Start (`start`): fkl at k teacher samples with the teacher's moment-matched covariance; rkl and jsd
+at k teacher components drawn by weight.
 
 Schedule. Adam with a linear warm-up (5% of the steps) and a cosine decay to 1% of the peak: the
 decay averages out the Monte Carlo noise of the per-step gradients, which a fixed rate does not.
 Gradients are clipped to a global norm of 10 (only an exploding step is touched).
 
-Convergence. The objective is estimated on one fixed set of `4 * batch_size` draws (common random
-numbers) at half the steps and at the end. `change` is |L_end - L_half| / max(|L_end|, 1): the
-relative change over the second half, measured in nats below 1 nat. A student is `converged` when
-its objective and parameters are finite and change <= tol. Unconverged students are kept in the
-results, flagged, and left out of the summary's means.
+Convergence. At the end the objective and its gradient are estimated on EVAL_REPEATS independent
+sets of 2 * batch_size draws. `gap` = 0.5 |E grad|^2 (|E grad|^2 estimated without the Monte Carlo
+noise's bias) is the decrease a unit Newton step would still buy, in nats: the curvature is about
+1 in the whitened coordinates. A student is `converged` when everything is finite and gap <= tol.
+`change` (reported, not judged) is the objective's relative change over the last quarter of the
+steps, on the same draws (|L_end - L_3/4| / max(|L_end|, 1)). Unconverged students stay in the
+results, flagged, and out of the summary's means.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class TrainInfo(NamedTuple):
   converged: jax.Array  # bool
   objective: jax.Array  # the objective at the end, on the fixed evaluation draws
   change: jax.Array  # relative change of that objective over the last quarter of the steps
-  gap: jax.Array  # relative decrease still to be had, estimated from the gradient at the end
+  gap: jax.Array  # decrease still to be had (nats), estimated from the gradient at the end
 
 
 def _tril_factor(b_KxDxD: jax.Array) -> jax.Array:
@@ -154,7 +156,7 @@ def train_student(objective: str, teacher: Mixture, key: jax.Array, *, component
   # the curvature is about 1), with |E grad|^2 estimated without the Monte Carlo noise's bias
   mean_P = jnp.mean(g_RxP, axis=0)
   noise = jnp.sum(jnp.var(g_RxP, axis=0, ddof=1)) / EVAL_REPEATS
-  gap = 0.5 * jnp.maximum(jnp.sum(jnp.square(mean_P)) - noise, 0.0) / scale
+  gap = 0.5 * jnp.maximum(jnp.sum(jnp.square(mean_P)) - noise, 0.0)
   finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))
   finite = finite & jnp.all(jnp.isfinite(values_Rx2)) & jnp.all(jnp.isfinite(g_RxP))
   return white.to_mixture(params), TrainInfo(finite & (gap <= tol), final, change, gap)
