@@ -89,10 +89,14 @@ def _component_log_prob_KxN(m: Mixture, x_NxD: jax.Array) -> jax.Array:
   if is_diag(m):
     inv_KxD = jnp.exp(-m.scales)
     log_det_K = jnp.sum(m.scales, axis=-1)
-    quad_KxN = jnp.zeros((m.means.shape[0], x_NxD.shape[0]), x_NxD.dtype)
-    for i in range(d):  # static loop over dimensions: no [K, N, D] tensor with a tiny minor axis
-      z_KxN = (x_NxD[None, :, i] - m.means[:, i, None]) * inv_KxD[:, i, None]
-      quad_KxN = quad_KxN + jnp.square(z_KxN)
+    if d <= _UNROLL_MAX_DIMS:  # static loop: no [K, N, D] tensor with a tiny minor axis
+      quad_KxN = jnp.zeros((m.means.shape[0], x_NxD.shape[0]), x_NxD.dtype)
+      for i in range(d):
+        z_KxN = (x_NxD[None, :, i] - m.means[:, i, None]) * inv_KxD[:, i, None]
+        quad_KxN = quad_KxN + jnp.square(z_KxN)
+    else:  # one reduction over D: compiles in a time independent of D
+      z_KxNxD = (x_NxD[None, :, :] - m.means[:, None, :]) * inv_KxD[:, None, :]
+      quad_KxN = jnp.sum(jnp.square(z_KxNxD), axis=-1)
   else:
     eye = jnp.broadcast_to(jnp.eye(d, dtype=x_NxD.dtype), m.scales.shape)
     inv_KxDxD = linalg.solve_lower(scale_tril(m), eye)
@@ -126,9 +130,13 @@ def _log_prob_unrolled(m: Mixture, x_NxD: jax.Array) -> jax.Array:
   return top_N + jnp.log(sum(jnp.exp(j - top_N) for j in joints))
 
 
-def log_prob(m: Mixture, x_NxD: jax.Array) -> jax.Array:
-  """log p(x_n) under the mixture, [N]."""
-  if is_diag(m) and 1 < m.means.shape[0] <= _UNROLL_MAX_COMPONENTS:
+def log_prob(m: Mixture, x_NxD: jax.Array, max_unrolled: int | None = None) -> jax.Array:
+  """log p(x_n) under the mixture, [N]. A diagonal mixture of K > 1 components takes the unrolled
+  K x D chains while K * D <= max_unrolled (default _UNROLL_MAX_TERMS), above it the vectorized
+  path."""
+  k, d = m.means.shape[-2:]
+  limit = _UNROLL_MAX_TERMS if max_unrolled is None else max_unrolled
+  if is_diag(m) and 1 < k and k * d <= limit:
     return _log_prob_unrolled(m, x_NxD)
   joint_KxN = _component_log_prob_KxN(m, x_NxD) + log_weights(m)[:, None]
   if joint_KxN.shape[0] == 1:  # one component: log-sum-exp of one term is that term (exactly)
@@ -206,11 +214,22 @@ def gaussian_cross_entropy(m: Mixture, g: Mixture) -> jax.Array:
   return jnp.sum(weights(m) * 0.5 * (d * LOG_2PI + log_det + quad_K))
 
 
-# Up to this many components, `sample` picks each draw's component parameters with a chain of
-# selects and `log_prob` (diagonal) keeps one elementwise array per component: both fuse into one
-# vectorized loop, where a gather / a reduction over the component axis ran slowly on CPU (worse
-# under vmap). Above it, the gather and the reduction; both ways give the same values.
+# Unrolling: what is written as a static Python loop of elementwise ops, and up to what size.
+# Unrolled chains fuse into one vectorized loop, where a gather / a reduction over a tiny axis ran
+# slowly on CPU (worse under vmap); but each unrolled op is traced, differentiated (the gradient
+# students call log_prob inside jax.grad in a scan) and compiled, so the chains are kept to the
+# small sizes where they pay (the paper's grid: D = 2, K' = 4, p* grid8) and larger mixtures take
+# the vectorized path, whose compile time does not grow with K or D. Both give the same values
+# (up to float rounding in the order of sums).
+#   _UNROLL_MAX_COMPONENTS: `sample` picks each draw's component parameters with a chain of K
+#     selects (above: a gather; bit for bit the same draws).
+#   _UNROLL_MAX_TERMS: diagonal `log_prob` keeps one elementwise array per component, K x D
+#     chains in all, while K * D is at most this (above: a [K, N] array reduced over K).
+#   _UNROLL_MAX_DIMS: diagonal component densities sum over D by a static loop up to this D
+#     (above: a [K, N, D] array reduced over D).
 _UNROLL_MAX_COMPONENTS = 16
+_UNROLL_MAX_TERMS = 16
+_UNROLL_MAX_DIMS = 4
 
 
 def _pick(values_Kx: jax.Array, u_N: jax.Array, cdf_K: jax.Array) -> jax.Array:
