@@ -26,9 +26,11 @@ def _cross_entropy(p, q):
   return -special.xlogy(p, q).sum(-1)
 
 
-def ref_token_losses(name, student, teacher, temperature=1.0, beta=0.5, alpha=0.1):
+def ref_token_losses(name, student, teacher, temperature=1.0, beta=0.5, alpha=0.1,
+                     teacher_temperature=None):
+  teacher_temperature = temperature if teacher_temperature is None else teacher_temperature
   ps = np.exp(special.log_softmax(np.asarray(student, np.float64) / temperature, axis=-1))
-  pt = np.exp(special.log_softmax(np.asarray(teacher, np.float64) / temperature, axis=-1))
+  pt = np.exp(special.log_softmax(np.asarray(teacher, np.float64) / teacher_temperature, axis=-1))
   if name == "fkl":
     return _cross_entropy(pt, ps) - _entropy(pt)
   if name == "rkl":
@@ -300,6 +302,32 @@ def test_jit_and_vmap_over_students(name):
     np.testing.assert_allclose(float(values[i]), ref_loss(name, s_N[i], t, MASK, **kw), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("teacher_temperature", [0.5, 0.8, 2.0])
+def test_teacher_only_temperature_matches_reference(name, teacher_temperature):
+  """teacher_temperature tempers the teacher alone: the target is softmax(z_T / T), the student
+  untempered; None keeps the both-tempered convention."""
+  s, t = _logits(50), _logits(51)
+  fn, extra = tokens.by_name(name), {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}}.get(name, {})
+  got = float(fn(s, t, MASK, teacher_temperature=teacher_temperature, **extra))
+  ref_kw = dict(beta=0.3, alpha=0.2)
+  want = ref_loss(name, s, t, MASK, teacher_temperature=teacher_temperature, **ref_kw)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  # the same as tempering the teacher's logits by hand, and not the both-tempered loss
+  np.testing.assert_allclose(got, ref_loss(name, s, t / teacher_temperature, MASK, **ref_kw),
+                             rtol=1e-5, atol=1e-7)
+  both = ref_loss(name, s, t, MASK, temperature=teacher_temperature, **ref_kw)
+  assert abs(got - both) > 1e-4
+  assert float(fn(s, t, MASK, temperature=0.7, teacher_temperature=None, **extra)) == float(
+      fn(s, t, MASK, temperature=0.7, **extra))
+  # traced per-student temperatures under vmap (one compiled program for the sweep)
+  temps = jnp.asarray([teacher_temperature, 1.0], jnp.float32)
+  vals = jax.jit(jax.vmap(lambda tt: fn(s, t, MASK, teacher_temperature=tt, **extra)))(temps)
+  np.testing.assert_allclose(float(vals[0]), want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(float(vals[1]), ref_loss(name, s, t, MASK, **ref_kw), rtol=1e-5,
+                             atol=1e-7)
+
+
 # ---------------------------------------------------------------- names and bad input
 
 def test_by_name():
@@ -319,6 +347,8 @@ def test_bad_arguments():
   s, t = _logits(40), _logits(41)
   with pytest.raises(UserError, match="temperature"):
     tokens.forward_kl(s, t, temperature=0.0)
+  with pytest.raises(UserError, match="teacher_temperature"):
+    tokens.reverse_kl(s, t, teacher_temperature=-1.0)
   with pytest.raises(UserError, match="beta"):
     tokens.jsd(s, t, beta=1.5)
   with pytest.raises(UserError, match="alpha"):

@@ -1,9 +1,10 @@
 """Token-level distillation objectives on teacher and student logits (the LLM study).
 
 Every loss takes `student_logits_BxTxV`, `teacher_logits_BxTxV` (any float dtype; bf16 is upcast to
-f32, f64 stays f64), an optional padding `mask_BxT` (True / nonzero = a real token) and a
-`temperature`, and returns one scalar: the mean over unmasked tokens of a per-token divergence
-between the next-token distributions p_T (teacher) and p_S (student).
+f32, f64 stays f64), an optional padding `mask_BxT` (True / nonzero = a real token), a
+`temperature` and an optional keyword `teacher_temperature`, and returns one scalar: the mean over
+unmasked tokens of a per-token divergence between the next-token distributions p_T (teacher) and
+p_S (student).
 
   forward_kl  KL(p_T || p_S)                                   mode covering
   reverse_kl  KL(p_S || p_T)                                   mode seeking
@@ -12,9 +13,14 @@ between the next-token distributions p_T (teacher) and p_S (student).
   tvd         0.5 sum_v |p_T - p_S|
 
 Conventions (chosen once, here):
-- Temperature divides both models' logits before the softmax. The losses are NOT multiplied by T^2
-  (Hinton et al.'s gradient-scale correction): a loss is the plain divergence between the two
-  tempered distributions, so its value means the same thing at every temperature.
+- `temperature` divides both models' logits before the softmax (train_lm's --kd_temperature).
+  The losses are NOT multiplied by T^2 (Hinton et al.'s gradient-scale correction): a loss is the
+  plain divergence between the two tempered distributions, so its value means the same thing at
+  every temperature.
+- `teacher_temperature` (None: the same as `temperature`) divides the teacher's logits only: with
+  temperature=1 the target is softmax(z_teacher / T) and the student is untempered, the
+  teacher-only tempered token-level KD of the LLM study (kdjax.llm.train's teacher_temperatures).
+  Both temperatures may be traced arrays (one compiled program for a vmapped sweep).
 - `jsd` is the generalized JSD of GKD (Agarwal et al. 2024), with P = teacher and Q = student, the
   form TRL's and Liger's generalized JSD losses compute. Both limits vanish: beta -> 0 and beta -> 1
   give 0, while jsd / beta -> forward KL as beta -> 0 and jsd / (1 - beta) -> reverse KL as
@@ -46,13 +52,15 @@ import jax.numpy as jnp
 from kdjax.cli import UserError, require
 
 
-def _check_args(student, teacher, mask, temperature):
+def _check_args(student, teacher, mask, temperature, teacher_temperature=None):
   if student.shape != teacher.shape:
     raise ValueError(f"student logits {student.shape} and teacher logits {teacher.shape} differ in shape")
   if mask is not None and mask.shape != student.shape[:-1]:
     raise ValueError(f"mask {mask.shape} does not match logits {student.shape} (expected {student.shape[:-1]})")
   if isinstance(temperature, (int, float)):  # traced / array temperatures (sweeps) are the caller's to check
     require(temperature > 0, f"temperature must be > 0, got {temperature}")
+  if isinstance(teacher_temperature, (int, float)):
+    require(teacher_temperature > 0, f"teacher_temperature must be > 0, got {teacher_temperature}")
 
 
 def _log_probs(logits_BxTxV, mask_BxT, temperature):
@@ -107,15 +115,21 @@ def _mean(loss_BxT, mask_BxT):
   return total / jnp.maximum(count, jnp.ones((), loss_BxT.dtype))
 
 
-def _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature):
+def _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+             teacher_temperature=None):
+  """(student log-probs at `temperature`, teacher log-probs at `teacher_temperature` (None: at
+  `temperature`), bool mask or None)."""
   student_logits_BxTxV = jnp.asarray(student_logits_BxTxV)
   teacher_logits_BxTxV = jnp.asarray(teacher_logits_BxTxV)
   if mask_BxT is not None:
     mask_BxT = jnp.asarray(mask_BxT)
     mask_BxT = mask_BxT if mask_BxT.dtype == jnp.bool_ else mask_BxT != 0
-  _check_args(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature)
+  _check_args(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+              teacher_temperature)
+  if teacher_temperature is None:
+    teacher_temperature = temperature
   logs_BxTxV = _log_probs(student_logits_BxTxV, mask_BxT, temperature)
-  logt_BxTxV = _log_probs(teacher_logits_BxTxV, mask_BxT, temperature)
+  logt_BxTxV = _log_probs(teacher_logits_BxTxV, mask_BxT, teacher_temperature)
   return logs_BxTxV, logt_BxTxV, mask_BxT
 
 
@@ -124,42 +138,52 @@ def _check_unit(name, value):
     require(0.0 <= value <= 1.0, f"{name} must be in [0, 1], got {value}")
 
 
-def forward_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0):
+def forward_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, *,
+               teacher_temperature=None):
   """Mean over unmasked tokens of KL(p_T || p_S) (the usual KD loss; no T^2 factor)."""
-  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature)
+  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+                              teacher_temperature)
   return _mean(_weighted_kl_BxT(1.0, logt, logs), mask)
 
 
-def reverse_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0):
+def reverse_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, *,
+               teacher_temperature=None):
   """Mean over unmasked tokens of KL(p_S || p_T)."""
-  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature)
+  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+                              teacher_temperature)
   return _mean(_weighted_kl_BxT(1.0, logs, logt), mask)
 
 
-def jsd(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, beta=0.5):
+def jsd(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, beta=0.5, *,
+        teacher_temperature=None):
   """Generalized JSD of GKD: beta KL(p_T || m) + (1 - beta) KL(p_S || m), m = beta p_T + (1 - beta) p_S.
 
   beta in [0, 1] (a float or a traced scalar, for sweeps); 0 at beta = 0 and 1.
   """
   _check_unit("beta", beta)
-  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature)
+  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+                              teacher_temperature)
   beta = jnp.asarray(beta, logs.dtype)
   logm = _log_mixture(beta, logt, logs)
   loss_BxT = _weighted_kl_BxT(beta, logt, logm) + _weighted_kl_BxT(1.0 - beta, logs, logm)
   return _mean(loss_BxT, mask)
 
 
-def skew_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, alpha=0.1):
+def skew_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0,
+            alpha=0.1, *, teacher_temperature=None):
   """Skew forward KL of DistiLLM: KL(p_T || alpha p_T + (1 - alpha) p_S); alpha in [0, 1]."""
   _check_unit("alpha", alpha)
-  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature)
+  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+                              teacher_temperature)
   logm = _log_mixture(alpha, logt, logs)
   return _mean(_weighted_kl_BxT(1.0, logt, logm), mask)
 
 
-def tvd(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0):
+def tvd(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, *,
+        teacher_temperature=None):
   """Mean over unmasked tokens of the total variation 0.5 sum_v |p_T - p_S| (in [0, 1])."""
-  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature)
+  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+                              teacher_temperature)
   loss_BxT = 0.5 * jnp.sum(jnp.abs(jnp.exp(logt) - jnp.exp(logs)), axis=-1)
   return _mean(loss_BxT, mask)
 
