@@ -1,0 +1,109 @@
+"""Batch sources of the training loop: `source(step, params) -> batch` (global jax.Arrays) and
+`source.position()` (what a checkpoint must record to resume at the same batch).
+
+  * DatasetBatches: deterministic batches of dataset iterators (kdjax.llm.data.BatchIterator) at an
+    explicit (epoch, index) per iterator: one iterator gives [B, T] (one model, or students that
+    share the batch), one per student gives [N, B, T].
+  * OnPolicyBatches: each student's batch sampled from its CURRENT params at temperature 1
+    (kdjax.llm.sampling, KV cache): B rows of `prompt` then up to max_new_tokens tokens, stopped
+    at eos_id and padded after, prompt tokens not scored. Student i's key for optimizer step s
+    (1-based) is `onpolicy_key(seed, s, i)`, a pure function of (seed, s, i) by fold_in (never a
+    stateful stream), so a resumed run samples exactly the batches an uninterrupted one does. No
+    gradient flows through sampling (the batch is data to the step).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.llm import data as data_lib
+from kdjax.llm import sampling
+from kdjax.llm import targets
+
+SAMPLE_STREAM = 0x5A4D  # fold_in tag: sampling keys never coincide with the init keys of a seed
+
+
+class DatasetBatches:
+  """Batches of `iters` from data positions [[epoch, index], ...] (one per iterator)."""
+
+  def __init__(self, iters, stacked: bool, positions, bsharding, gshape):
+    self.iters, self.stacked = iters, stacked
+    self.positions = [list(p) for p in positions] if positions else [[0, 0] for _ in iters]
+    self.sharding, self.gshape = bsharding, tuple(gshape)
+    self.local_rows = data_lib.process_rows(bsharding, self.gshape, 1 if stacked else 0)
+
+  def position(self) -> list:
+    return [list(p) for p in self.positions]
+
+  def _advance(self):
+    for it, pos in zip(self.iters, self.positions):
+      pos[1] += 1
+      if pos[1] == it.steps_per_epoch:
+        pos[0], pos[1] = pos[0] + 1, 0
+
+  def __call__(self, step, params=None) -> dict:
+    parts = [it.local_batch(e, i, self.local_rows)
+             for it, (e, i) in zip(self.iters, self.positions)]
+    self._advance()
+    local = parts[0] if not self.stacked else {k: np.stack([p[k] for p in parts]) for k in parts[0]}
+    return data_lib.global_batch(local, self.sharding, self.gshape)
+
+
+def onpolicy_key(seed: int, step, i):
+  """The PRNG key student i samples its batch of optimizer step `step` (1-based) with."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), SAMPLE_STREAM)
+  return jax.random.fold_in(jax.random.fold_in(key, step), i)
+
+
+def rows_from_samples(prompt_P, tokens_BxM, lengths_B, pad_id: int) -> dict:
+  """A training batch of prompt + sampled tokens: {input_ids, attention_mask, target_mask} [B, T]
+  with T = P + M; the first P tokens are context (not targets), pads after each row's end."""
+  b, m = tokens_BxM.shape
+  p = prompt_P.shape[0]
+  ids_BxT = jnp.concatenate([jnp.broadcast_to(prompt_P, (b, p)), tokens_BxM], axis=1)
+  new_BxM = jnp.arange(m)[None, :] < lengths_B[:, None]
+  mask_BxT = jnp.concatenate([jnp.ones((b, p), bool), new_BxM], axis=1)
+  ids_BxT = jnp.where(mask_BxT, ids_BxT, pad_id)
+  return {"input_ids": ids_BxT.astype(jnp.int32), "attention_mask": mask_BxT,
+          "target_mask": targets.target_mask(mask_BxT, p)}
+
+
+def sample_batch(config, params, prompt_P, key, *, batch_size: int, max_new_tokens: int,
+                 eos_id: int, pad_id: int) -> dict:
+  """One model's on-policy batch [B, T]: B samples at temperature 1 after `prompt_P`."""
+  prompt_BxP = jnp.broadcast_to(prompt_P, (batch_size, prompt_P.shape[0]))
+  out = sampling.sample(config, params, prompt_BxP, jnp.ones(prompt_BxP.shape, bool), key,
+                        max_new_tokens=max_new_tokens, temperature=1.0, eos_id=eos_id,
+                        pad_id=pad_id)
+  return rows_from_samples(prompt_P, out.tokens_BxN, out.lengths_B, pad_id)
+
+
+def sample_students(config, params_N, step, *, seed: int, prompt: tuple, num_students: int,
+                    **kw) -> dict:
+  """Every student's on-policy batch [N, B, T] for optimizer step `step` (vmapped sampler)."""
+  prompt_P = jnp.asarray(prompt, jnp.int32)
+  keys_N = jax.vmap(lambda i: onpolicy_key(seed, step, i))(jnp.arange(num_students))
+  one = functools.partial(sample_batch, config, prompt_P=prompt_P, **kw)
+  return jax.vmap(lambda p, k: one(p, key=k))(params_N, keys_N)
+
+
+class OnPolicyBatches:
+  """`source(step, params_N)`: the students' own samples, jitted once (params in, batch out
+  sharded like a [N, B, T] training batch)."""
+
+  def __init__(self, config, params_sharding, bsharding, *, seed, prompt, num_students,
+               batch_size, max_new_tokens, eos_id, pad_id):
+    fn = functools.partial(sample_students, config, seed=seed, prompt=tuple(prompt),
+                           num_students=num_students, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+    self._fn = jax.jit(fn, in_shardings=(params_sharding, None), out_shardings=bsharding)
+
+  def position(self) -> list:
+    return []
+
+  def __call__(self, step, params) -> dict:
+    return self._fn(params, jnp.asarray(step, jnp.int32))

@@ -1,0 +1,269 @@
+"""The train step: loss, gradients (accumulated over micro-batches), AdamW with a WSD schedule.
+
+`train_step(state, batch, teacher_params, spec, temperatures=None)` -> (state, metrics) is pure;
+`compile_train_step` jits it once with shardings and the state donated. Three kinds of step, all
+from the same pieces:
+
+  * one model (spec.num_students None), or N students vmapped over a leading student axis of
+    state and batch (batch [N, B, T]: student i trains on batch[i]);
+  * next-token cross-entropy, or a token-level KD objective (kdjax.objectives.tokens) against a
+    frozen teacher's logits. With spec.tempered_teacher the target is softmax(z_teacher / T) with
+    T the step's `temperatures` argument (a traced scalar, or one per student: one compiled step
+    for every temperature) and the student untempered; otherwise spec.kd_temperature tempers both;
+  * spec.shared_batch: N students on ONE batch [B, T] (no student axis): the batch is broadcast
+    into the vmap and the teacher runs once per (micro-)batch, outside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from kdjax.llm import head_nll
+from kdjax.llm import model
+from kdjax.llm import targets
+from kdjax.llm.config import LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """Everything static about a train step (hashable: it is a jit static argument)."""
+  model: LlamaConfig
+  total_steps: int
+  lr: float = 5e-4
+  warmup_frac: float = 0.01
+  decay_frac: float = 0.2
+  b1: float = 0.9
+  b2: float = 0.95
+  eps: float = 1e-8
+  weight_decay: float = 0.0
+  clip: float = 1.0                 # global-norm clipping; 0 disables
+  grad_accum: int = 1
+  num_students: Optional[int] = None  # None: one model, no student axis
+  teacher: Optional[LlamaConfig] = None
+  objective: str = "fkl"            # kdjax.objectives.tokens name, used when teacher is set
+  kd_temperature: float = 1.0       # tempers both models (unless tempered_teacher)
+  tempered_teacher: bool = False    # target softmax(z_teacher / T), T = the step's temperatures
+  shared_batch: bool = False        # one [B, T] batch for all students, teacher once per batch
+
+
+def wsd_schedule(peak: float, total_steps: int, warmup_frac: float, decay_frac: float):
+  """Warm-up / stable / decay: linear ramp to `peak` over the first warmup_frac of the steps,
+  constant, then linear decay towards 0 over the last decay_frac (the paper's 1% / 20%)."""
+  warm = int(round(warmup_frac * total_steps))
+  decay = int(round(decay_frac * total_steps))
+  decay_start = total_steps - decay
+
+  def schedule(count):
+    s = jnp.asarray(count, jnp.float32)
+    ramp = jnp.minimum((s + 1.0) / max(warm, 1), 1.0) if warm > 0 else 1.0
+    down = jnp.clip((total_steps - s) / max(decay, 1), 0.0, 1.0) if decay > 0 else 1.0
+    return peak * ramp * jnp.where(s >= decay_start, down, 1.0)
+
+  return schedule
+
+
+def _decay_mask(params):
+  """Weight decay on matrices and embeddings, not on norm scales."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+
+
+def make_optimizer(spec: StepSpec) -> optax.GradientTransformation:
+  schedule = wsd_schedule(spec.lr, spec.total_steps, spec.warmup_frac, spec.decay_frac)
+  return optax.chain(
+      optax.clip_by_global_norm(spec.clip) if spec.clip > 0 else optax.identity(),
+      optax.adamw(schedule, b1=spec.b1, b2=spec.b2, eps=spec.eps,
+                  weight_decay=spec.weight_decay, mask=_decay_mask))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _next_token_targets(ids_BxT, mask_BxT, target_mask_BxT=None):
+  """Position t predicts token t+1: targets shifted left; the loss mask is whether token t+1 is a
+  target (kdjax.llm.targets; target_mask_BxT: the batch's, None: prompt length 1), the last
+  position masked out.
+
+  Kept at full length T (not sliced to T-1) so the [B, T, V] logits are never copied or padded.
+  """
+  counted_BxT = targets.counted(mask_BxT, target_mask_BxT)
+  targets_BxT = jnp.concatenate([ids_BxT[:, 1:], jnp.zeros_like(ids_BxT[:, :1])], axis=1)
+  tmask_BxT = jnp.concatenate([counted_BxT[:, 1:], jnp.zeros_like(counted_BxT[:, :1])], axis=1)
+  return targets_BxT, tmask_BxT
+
+
+def _token_nll(logits_BxTxV, targets_BxT):
+  """-log softmax(logits)[target] per token. The target logit is picked by a compare-and-select
+  over the vocabulary (fused by XLA), not take_along_axis, whose gradient is a slow scatter."""
+  vocab_1x1xV = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)[None, None, :]
+  picked_BxT = jnp.sum(jnp.where(vocab_1x1xV == targets_BxT[..., None], logits_BxTxV, 0.0),
+                       axis=-1)
+  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - picked_BxT
+
+
+def teacher_logits(spec: StepSpec, teacher_params, batch):
+  """The frozen teacher's logits [B, T, V] of a batch (no gradient flows into them)."""
+  return jax.lax.stop_gradient(model.forward(spec.teacher, teacher_params, batch["input_ids"],
+                                             batch["attention_mask"].astype(bool)))
+
+
+def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT, temperature=None):
+  """The objective's mean over target tokens: both models tempered by spec.kd_temperature, or
+  (spec.tempered_teacher) the target softmax(z_teacher / temperature) and the student untempered."""
+  from kdjax.objectives import tokens
+  loss = tokens.by_name(spec.objective)
+  if spec.tempered_teacher:
+    return loss(logits_BxTxV, teacher_BxTxV, tmask_BxT, 1.0, teacher_temperature=temperature)
+  return loss(logits_BxTxV, teacher_BxTxV, tmask_BxT, spec.kd_temperature)
+
+
+def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
+               teacher_BxTxV=None):
+  """(objective summed over target tokens, (nll sum, target count)) of one (micro-)batch.
+  teacher_BxTxV: the teacher's logits when the caller already has them (shared batches)."""
+  ids_BxT, mask_BxT = batch["input_ids"], batch["attention_mask"].astype(bool)
+  targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT, batch.get("target_mask"))
+  count = jnp.sum(tmask_BxT.astype(jnp.float32))
+  if spec.teacher is None:
+    # plain next-token training: the head and the cross-entropy fused (never forms the logits)
+    w, layout = model.head_weight(spec.model, params)
+    nll_sum = head_nll.head_nll_sum(model.hidden_states(spec.model, params, ids_BxT, mask_BxT),
+                                    w, targets_BxT, tmask_BxT.astype(jnp.float32), layout)
+    return nll_sum, (nll_sum, count)
+  logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
+  nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
+  if teacher_BxTxV is None:
+    teacher_BxTxV = teacher_logits(spec, teacher_params, batch)
+  kd = kd_mean(spec, logits_BxTxV, teacher_BxTxV, tmask_BxT, temperature)
+  return kd * count, (nll_sum, count)  # token-weighted sum: micro-batches add up exactly
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def _accumulate(sums_and_grads, params, batch, k: int):
+  """sums_and_grads(params, micro_batch) -> ((loss_sum, (nll_sum, count)), grads), summed over
+  k interleaved micro-batches (row r goes to micro-batch r % k: each device's contiguous block of
+  rows feeds every micro-batch, so no data moves between devices)."""
+  if k == 1:
+    return sums_and_grads(params, batch)
+
+  def split(x_BxT):
+    b = x_BxT.shape[0]
+    return x_BxT.reshape((b // k, k) + x_BxT.shape[1:]).swapaxes(0, 1)
+
+  micro = jax.tree.map(split, batch)
+  first = jax.tree.map(lambda x: x[0], micro)
+  zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                       jax.eval_shape(sums_and_grads, params, first))
+
+  def body(carry, mb):
+    return jax.tree.map(jnp.add, carry, sums_and_grads(params, mb)), None
+
+  return jax.lax.scan(body, zeros, micro)[0]
+
+
+def _per_token(sums):
+  """(loss, nll, count, grads) per target token from the accumulated sums."""
+  (loss_sum, (nll_sum, count)), grads = sums
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+  return loss_sum / denom, nll_sum / denom, count, grads
+
+
+def loss_and_grads(params, batch, teacher_params, spec: StepSpec, temperature=None):
+  """Per-token loss and its gradient over the whole batch, accumulated over spec.grad_accum
+  micro-batches (sums of losses and gradients, one division by the total token count)."""
+  grad_fn = jax.value_and_grad(_loss_sums, has_aux=True)
+  fn = lambda p, mb: grad_fn(p, mb, teacher_params, spec, temperature)
+  return _per_token(_accumulate(fn, params, batch, spec.grad_accum))
+
+
+def shared_loss_and_grads(params_N, batch, teacher_params, spec: StepSpec, temperatures_N):
+  """loss_and_grads of N students on ONE batch [B, T] (student i at temperatures_N[i]): per
+  micro-batch the teacher runs once, outside the vmap, and the batch and its teacher logits are
+  broadcast to the students (in_axes None). Every output has a leading student axis."""
+  one = lambda p, mb, t, t_logits: _loss_sums(p, mb, None, spec, t, t_logits)
+  grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(0, None, 0, None))
+
+  def fn(p_N, mb):
+    return grad_fn(p_N, mb, temperatures_N, teacher_logits(spec, teacher_params, mb))
+
+  return jax.vmap(_per_token)(_accumulate(fn, params_N, batch, spec.grad_accum))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def _apply(params, opt_state, rng, step, grads, spec: StepSpec):
+  """The optimizer update of one model: (params, opt_state, rng, lr, grad_norm)."""
+  updates, opt_state = make_optimizer(spec).update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  rng = jax.random.fold_in(rng, step)  # advanced every step (for stochastic objectives later)
+  lr = wsd_schedule(spec.lr, spec.total_steps, spec.warmup_frac, spec.decay_frac)(step)
+  return params, opt_state, rng, lr, optax.global_norm(grads)
+
+
+def _update(params, opt_state, rng, step, batch, teacher_params, temperature, spec: StepSpec):
+  """One model's step on its own batch: (params, opt_state, rng, metrics)."""
+  loss, nll, count, grads = loss_and_grads(params, batch, teacher_params, spec, temperature)
+  params, opt_state, rng, lr, gnorm = _apply(params, opt_state, rng, step, grads, spec)
+  return params, opt_state, rng, {"loss": loss, "nll": nll, "tokens": count,
+                                  "grad_norm": gnorm, "lr": lr}
+
+
+def _shared_update(params, opt_state, rng, step, batch, teacher_params, temperatures, spec):
+  """N students' step on one shared batch (spec.shared_batch)."""
+  loss, nll, count, grads = shared_loss_and_grads(params, batch, teacher_params, spec,
+                                                  temperatures)
+  apply = jax.vmap(functools.partial(_apply, spec=spec), in_axes=(0, 0, 0, None, 0))
+  params, opt_state, rng, lr, gnorm = apply(params, opt_state, rng, step, grads)
+  return params, opt_state, rng, {"loss": loss, "nll": nll, "tokens": count,
+                                  "grad_norm": gnorm, "lr": lr}
+
+
+def train_step(state: dict, batch: dict, teacher_params, spec: StepSpec, temperatures=None):
+  """One optimizer step: (state, batch) -> (state, metrics). Pure; jit it with `spec` static.
+
+  state = {step, params, opt_state, rng}; batch = {input_ids, attention_mask, optional
+  target_mask (kdjax.llm.targets)} of shape [B, T] ([N, B, T] with N students: student i trains on
+  batch[i]; [B, T] for all of them with spec.shared_batch). temperatures: the teachers' softmax
+  temperatures of spec.tempered_teacher (a scalar, or [N] with students), else None.
+  """
+  if spec.shared_batch:
+    update = functools.partial(_shared_update, spec=spec)
+  else:
+    update = functools.partial(_update, spec=spec)
+    if spec.num_students is not None:
+      t_axis = None if temperatures is None else 0
+      update = jax.vmap(update, in_axes=(0, 0, 0, None, 0, None, t_axis))
+  params, opt_state, rng, metrics = update(state["params"], state["opt_state"], state["rng"],
+                                           state["step"], batch, teacher_params, temperatures)
+  return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}, metrics
+
+
+def compile_train_step(spec: StepSpec, shardings, batch_sharding, teacher_shardings=None):
+  """train_step jitted once: shardings in and out, the state donated. Called as
+  step(state, batch, teacher_params), plus the temperatures when spec.tempered_teacher."""
+  step = functools.partial(train_step, spec=spec)
+  in_shardings = (shardings, batch_sharding, teacher_shardings)
+  if spec.tempered_teacher:
+    in_shardings += (shardings["step"],)  # replicated
+  return jax.jit(step, in_shardings=in_shardings, out_shardings=(shardings, None),
+                 donate_argnums=(0,))
+
+
+def _eval_sums(params, batch, spec: StepSpec):
+  """(sum of target log-probs, target count) of a validation batch ([N] each with students)."""
+  from kdjax.llm import evaluate
+  fn = functools.partial(evaluate.loglik_sums, spec.model)
+  if spec.num_students is not None:
+    fn = jax.vmap(fn, in_axes=(0, None, None, None))
+  return fn(params, batch["input_ids"], batch["attention_mask"].astype(bool),
+            batch.get("target_mask"))
