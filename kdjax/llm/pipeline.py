@@ -308,7 +308,7 @@ def units(cfg: StudyConfig, workdir: str) -> dict[str, list[Unit]]:
                                              (i, nums[split])))
   out["2_train_teacher"].append(Unit(path("teacher"), *keys.teacher()))
   for seed in cfg.seeds:
-    for t in cfg.temperatures:
+    for t in (cfg.temperatures if "seqkd" in cfg.students else ()):  # seqkd's data only
       for i, (split, n) in enumerate((("train", cfg.teacher_num_train),
                                       ("val", cfg.teacher_num_val))):
         out["3_sample_teacher"].append(Unit(
