@@ -251,7 +251,9 @@ def train_step(state: dict, batch: dict, teacher_params, spec: StepSpec, tempera
 def compile_train_step(spec: StepSpec, shardings, batch_sharding, teacher_shardings=None):
   """train_step jitted once: shardings in and out, the state donated. Called as
   step(state, batch, teacher_params), plus the temperatures when spec.tempered_teacher."""
-  step = functools.partial(train_step, spec=spec)
+  def step(state, batch, teacher_params, *temperatures):
+    return train_step(state, batch, teacher_params, spec, *temperatures)
+
   in_shardings = (shardings, batch_sharding, teacher_shardings)
   if spec.tempered_teacher:
     in_shardings += (shardings["step"],)  # replicated
