@@ -60,6 +60,8 @@ def _error_line(proc):
     ("llm_smoke.flags", ["gguf:default", "134.5M params", "preset:micro-49k", "preset:nano-49k"]),
     ("llm_paper.flags", ["1711.4M params", "smollm2-360m", "[0, 1, 2, 3, 4]",
                          "8 device(s)", "up to 512 tokens", "Gtokens", "EFLOP"]),
+    ("llm_family_smoke.flags", ["gguf:default", "seeds [0, 1]", "direct, seqkd x4, fkl x4, "
+                                "rkl x4, jsd x4, onpolicy_rkl x4", "'onpolicy_rkl_T0.875'"]),
 ])
 def test_dry_run_both_flagfiles(env, flagfile, expect, tmp_path):
   workdir = tmp_path / "w"
@@ -209,3 +211,36 @@ def test_damaged_dataset_is_one_line(env, reference, tmp_path):
     shutil.rmtree(workdir / "pstar" / "train" / name)
   proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}")
   assert "pstar/train" in _error_line(proc)
+
+
+def _flagfile_config(name):
+  """The StudyConfig of a flagfile's --name=value lines (the rest at their defaults)."""
+  import dataclasses
+  from kdjax.llm.plan import StudyConfig
+  defaults = StudyConfig()
+  values = {}
+  for line in open(os.path.join(REPO, "experiments", "flags", name)):
+    if line.startswith("--"):
+      key, value = line[2:].strip().split("=", 1)
+      old = getattr(defaults, key)
+      if key == "temperatures":
+        values[key] = tuple(float(v) for v in value.split(","))
+      elif key == "students":
+        values[key] = tuple(value.split(","))
+      else:
+        values[key] = type(old)(value)
+  return dataclasses.replace(defaults, **values)
+
+
+def test_family_flagfile_reuses_the_smoke_studys_stages():
+  """llm_family_smoke.flags run after llm_smoke.flags in one workdir samples no p* sequence and
+  trains no teacher: every p* and teacher key is the smoke study's, and so are seed 0's direct and
+  seqkd students (the family adds kinds, a seed, nothing else)."""
+  from kdjax.llm.stages import StudyKeys
+  smoke, family = (StudyKeys(_flagfile_config(f"llm_{n}.flags")) for n in ("smoke", "family_smoke"))
+  for split in ("train", "val", "select"):
+    assert family.pstar(split) == smoke.pstar(split)
+  assert family.teacher() == smoke.teacher()
+  for kind in ("direct", "seqkd"):
+    assert family.students(0, kind) == smoke.students(0, kind)
+  assert set(smoke.cfg.students) < set(family.cfg.students) and family.cfg.num_seeds == 2
