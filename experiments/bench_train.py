@@ -6,6 +6,13 @@ Prints ONE JSON line: tokens_per_s of kdjax's jitted train step (compile exclude
 transformers' LlamaForCausalLM + torch.optim.AdamW on the same configuration and batch (measured
 in the same run, interleaved rounds, best round of each), the speedup, and achieved FLOP/s as a
 fraction of a matmul peak measured on the same device in the same run (a jitted f32 jnp.dot).
+
+  python -m experiments.bench_train --preset=nano-49k --kd_temperatures=4 --teacher=micro-49k
+
+With --kd_temperatures=N: teacher-only tempered KD instead (kdjax.llm.train's
+teacher_temperatures): N students vmapped over N temperatures on one shared batch (the teacher run
+once per step) against N one-by-one single-student runs of the same steps; prints ONE JSON line
+with both times per step and the speedup (N x one-by-one time / vmapped time).
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ flags.DEFINE_integer("warmup", 2, "Untimed steps before each side's first round.
 flags.DEFINE_integer("rounds", 2, "Interleaved rounds (kdjax, torch, kdjax, torch, ...).")
 flags.DEFINE_bool("torch", True, "Measure the PyTorch baseline.")
 flags.DEFINE_integer("peak_size", 2048, "n of the n^3 f32 matmul that measures the peak.")
+flags.DEFINE_integer("kd_temperatures", 0, "N > 0: time N students vmapped over N teacher "
+                     "temperatures against N one-by-one runs (teacher-only tempered KD).")
+flags.DEFINE_string("teacher", "micro-49k", "Teacher preset of --kd_temperatures.")
 
 
 def _validate():
@@ -33,6 +43,7 @@ def _validate():
     cli.require(FLAGS[name].value >= 1, f"--{name}={FLAGS[name].value} must be >= 1")
   cli.require(FLAGS.warmup >= 0, f"--warmup={FLAGS.warmup} must be >= 0")
   cli.require(FLAGS.seq >= 2, f"--seq={FLAGS.seq} must be >= 2")
+  cli.require(FLAGS.kd_temperatures >= 0, f"--kd_temperatures={FLAGS.kd_temperatures} must be >= 0")
 
 
 def matmul_peak(n: int) -> float:
@@ -70,6 +81,64 @@ class JaxSide:
       self.state, metrics = self.step(self.state, self.batch, None)
     self.jax.block_until_ready((self.state, metrics))
     return time.perf_counter() - t
+
+
+class TemperedKDSide:
+  """Teacher-only tempered KD steps: n students vmapped on one shared batch (n_students=n), or
+  one student (n_students=None) at one temperature."""
+
+  def __init__(self, config, teacher_config, ids, n_students):
+    import jax
+    import jax.numpy as jnp
+    from kdjax import sharding
+    from kdjax.llm import model, train
+    self.jax = jax
+    spec = train.StepSpec(model=config, total_steps=10_000, lr=5e-4, warmup_frac=0.0, clip=1.0,
+                          teacher=teacher_config, objective="fkl", tempered_teacher=True,
+                          num_students=n_students, shared_batch=n_students is not None)
+    mesh = sharding.make_mesh()
+    self.state, sh = train.init_state(spec, mesh, seed=0)
+    tsh = sharding.param_shardings(teacher_config, mesh)
+    self.teacher = jax.device_put(model.init_params(teacher_config, jax.random.PRNGKey(1)), tsh)
+    bsh = sharding.batch_sharding(mesh)
+    self.batch = jax.device_put({"input_ids": ids, "attention_mask": ids >= 0}, bsh)
+    temps = [0.5 + 0.25 * i for i in range(n_students or 1)]
+    self.temps = jnp.asarray(temps if n_students else temps[0], jnp.float32)
+    t = time.perf_counter()
+    self.step = train.compile_train_step(spec, sh, bsh, tsh).lower(
+        self.state, self.batch, self.teacher, self.temps).compile()
+    self.compile_seconds = time.perf_counter() - t
+
+  def run(self, n: int) -> float:
+    t = time.perf_counter()
+    for _ in range(n):
+      self.state, metrics = self.step(self.state, self.batch, self.teacher, self.temps)
+    self.jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - t
+
+
+def tempered_kd_benchmark(config, ids) -> dict:
+  """N vmapped temperatures vs N one-by-one runs of the same steps (best of --rounds each)."""
+  from kdjax.llm.config import get_preset
+  n = FLAGS.kd_temperatures
+  teacher = get_preset(FLAGS.teacher)
+  sides = {"vmapped": TemperedKDSide(config, teacher, ids, n),
+           "one": TemperedKDSide(config, teacher, ids, None)}
+  for side in sides.values():
+    side.run(FLAGS.warmup)
+  best = {k: float("inf") for k in sides}
+  for _ in range(FLAGS.rounds):
+    for k, side in sides.items():
+      best[k] = min(best[k], side.run(FLAGS.steps))
+  one_by_one = n * best["one"]  # n separate runs of the same steps, one after the other
+  return {"mode": "kd_temperatures", "num_temperatures": n, "preset": FLAGS.preset,
+          "teacher": FLAGS.teacher, "batch": FLAGS.batch, "seq": FLAGS.seq, "steps": FLAGS.steps,
+          "rounds": FLAGS.rounds,
+          "vmapped_step_ms": round(1000 * best["vmapped"] / FLAGS.steps, 2),
+          "one_student_step_ms": round(1000 * best["one"] / FLAGS.steps, 2),
+          "one_by_one_step_ms": round(1000 * one_by_one / FLAGS.steps, 2),
+          "speedup": round(one_by_one / best["vmapped"], 3),
+          "compile_seconds": {k: round(v.compile_seconds, 2) for k, v in sides.items()}}
 
 
 class TorchSide:
@@ -112,6 +181,12 @@ def main(argv):
 
   config = get_preset(FLAGS.preset)
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (FLAGS.batch, FLAGS.seq)).astype(np.int32)
+  if FLAGS.kd_temperatures:
+    out = tempered_kd_benchmark(config, ids)
+    out.update(device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
+               jax_version=jax.__version__)
+    print(json.dumps(out), flush=True)
+    return
   tokens = FLAGS.batch * FLAGS.seq * FLAGS.steps
   sides = {"jax": JaxSide(config, ids)}
   if FLAGS.torch:
