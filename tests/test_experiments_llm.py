@@ -60,8 +60,8 @@ def _error_line(proc):
     ("llm_smoke.flags", ["gguf:default", "134.5M params", "preset:micro-49k", "preset:nano-49k"]),
     ("llm_paper.flags", ["1711.4M params", "smollm2-360m", "[0, 1, 2, 3, 4]",
                          "8 device(s)", "up to 512 tokens", "Gtokens", "EFLOP"]),
-    ("llm_family_smoke.flags", ["gguf:default", "seeds [0, 1]", "direct, seqkd x4, fkl x4, "
-                                "rkl x4, jsd x4, onpolicy_rkl x4", "'onpolicy_rkl_T0.875'"]),
+    ("llm_family_smoke.flags", ["gguf:default", "seeds [0, 1]", "direct, seqkd x2, fkl x2, "
+                                "rkl x2, jsd x2, onpolicy_rkl x2", "'onpolicy_rkl_T0.8'"]),
 ])
 def test_dry_run_both_flagfiles(env, flagfile, expect, tmp_path):
   workdir = tmp_path / "w"
@@ -234,13 +234,16 @@ def _flagfile_config(name):
 
 def test_family_flagfile_reuses_the_smoke_studys_stages():
   """llm_family_smoke.flags run after llm_smoke.flags in one workdir samples no p* sequence and
-  trains no teacher: every p* and teacher key is the smoke study's, and so are seed 0's direct and
-  seqkd students (the family adds kinds, a seed, nothing else)."""
+  trains no teacher: every p* and teacher key is the smoke study's, and so are seed 0's direct
+  student and the teacher's samples at the family's temperatures (a subset of the smoke study's)."""
   from kdjax.llm.stages import StudyKeys
   smoke, family = (StudyKeys(_flagfile_config(f"llm_{n}.flags")) for n in ("smoke", "family_smoke"))
   for split in ("train", "val", "select"):
     assert family.pstar(split) == smoke.pstar(split)
   assert family.teacher() == smoke.teacher()
-  for kind in ("direct", "seqkd"):
-    assert family.students(0, kind) == smoke.students(0, kind)
+  assert family.students(0, "direct") == smoke.students(0, "direct")
+  assert set(family.cfg.temperatures) < set(smoke.cfg.temperatures)
+  for t in family.cfg.temperatures:
+    for split in ("train", "val"):
+      assert family.teacher_samples(0, t, split) == smoke.teacher_samples(0, t, split)
   assert set(smoke.cfg.students) < set(family.cfg.students) and family.cfg.num_seeds == 2

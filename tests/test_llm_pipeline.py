@@ -425,3 +425,33 @@ def test_dry_run_reports_the_cache(study, tmp_path):
   assert "2_train_teacher: 1 cached\n" in report
   assert "4_train_students: 2 cached; 2 to run (seed_1/students/direct, seed_1/students/seqkd)" \
       in report
+
+
+def test_token_level_and_on_policy_students_train_and_score(study, tmp_path, monkeypatch):
+  """Two kinds of the family through the study, reusing p*'s samples and the teacher: fkl (p*'s
+  sequences, the teacher's distribution at each T as target) and onpolicy_rkl (the student's own
+  samples); one student per temperature each, rows finite, trained against the study's teacher."""
+  workdir = str(tmp_path / "w")
+  shutil.copytree(study[0], workdir, ignore=shutil.ignore_patterns("seed_*"))
+  ran = _record_work(monkeypatch)
+  cfg = dataclasses.replace(TINY, students=("fkl", "onpolicy_rkl"))
+  rows = pipeline.run_study(cfg, workdir)
+  assert sorted(os.path.relpath(p, workdir) for p in ran if "students/" in p) == [
+      "seed_0/students/fkl", "seed_0/students/onpolicy_rkl"]
+  assert not os.path.exists(os.path.join(workdir, "seed_0", "teacher_T0.8"))  # seqkd's data only
+  assert [(r["objective"], r["temperature"]) for r in rows] == [
+      ("fkl", 0.8), ("fkl", 1.0), ("onpolicy_rkl", 0.8), ("onpolicy_rkl", 1.0)]
+  for r in rows:
+    assert np.isfinite([r["precision"], r["recall"]]).all()
+    assert r["val_perplexity"] == pytest.approx(np.exp(-r["recall"]))  # p*'s val set
+  teacher = pipeline.read_done(os.path.join(workdir, "teacher"))["models"][0]["checkpoint"]
+  for kind, onpolicy in (("fkl", False), ("onpolicy_rkl", True)):
+    with open(os.path.join(workdir, "seed_0", "students", kind, "config.json")) as f:
+      tc = json.load(f)
+    assert tc["teacher"] == teacher and tc["teacher_temperatures"] == [0.8, 1.0]
+    assert tc["objective"] == kind.split("_")[-1] and tc.get("onpolicy", False) == onpolicy
+    if onpolicy:
+      assert tc["prompt"] == [84, 104, 101] and tc["train_data"] == []
+      assert tc["steps"] == TINY.num_train // TINY.batch_size
+    else:
+      assert tc["train_data"] == [os.path.join(workdir, "pstar", "train")]
