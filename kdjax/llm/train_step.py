@@ -98,13 +98,16 @@ def _next_token_targets(ids_BxT, mask_BxT, target_mask_BxT=None):
   return targets_BxT, tmask_BxT
 
 
-def _token_nll(logits_BxTxV, targets_BxT):
-  """-log softmax(logits)[target] per token. The target logit is picked by a compare-and-select
-  over the vocabulary (fused by XLA), not take_along_axis, whose gradient is a slow scatter."""
+def _picked(logits_BxTxV, targets_BxT):
+  """logits[target] per token, by a compare-and-select over the vocabulary (fused by XLA), not
+  take_along_axis, whose gradient is a slow scatter."""
   vocab_1x1xV = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)[None, None, :]
-  picked_BxT = jnp.sum(jnp.where(vocab_1x1xV == targets_BxT[..., None], logits_BxTxV, 0.0),
-                       axis=-1)
-  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - picked_BxT
+  return jnp.sum(jnp.where(vocab_1x1xV == targets_BxT[..., None], logits_BxTxV, 0.0), axis=-1)
+
+
+def _token_nll(logits_BxTxV, targets_BxT):
+  """-log softmax(logits)[target] per token."""
+  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - _picked(logits_BxTxV, targets_BxT)
 
 
 def teacher_logits(spec: StepSpec, teacher_params, batch):
@@ -113,14 +116,12 @@ def teacher_logits(spec: StepSpec, teacher_params, batch):
                                              batch["attention_mask"].astype(bool)))
 
 
-def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT, temperature=None):
-  """The objective's mean over target tokens: both models tempered by spec.kd_temperature, or
-  (spec.tempered_teacher) the target softmax(z_teacher / temperature) and the student untempered."""
+def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
+  """The objective's mean over target tokens, both models tempered by spec.kd_temperature
+  (train_lm's --kd_temperature; the teacher-only tempered kinds take the fused path below)."""
   from kdjax.objectives import tokens
-  loss = tokens.by_name(spec.objective)
-  if spec.tempered_teacher:
-    return loss(logits_BxTxV, teacher_BxTxV, tmask_BxT, 1.0, teacher_temperature=temperature)
-  return loss(logits_BxTxV, teacher_BxTxV, tmask_BxT, spec.kd_temperature)
+  return tokens.by_name(spec.objective)(logits_BxTxV, teacher_BxTxV, tmask_BxT,
+                                        spec.kd_temperature)
 
 
 def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
@@ -137,10 +138,16 @@ def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
                                     w, targets_BxT, tmask_BxT.astype(jnp.float32), layout)
     return nll_sum, (nll_sum, count)
   logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
-  nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
   if teacher_BxTxV is None:
     teacher_BxTxV = teacher_logits(spec, teacher_params, batch)
-  kd = kd_mean(spec, logits_BxTxV, teacher_BxTxV, tmask_BxT, temperature)
+  if spec.tempered_teacher:  # the fused losses (one exp per distribution, analytic gradients)
+    from kdjax.objectives import fused_tokens
+    kd_BxT, lse_BxT = fused_tokens.tempered_rows(spec.objective, logits_BxTxV, teacher_BxTxV,
+                                                 1.0 / temperature, tmask_BxT)
+    nll_BxT = jax.lax.stop_gradient(lse_BxT - _picked(logits_BxTxV, targets_BxT))
+    return jnp.sum(kd_BxT), (jnp.sum(jnp.where(tmask_BxT, nll_BxT, 0.0)), count)
+  nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
+  kd = kd_mean(spec, logits_BxTxV, teacher_BxTxV, tmask_BxT)
   return kd * count, (nll_sum, count)  # token-weighted sum: micro-batches add up exactly
 
 
