@@ -148,26 +148,40 @@ def _all_eqns(jaxpr):
           yield from _all_eqns(sub.jaxpr)
 
 
-def test_teacher_forward_runs_once_per_batch_outside_the_vmap():
-  """In the step's jaxpr the teacher's LM head (the only matmul contracting its width 48 into the
-  vocabulary) appears exactly once, on a [B, T, V] batch: no student axis, not once per student."""
+def _eqns_with_scan_lengths(jaxpr, lengths=()):
+  """(eqn, lengths of the scans enclosing it) for every equation, sub-jaxprs included."""
+  for eqn in jaxpr.eqns:
+    yield eqn, lengths
+    inner = lengths + ((eqn.params["length"],) if eqn.primitive.name == "scan" else ())
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (list, tuple)) else (v,):
+        if hasattr(sub, "eqns"):
+          yield from _eqns_with_scan_lengths(sub, inner)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          yield from _eqns_with_scan_lengths(sub.jaxpr, inner)
+
+
+def test_teacher_forward_runs_once_per_batch_not_per_student():
+  """In the step's jaxpr the teacher's body runs once per batch and its LM head (the only matmul
+  contracting its width 48 into the vocabulary) once per chunk of positions, with no student axis
+  and outside the loop over the students (kdjax.llm.head_kd: lax.map over the N students inside
+  each chunk), while every student's head is inside that loop."""
   n, mesh = 4, _mesh1()
   spec = _spec(n, "fkl")
   state, _ = train.init_state(spec, mesh, seed=0)
-  b, t = 4, 12
+  b, t = 6, 12  # b != n: a student axis cannot pass for the batch
   jaxpr = jax.make_jaxpr(lambda s, x, tp, T: train.train_step(s, x, tp, spec, T))(
       state, _batch(0, b, t), _teacher(), jnp.asarray([0.5, 0.8, 1.0, 2.0], jnp.float32))
-  heads = [tuple(e.outvars[0].aval.shape) for e in _all_eqns(jaxpr.jaxpr)
-           if e.primitive.name == "dot_general"
-           and any(48 in v.aval.shape for v in e.invars)
-           and e.outvars[0].aval.shape[-1:] == (256,)]
-  assert heads == [(b, t, 256)]
-  # the students' heads do carry the student axis (vmapped): the check can see the difference
-  student_heads = [tuple(e.outvars[0].aval.shape) for e in _all_eqns(jaxpr.jaxpr)
-                   if e.primitive.name == "dot_general"
-                   and any(64 in v.aval.shape for v in e.invars)
-                   and e.outvars[0].aval.shape[-1:] == (256,)]
-  assert student_heads and all(n in s for s in student_heads)
+  eqns = list(_eqns_with_scan_lengths(jaxpr.jaxpr))
+  head = lambda e, width: (e.primitive.name == "dot_general"
+                           and any(width in v.aval.shape for v in e.invars)
+                           and e.outvars[0].aval.shape[-1:] == (256,))
+  teacher = [(tuple(e.outvars[0].aval.shape), lengths) for e, lengths in eqns if head(e, 48)]
+  assert len(teacher) == 1, teacher
+  shape, lengths = teacher[0]
+  assert shape[0] == b and n not in shape and n not in lengths  # no student axis, not per student
+  students = [lengths for e, lengths in eqns if head(e, 64)]
+  assert students and all(n in lengths for lengths in students)  # the check sees the difference
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -116,6 +116,19 @@ def teacher_logits(spec: StepSpec, teacher_params, batch):
                                              batch["attention_mask"].astype(bool)))
 
 
+def _layout(config) -> str:
+  return "vd" if config.tie_embeddings else "dv"
+
+
+def teacher_head_inputs(spec: StepSpec, teacher_params, batch):
+  """(final hidden states [B, T, E], head weight) of the frozen teacher: what its head multiplies,
+  for the fused tempered-teacher loss (no gradient flows into them)."""
+  ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
+  x = model.hidden_states(spec.teacher, teacher_params, ids, mask)
+  w, _ = model.head_weight(spec.teacher, teacher_params)
+  return jax.lax.stop_gradient(x), jax.lax.stop_gradient(w)
+
+
 def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
   """The objective's mean over target tokens, both models tempered by spec.kd_temperature
   (train_lm's --kd_temperature; the teacher-only tempered kinds take the fused path below)."""
@@ -127,7 +140,8 @@ def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
 def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
                teacher_BxTxV=None):
   """(objective summed over target tokens, (nll sum, target count)) of one (micro-)batch.
-  teacher_BxTxV: the teacher's logits when the caller already has them (shared batches)."""
+  teacher_BxTxV: what the caller already has of the teacher (shared batches): its logits, or with
+  spec.tempered_teacher its head inputs (teacher_head_inputs)."""
   ids_BxT, mask_BxT = batch["input_ids"], batch["attention_mask"].astype(bool)
   targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT, batch.get("target_mask"))
   count = jnp.sum(tmask_BxT.astype(jnp.float32))
@@ -137,15 +151,21 @@ def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
     nll_sum = head_nll.head_nll_sum(model.hidden_states(spec.model, params, ids_BxT, mask_BxT),
                                     w, targets_BxT, tmask_BxT.astype(jnp.float32), layout)
     return nll_sum, (nll_sum, count)
+  if spec.tempered_teacher:
+    # the heads and the loss fused by chunks of positions (kdjax.llm.head_kd): no [B, T, V] array
+    from kdjax.llm import head_kd
+    if teacher_BxTxV is None:
+      teacher_BxTxV = teacher_head_inputs(spec, teacher_params, batch)
+    w, layout = model.head_weight(spec.model, params)
+    x_BxTxD = model.hidden_states(spec.model, params, ids_BxT, mask_BxT)
+    kd_1, nll_1 = head_kd.head_kd_sums(
+        spec.objective, x_BxTxD[None], w[None], *teacher_BxTxV,
+        jnp.reshape(1.0 / temperature, (1,)), targets_BxT, tmask_BxT.astype(jnp.float32),
+        (layout, _layout(spec.teacher)))
+    return kd_1[0], (jax.lax.stop_gradient(nll_1[0]), count)
   logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
   if teacher_BxTxV is None:
     teacher_BxTxV = teacher_logits(spec, teacher_params, batch)
-  if spec.tempered_teacher:  # the fused losses (one exp per distribution, analytic gradients)
-    from kdjax.objectives import fused_tokens
-    kd_BxT, lse_BxT = fused_tokens.tempered_rows(spec.objective, logits_BxTxV, teacher_BxTxV,
-                                                 1.0 / temperature, tmask_BxT)
-    nll_BxT = jax.lax.stop_gradient(lse_BxT - _picked(logits_BxTxV, targets_BxT))
-    return jnp.sum(kd_BxT), (jnp.sum(jnp.where(tmask_BxT, nll_BxT, 0.0)), count)
   nll_sum = jnp.sum(jnp.where(tmask_BxT, _token_nll(logits_BxTxV, targets_BxT), 0.0))
   kd = kd_mean(spec, logits_BxTxV, teacher_BxTxV, tmask_BxT)
   return kd * count, (nll_sum, count)  # token-weighted sum: micro-batches add up exactly
@@ -194,13 +214,26 @@ def loss_and_grads(params, batch, teacher_params, spec: StepSpec, temperature=No
 
 def shared_loss_and_grads(params_N, batch, teacher_params, spec: StepSpec, temperatures_N):
   """loss_and_grads of N students on ONE batch [B, T] (student i at temperatures_N[i]): per
-  micro-batch the teacher runs once, outside the vmap, and the batch and its teacher logits are
-  broadcast to the students (in_axes None). Every output has a leading student axis."""
-  one = lambda p, mb, t, t_logits: _loss_sums(p, mb, None, spec, t, t_logits)
-  grad_fn = jax.vmap(jax.value_and_grad(one, has_aux=True), in_axes=(0, None, 0, None))
+  micro-batch the teacher's body runs once, and its head once per chunk of positions, shared by
+  the students (kdjax.llm.head_kd: each chunk's teacher logits, then each student's loss and
+  gradients in turn); the students' bodies are vmapped. Every output has a leading student axis."""
+  from kdjax.llm import head_kd
+  layouts = (_layout(spec.model), _layout(spec.teacher))
+
+  def sums(p_N, mb):
+    ids_BxT, mask_BxT = mb["input_ids"], mb["attention_mask"].astype(bool)
+    targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT, mb.get("target_mask"))
+    x_N = jax.vmap(lambda p: model.hidden_states(spec.model, p, ids_BxT, mask_BxT))(p_N)
+    w_N = jax.vmap(lambda p: model.head_weight(spec.model, p)[0])(p_N)
+    kd_N, nll_N = head_kd.head_kd_sums(
+        spec.objective, x_N, w_N, *teacher_head_inputs(spec, teacher_params, mb),
+        1.0 / temperatures_N, targets_BxT, tmask_BxT.astype(jnp.float32), layouts)
+    count = jnp.sum(tmask_BxT.astype(jnp.float32))
+    return jnp.sum(kd_N), (kd_N, jax.lax.stop_gradient(nll_N), count)
 
   def fn(p_N, mb):
-    return grad_fn(p_N, mb, temperatures_N, teacher_logits(spec, teacher_params, mb))
+    (_, (kd_N, nll_N, count)), grads_N = jax.value_and_grad(sums, has_aux=True)(p_N, mb)
+    return (kd_N, (nll_N, jnp.broadcast_to(count, kd_N.shape))), grads_N
 
   return jax.vmap(_per_token)(_accumulate(fn, params_N, batch, spec.grad_accum))
 
