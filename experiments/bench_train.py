@@ -117,6 +117,17 @@ class TemperedKDSide:
     return time.perf_counter() - t
 
 
+def _best_of_rounds(sides: dict) -> dict:
+  """Warm each side up, then the best --steps time of each over --rounds interleaved rounds."""
+  for side in sides.values():
+    side.run(FLAGS.warmup)
+  best = {k: float("inf") for k in sides}
+  for _ in range(FLAGS.rounds):
+    for k, side in sides.items():
+      best[k] = min(best[k], side.run(FLAGS.steps))
+  return best
+
+
 def tempered_kd_benchmark(config, ids) -> dict:
   """N vmapped temperatures vs N one-by-one runs of the same steps (best of --rounds each)."""
   from kdjax.llm.config import get_preset
@@ -124,12 +135,7 @@ def tempered_kd_benchmark(config, ids) -> dict:
   teacher = get_preset(FLAGS.teacher)
   sides = {"vmapped": TemperedKDSide(config, teacher, ids, n),
            "one": TemperedKDSide(config, teacher, ids, None)}
-  for side in sides.values():
-    side.run(FLAGS.warmup)
-  best = {k: float("inf") for k in sides}
-  for _ in range(FLAGS.rounds):
-    for k, side in sides.items():
-      best[k] = min(best[k], side.run(FLAGS.steps))
+  best = _best_of_rounds(sides)
   one_by_one = n * best["one"]  # n separate runs of the same steps, one after the other
   return {"mode": "kd_temperatures", "num_temperatures": n, "preset": FLAGS.preset,
           "teacher": FLAGS.teacher, "batch": FLAGS.batch, "seq": FLAGS.seq, "steps": FLAGS.steps,
@@ -191,12 +197,7 @@ def main(argv):
   sides = {"jax": JaxSide(config, ids)}
   if FLAGS.torch:
     sides["torch"] = TorchSide(config, ids)
-  for side in sides.values():
-    side.run(FLAGS.warmup)
-  best = {k: float("inf") for k in sides}
-  for _ in range(FLAGS.rounds):
-    for k, side in sides.items():
-      best[k] = min(best[k], side.run(FLAGS.steps))
+  best = _best_of_rounds(sides)
   peak = matmul_peak(FLAGS.peak_size)
   jax_tps = tokens / best["jax"]
   achieved = jax_tps * config.flops_per_token(FLAGS.seq)

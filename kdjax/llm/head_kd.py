@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kdjax.llm import head_nll
 from kdjax.llm.head_nll import _logits, _split, _target_rows, _unsplit
 from kdjax.objectives import fused_tokens
 
@@ -36,12 +37,9 @@ from kdjax.objectives import fused_tokens
 CHUNK_ROWS = 128
 
 
-def _chunk_len(b: int, t: int, rows: int = CHUNK_ROWS) -> int:
-  best = 1
-  for c in range(1, t + 1):
-    if t % c == 0 and b * c <= max(rows, b):
-      best = c
-  return best
+def _chunk_len(b: int, t: int) -> int:
+  """Positions per chunk: the largest divisor of t with b x positions <= CHUNK_ROWS."""
+  return head_nll._chunk_len(b, t, CHUNK_ROWS)
 
 
 def _student_chunk(name, x, w, pt, lt, y, wt, layout, with_grads):
