@@ -157,3 +157,24 @@ def test_seqkd_with_many_samples_approaches_the_moment_matching_limit():
     m4 = np.mean((xs - xs.mean(0)) ** 4, axis=0)
     se_var = np.sqrt((m4 - var**2) / n)
     np.testing.assert_array_less(np.abs(np.asarray(mx.variances(fitted)[0]) - var), 5 * se_var)
+
+
+def test_one_gaussian_fkl_is_checked_against_its_known_optimum():
+  """A one-Gaussian fkl student that the gradient check passed is still flagged when its objective
+  exceeds the closed-form optimum's (the moment match) by more than EXACT_TOL; the optimum itself
+  passes, and its gap reports the excess."""
+  import jax
+  import jax.numpy as jnp
+  from kdjax import mixture as mx
+  from kdjax.gmm import study, train
+  teacher = mx.random_mixture(jax.random.key(3), 3, 4, "full")
+  optimum = mx.moment_match(teacher, False)
+  passed = train.TrainInfo(jnp.asarray(True), jnp.asarray(1.0), jnp.asarray(0.0),
+                           jnp.asarray(1e-6))
+  cfg = study.StudyConfig()
+  same = study._against_the_optimum(cfg, passed, teacher, optimum, optimum)
+  assert bool(same.converged) and float(same.gap) == pytest.approx(1e-6, abs=1e-6)
+  off = optimum._replace(means=optimum.means + 0.05)
+  flagged = study._against_the_optimum(cfg, passed, teacher, off, optimum)
+  excess = 0.5 * 0.05 ** 2 * float(jnp.sum(jnp.linalg.inv(mx.covariances(optimum)[0])))
+  assert not bool(flagged.converged) and float(flagged.gap) == pytest.approx(excess, rel=1e-3)
