@@ -98,16 +98,13 @@ def _next_token_targets(ids_BxT, mask_BxT, target_mask_BxT=None):
   return targets_BxT, tmask_BxT
 
 
-def _picked(logits_BxTxV, targets_BxT):
-  """logits[target] per token, by a compare-and-select over the vocabulary (fused by XLA), not
-  take_along_axis, whose gradient is a slow scatter."""
-  vocab_1x1xV = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)[None, None, :]
-  return jnp.sum(jnp.where(vocab_1x1xV == targets_BxT[..., None], logits_BxTxV, 0.0), axis=-1)
-
-
 def _token_nll(logits_BxTxV, targets_BxT):
-  """-log softmax(logits)[target] per token."""
-  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - _picked(logits_BxTxV, targets_BxT)
+  """-log softmax(logits)[target] per token. The target logit is picked by a compare-and-select
+  over the vocabulary (fused by XLA), not take_along_axis, whose gradient is a slow scatter."""
+  vocab_1x1xV = jnp.arange(logits_BxTxV.shape[-1], dtype=targets_BxT.dtype)[None, None, :]
+  picked_BxT = jnp.sum(jnp.where(vocab_1x1xV == targets_BxT[..., None], logits_BxTxV, 0.0),
+                       axis=-1)
+  return jax.nn.logsumexp(logits_BxTxV, axis=-1) - picked_BxT
 
 
 def teacher_logits(spec: StepSpec, teacher_params, batch):
