@@ -8,6 +8,9 @@ from typing import Any
 import jax.numpy as jnp
 
 
+ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")  # LlamaConfig.attention
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   vocab_size: int = 49152
@@ -27,10 +30,18 @@ class LlamaConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each layer in the backward pass (memory for compute)
+  # How model.Attention computes softmax(q k^T) v (kdjax.llm.model.attend): "einsum" (explicit
+  # [B, K, G, T, S] scores: the default, whose numbers the tests pin; on CPU "dot_product" runs at
+  # about the same speed), "dot_product" (jax.nn.dot_product_attention, jax's default
+  # implementation: XLA) or "cudnn" (its cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16).
+  # The sampler (kdjax.llm.sampling) has its own decode path, always einsums.
+  attention: str = "einsum"
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention={self.attention!r}: expected one of {', '.join(ATTENTION_IMPLS)}")
 
   @property
   def compute_dtype(self) -> Any:

@@ -114,6 +114,31 @@ def _dense(name, shape_in, features, axes, cfg, axis=-1):
                          name=name)
 
 
+def attend(q_BxTxHxE, k_BxSxKxE, v_BxSxKxE, allowed_BxTxS, impl: str = "einsum"):
+  """Grouped-query attention: softmax(q k^T / sqrt(E), keys not allowed masked) v, [B, T, H, E]
+  in q's dtype; query head j reads kv head j // G (G = H // K). Every query must be allowed at
+  least one key (the model lets each see itself), so a masked score's weight is exactly 0 whatever
+  the fill (-1e30 here; -0.7 x float32 max inside jax.nn.dot_product_attention).
+
+  impl (LlamaConfig.attention): "einsum" the explicit scores below (float32 scores and softmax);
+  "dot_product" jax.nn.dot_product_attention with jax's default implementation (XLA); "cudnn" its
+  cuDNN flash attention (NVIDIA GPUs, bfloat16 / float16; jax raises elsewhere).
+  """
+  b, t, h, e = q_BxTxHxE.shape
+  k = k_BxSxKxE.shape[2]
+  kk, v = k_BxSxKxE.astype(q_BxTxHxE.dtype), v_BxSxKxE.astype(q_BxTxHxE.dtype)
+  if impl != "einsum":
+    return jax.nn.dot_product_attention(q_BxTxHxE, kk, v, mask=allowed_BxTxS[:, None],
+                                        scale=e ** -0.5,
+                                        implementation="cudnn" if impl == "cudnn" else None)
+  q_BxTxKxGxE = q_BxTxHxE.reshape(b, t, k, h // k, e)
+  scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, kk,
+                      preferred_element_type=jnp.float32) * (e ** -0.5)
+  scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q_BxTxHxE.dtype)
+  return jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, h, e)
+
+
 class Attention(nn.Module):
   config: LlamaConfig
 
@@ -132,13 +157,7 @@ class Attention(nn.Module):
       kk = jax.lax.dynamic_update_slice_in_dim(cache_k, kk.astype(cache_k.dtype), index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), index, axis=1)
       new_cache = (kk, v)
-    b, t = x_BxTxD.shape[:2]
-    q_BxTxKxGxE = q.reshape(b, t, k, h // k, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q_BxTxKxGxE, kk.astype(q.dtype),
-                        preferred_element_type=jnp.float32) * (e ** -0.5)
-    scores = jnp.where(allowed_BxTxS[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(c.compute_dtype)
-    out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(c.compute_dtype)).reshape(b, t, h, e)
+    out = attend(q, kk, v, allowed_BxTxS, c.attention)
     o = nn.DenseGeneral(features=c.hidden_size, axis=(-2, -1), use_bias=False,
                         dtype=c.compute_dtype, param_dtype=jnp.dtype(c.param_dtype),
                         kernel_init=_init(("heads", "head_dim", "embed")), name="o")
