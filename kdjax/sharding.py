@@ -41,9 +41,11 @@ LOGICAL_AXIS_RULES: dict[str, Optional[str | tuple[str, ...]]] = {
     "norm": None,
     "layers": None,
     "students": None,     # leading axis of N students trained together (vmap)
-    # activations
+    # activations (kdjax.sharding.constrain): the batch over data x fsdp, the hidden dimension
+    # whole between layers, heads / MLP width over tensor inside them (the parameters' names)
     "batch": ("data", "fsdp"),
     "length": None,
+    "act_embed": None,
 }
 
 
@@ -136,6 +138,30 @@ def param_shardings(config, mesh: Mesh, num_students: Optional[int] = None):
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct((num_students,) + a.shape, a.dtype), abstract)
   return tree_shardings(logical, abstract, mesh)
+
+
+def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:
+  """x with its sharding pinned to the logical axes' mesh axes, under the mesh of the current
+  context (`use_mesh`); unchanged outside one. Activations carry these constraints so that XLA
+  shards them over the batch and gathers each layer's fsdp-sharded weights (ZeRO-3), rather than
+  carrying the weights' sharding into the activations."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_mesh(tuple(logical), x.shape, mesh, "activation")
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def use_mesh(mesh: Mesh):
+  """The context under which model code's `constrain` calls (and shard_map'ed losses) see the
+  mesh: wrap the traced function's body (jit's tracing happens inside it)."""
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over (those of size > 1 among data, fsdp)."""
+  axes = LOGICAL_AXIS_RULES["batch"]
+  return tuple(a for a in axes if mesh.shape[a] > 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

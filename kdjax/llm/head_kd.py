@@ -83,7 +83,8 @@ def _scan(name, x_N, w_N, tx, tw, inv_t_N, y, wt, layouts, with_grads):
 
   n = x_N.shape[0]
   d, v = (w_N.shape[2], w_N.shape[1]) if layouts[0] == "vd" else w_N.shape[1:]
-  dw0 = jnp.zeros((n, d, v), jnp.float32)  # a placeholder without gradients (lax.map needs one)
+  # a placeholder without gradients (lax.map needs one)
+  dw0 = head_nll.varying_like(jnp.zeros((n, d, v), jnp.float32), x_N)
   split_N = jax.vmap(lambda a: _split(a, c))
   dw_N, (kd_CxN, nll_CxN, dx_CxN) = jax.lax.scan(
       body, dw0, (split_N(x_N).swapaxes(0, 1), _split(tx, c), _split(y, c), _split(wt, c)))

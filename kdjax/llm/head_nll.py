@@ -80,6 +80,14 @@ def _chunk_nll(x_BxCxD, w, y_BxC, wt_BxC, w_layout, with_grads: bool):
   return nll, dsoft_BxCxV, dx_BxCxD
 
 
+def varying_like(a, ref):
+  """a, marked as varying over the manual mesh axes that ref varies over (inside shard_map: a
+  loop carry that starts as constant zeros and accumulates per-device values), else a."""
+  manual = getattr(jax.typeof(ref), "manual_axis_type", None)
+  axes = tuple(sorted(manual.varying)) if manual is not None else ()
+  return jax.lax.pcast(a, axes, to="varying") if axes else a
+
+
 def _scan(x_BxTxD, w, y_BxT, wt_BxT, w_layout, with_grads):
   """(nll sum, dW^T [D, V] float32 of the softmax part or None, dx [N, B, c, D] or None)."""
   b, t = y_BxT.shape
@@ -96,7 +104,8 @@ def _scan(x_BxTxD, w, y_BxT, wt_BxT, w_layout, with_grads):
 
   dw0 = None
   if with_grads:
-    dw0 = jnp.zeros(w.shape[::-1] if w_layout == "vd" else w.shape, jnp.float32)
+    dw0 = varying_like(jnp.zeros(w.shape[::-1] if w_layout == "vd" else w.shape, jnp.float32),
+                       x_BxTxD)
   dw_DxV, (nll_N, dx) = jax.lax.scan(
       body, dw0, (_split(x_BxTxD, c), _split(y_BxT, c), _split(wt_BxT, c)))
   return jnp.sum(nll_N), dw_DxV, dx
@@ -139,3 +148,32 @@ def _bwd(w_layout, residuals, g):
 
 
 head_nll_sum.defvjp(_fwd, _bwd)
+
+
+def over_batch_shards(fn, args: tuple, batch_dims: tuple):
+  """fn(*args) (sums over batch rows, differentiable) on each device's own rows of a batch-sharded
+  batch, its outputs added across devices.
+
+  batch_dims[i]: the batch axis of args[i], or None for an array every device needs whole (the
+  head's weight). Under a mesh context (kdjax.sharding.use_mesh) whose batch axes (data x fsdp)
+  are not trivial, fn runs under shard_map: the whole arrays are gathered once, each device walks
+  its own rows in chunks sized by its own batch, and a whole array's gradient is summed over
+  devices once per call (the transpose of `pcast` to varying), not once per chunk as XLA's
+  partitioner does with the batch-sharded chunks of a global loop. Elsewhere: fn(*args).
+  """
+  from jax.sharding import PartitionSpec as P
+
+  from kdjax import sharding as sharding_lib
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else sharding_lib.batch_axes(mesh)
+  if not axes:
+    return fn(*args)
+  batch = axes if len(axes) > 1 else axes[0]
+  specs = tuple(P() if d is None else P(*(None,) * d, batch) for d in batch_dims)
+
+  def local(*local_args):
+    local_args = [a if d is not None else jax.lax.pcast(a, axes, to="varying")
+                  for a, d in zip(local_args, batch_dims)]
+    return jax.tree.map(lambda a: jax.lax.psum(a, axes), fn(*local_args))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())(*args)

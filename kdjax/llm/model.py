@@ -29,6 +29,9 @@ import jax.numpy as jnp
 
 from kdjax.llm import targets
 from kdjax.llm.config import LlamaConfig
+from kdjax.sharding import constrain
+
+_ACT = ("batch", "length", "act_embed")  # the residual stream's logical axes [B, T, D]
 
 _MASKED = -1e30  # finite, and every query may see itself: no softmax row is empty
 
@@ -244,11 +247,12 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, layer_cache, positions_BxT, allowed_BxTxS):
     c = self.config
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.compute_dtype, jnp.dtype(c.param_dtype), name=name)
+    x_BxTxD = constrain(x_BxTxD, _ACT)
     attn_out, new_cache = Attention(c, name="attn")(norm("attn_norm")(x_BxTxD), positions_BxT,
                                                    allowed_BxTxS, layer_cache)
-    x_BxTxD = x_BxTxD + attn_out
+    x_BxTxD = constrain(x_BxTxD + attn_out, _ACT)
     x_BxTxD = x_BxTxD + MLP(c, name="mlp")(norm("mlp_norm")(x_BxTxD))
-    return x_BxTxD, new_cache
+    return constrain(x_BxTxD, _ACT), new_cache
 
 
 class Llama(nn.Module):
@@ -291,7 +295,9 @@ class Llama(nn.Module):
     embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.compute_dtype,
                      param_dtype=jnp.dtype(c.param_dtype),
                      embedding_init=_init(("vocab", "embed")), name="embed")
-    x_BxTxD = embed(tokens_BxT)
+    # the lookup would otherwise inherit the table's sharding (embed over fsdp) and XLA would carry
+    # it through every layer: each device all B rows with 1/fsdp of D instead of B/fsdp whole rows
+    x_BxTxD = constrain(embed(tokens_BxT), _ACT)
 
     block = Block
     if c.remat:

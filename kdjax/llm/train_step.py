@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from kdjax import sharding as sharding_lib
 from kdjax.llm import head_nll
 from kdjax.llm import model
 from kdjax.llm import targets
@@ -134,6 +135,17 @@ def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
                                         spec.kd_temperature)
 
 
+def _head_kd(spec: StepSpec, x_NxBxTxD, w_N, teacher, inv_temps_N, targets_BxT, tmask_BxT):
+  """kdjax.llm.head_kd.head_kd_sums of N students' hidden states and head weights against the
+  teacher's (hidden states, head weight), on each device's own rows (head_nll.over_batch_shards)."""
+  from kdjax.llm import head_kd
+  layouts = (_layout(spec.model), _layout(spec.teacher))
+  fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts)
+  return head_nll.over_batch_shards(
+      fn, (x_NxBxTxD, w_N, *teacher, inv_temps_N, targets_BxT, tmask_BxT.astype(jnp.float32)),
+      (1, None, 0, None, None, 0, 0))
+
+
 def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
                teacher_BxTxV=None):
   """(objective summed over target tokens, (nll sum, target count)) of one (micro-)batch.
@@ -145,20 +157,19 @@ def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
   if spec.teacher is None:
     # plain next-token training: the head and the cross-entropy fused (never forms the logits)
     w, layout = model.head_weight(spec.model, params)
-    nll_sum = head_nll.head_nll_sum(model.hidden_states(spec.model, params, ids_BxT, mask_BxT),
-                                    w, targets_BxT, tmask_BxT.astype(jnp.float32), layout)
+    x_BxTxD = model.hidden_states(spec.model, params, ids_BxT, mask_BxT)
+    nll_sum = head_nll.over_batch_shards(
+        functools.partial(head_nll.head_nll_sum, w_layout=layout),
+        (x_BxTxD, w, targets_BxT, tmask_BxT.astype(jnp.float32)), (0, None, 0, 0))
     return nll_sum, (nll_sum, count)
   if spec.tempered_teacher:
     # the heads and the loss fused by chunks of positions (kdjax.llm.head_kd): no [B, T, V] array
-    from kdjax.llm import head_kd
     if teacher_BxTxV is None:
       teacher_BxTxV = teacher_head_inputs(spec, teacher_params, batch)
     w, layout = model.head_weight(spec.model, params)
     x_BxTxD = model.hidden_states(spec.model, params, ids_BxT, mask_BxT)
-    kd_1, nll_1 = head_kd.head_kd_sums(
-        spec.objective, x_BxTxD[None], w[None], *teacher_BxTxV,
-        jnp.reshape(1.0 / temperature, (1,)), targets_BxT, tmask_BxT.astype(jnp.float32),
-        (layout, _layout(spec.teacher)))
+    kd_1, nll_1 = _head_kd(spec, x_BxTxD[None], w[None], teacher_BxTxV,
+                           jnp.reshape(1.0 / temperature, (1,)), targets_BxT, tmask_BxT)
     return kd_1[0], (jax.lax.stop_gradient(nll_1[0]), count)
   logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
   if teacher_BxTxV is None:
@@ -214,17 +225,13 @@ def shared_loss_and_grads(params_N, batch, teacher_params, spec: StepSpec, tempe
   micro-batch the teacher's body runs once, and its head once per chunk of positions, shared by
   the students (kdjax.llm.head_kd: each chunk's teacher logits, then each student's loss and
   gradients in turn); the students' bodies are vmapped. Every output has a leading student axis."""
-  from kdjax.llm import head_kd
-  layouts = (_layout(spec.model), _layout(spec.teacher))
-
   def sums(p_N, mb):
     ids_BxT, mask_BxT = mb["input_ids"], mb["attention_mask"].astype(bool)
     targets_BxT, tmask_BxT = _next_token_targets(ids_BxT, mask_BxT, mb.get("target_mask"))
     x_N = jax.vmap(lambda p: model.hidden_states(spec.model, p, ids_BxT, mask_BxT))(p_N)
     w_N = jax.vmap(lambda p: model.head_weight(spec.model, p)[0])(p_N)
-    kd_N, nll_N = head_kd.head_kd_sums(
-        spec.objective, x_N, w_N, *teacher_head_inputs(spec, teacher_params, mb),
-        1.0 / temperatures_N, targets_BxT, tmask_BxT.astype(jnp.float32), layouts)
+    kd_N, nll_N = _head_kd(spec, x_N, w_N, teacher_head_inputs(spec, teacher_params, mb),
+                           1.0 / temperatures_N, targets_BxT, tmask_BxT)
     count = jnp.sum(tmask_BxT.astype(jnp.float32))
     return jnp.sum(kd_N), (kd_N, jax.lax.stop_gradient(nll_N), count)
 
@@ -288,8 +295,11 @@ def train_step(state: dict, batch: dict, teacher_params, spec: StepSpec, tempera
 def compile_train_step(spec: StepSpec, shardings, batch_sharding, teacher_shardings=None):
   """train_step jitted once: shardings in and out, the state donated. Called as
   step(state, batch, teacher_params), plus the temperatures when spec.tempered_teacher."""
+  mesh = shardings["step"].mesh
+
   def step(state, batch, teacher_params, *temperatures):
-    return train_step(state, batch, teacher_params, spec, *temperatures)
+    with sharding_lib.use_mesh(mesh):  # the model's activation constraints follow this mesh
+      return train_step(state, batch, teacher_params, spec, *temperatures)
 
   in_shardings = (shardings, batch_sharding, teacher_shardings)
   if spec.tempered_teacher:
