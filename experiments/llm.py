@@ -74,8 +74,14 @@ flags.DEFINE_integer("eval_every", _D.eval_every,
 flags.DEFINE_integer("checkpoint_every", _D.checkpoint_every,
                      "Training checkpoint (resume point) every N steps; 0 = only at the end.")
 flags.DEFINE_integer("eval_batch_size", _D.eval_batch_size, "Sequences per scoring batch.")
+flags.DEFINE_integer("eval_sequences", _D.eval_sequences, "Validate (select the best checkpoint) "
+                     "on the first N sequences of each validation set only; 0 = all of them.")
 flags.DEFINE_enum("dtype", _D.dtype, ["float32", "bfloat16"], "Compute dtype for training.")
 flags.DEFINE_string("mesh", _D.mesh, "Device mesh, e.g. data=1,fsdp=8,tensor=1 (default: all data).")
+flags.DEFINE_enum("attention", _D.attention, ["einsum", "dot_product", "cudnn"],
+                  "Attention in training and scoring: einsum; dot_product "
+                  "(jax.nn.dot_product_attention, XLA); cudnn (its cuDNN flash attention: NVIDIA "
+                  "GPU, --dtype=bfloat16).")
 
 
 def config_from_flags() -> StudyConfig:

@@ -25,7 +25,8 @@ flags.DEFINE_string("model", "preset:test-tiny", "Model to start from: preset:NA
 flags.DEFINE_string("train_data", None, "Dataset dir(s); a comma list trains one student per dir "
                     "together (vmapped). synthetic:N = N random sequences made from --seed.")
 flags.DEFINE_string("val_data", "", "Validation dataset dir (or synthetic:N); best checkpoint by "
-                    "its perplexity.")
+                    "its perplexity. A comma list, one per --train_data dir: each student is "
+                    "validated and selected on its own.")
 flags.DEFINE_string("teacher", "", "Distil online from this frozen model spec, any form --model "
                     "takes (a preset without @SEED: from --seed + 1; empty: plain next-token "
                     "training).")
@@ -47,6 +48,11 @@ flags.DEFINE_string("mesh", "", "Device mesh, e.g. data=2,fsdp=2,tensor=1 (defau
                     "on data).")
 flags.DEFINE_integer("eval_every", 0, "Validate every N steps (0: only at the end).")
 flags.DEFINE_integer("eval_batch_size", 0, "Validation batch (0: --batch_size).")
+flags.DEFINE_integer("eval_sequences", 0, "Validate on the first N sequences of the validation "
+                     "set(s) only (0: all of them).")
+flags.DEFINE_enum("attention", "einsum", ["einsum", "dot_product", "cudnn"],
+                  "Attention: einsum; dot_product (jax.nn.dot_product_attention, XLA); cudnn "
+                  "(its cuDNN flash attention: NVIDIA GPU, --dtype=bfloat16 or float16).")
 flags.DEFINE_integer("checkpoint_every", 0, "Checkpoint every N steps (0: only at the end).")
 flags.DEFINE_integer("keep_checkpoints", 2, "Training checkpoints kept.")
 flags.DEFINE_integer("seed", 0, "Initialisation, shuffling and synthetic-data seed.")
@@ -78,6 +84,7 @@ def main(argv):
       decay_frac=FLAGS.decay_frac, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip,
       grad_accum=FLAGS.grad_accum, dtype=FLAGS.dtype, mesh=FLAGS.mesh,
       eval_every=FLAGS.eval_every, eval_batch_size=FLAGS.eval_batch_size,
+      eval_sequences=FLAGS.eval_sequences, attention=FLAGS.attention,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       seed=FLAGS.seed, log_every=FLAGS.log_every, progress=FLAGS.progress,
       debug_nan_at_step=FLAGS.debug_nan_at_step)

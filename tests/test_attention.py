@@ -110,3 +110,22 @@ def test_the_config_field_picks_the_implementation(params, monkeypatch):
     jax.eval_shape(lambda p: token_logprobs(EINSUM.replace(attention="cudnn"), p, ids, mask),
                    params)
   assert calls == ["cudnn"]
+
+
+def test_train_lm_and_the_study_pass_the_choice_on(tmp_path):
+  from kdjax.llm import plan, train
+  cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:8",), steps=1,
+                          batch_size=8, attention="dot_product")
+  config, *_ = train._models(cfg, None)
+  assert config.attention == "dot_product"
+  study = plan.StudyConfig(attention="dot_product", eval_sequences=5)
+  tc = plan.train_config(study, "preset:test-tiny", ["d"], "v", 1, 0, 8)
+  assert (tc.attention, tc.eval_sequences) == ("dot_product", 5)
+  for bad, msg in ((dict(attention="flash"), "--attention='flash'"),
+                   (dict(attention="cudnn"), "--attention=cudnn: cuDNN flash attention needs")):
+    with pytest.raises(UserError, match=msg):
+      train.validate(train.TrainConfig(**{**cfg.__dict__, **bad}))
+  if jax.default_backend() == "cpu":
+    with pytest.raises(UserError, match="--attention=cudnn needs an NVIDIA GPU"):
+      train.preflight(train.TrainConfig(**{**cfg.__dict__, "attention": "cudnn",
+                                           "dtype": "bfloat16"}))

@@ -234,10 +234,11 @@ class BatchIterator:
     return self.rows.batch(rows, self.seq_len, self.pad_id)
 
 
-def eval_batches(dataset, batch_size: int, seq_len: int, pad_id: int = 0):
-  """Every row once, in order; the last batch is filled with all-padding rows (masks False)."""
+def eval_batches(dataset, batch_size: int, seq_len: int, pad_id: int = 0, limit: int = 0):
+  """Every row once, in order (limit > 0: the first `limit` rows only); the last batch is filled
+  with all-padding rows (masks False)."""
   rows = dataset if isinstance(dataset, TokenRows) else TokenRows(dataset)
-  n = len(rows)
+  n = min(len(rows), limit) if limit > 0 else len(rows)
   for start in range(0, n, batch_size):
     idx = list(range(start, min(start + batch_size, n)))
     batch = rows.batch(idx, seq_len, pad_id)

@@ -48,8 +48,10 @@ class StudyConfig:
   eval_every: int = 0                    # teacher validation (best checkpoint) every N steps; 0 = per epoch
   checkpoint_every: int = 50             # training checkpoints (resume after a kill) every N steps
   eval_batch_size: int = 64
+  eval_sequences: int = 0                # validate (select checkpoints) on the first N only; 0 = all
   dtype: str = "float32"
   mesh: str = ""                         # e.g. "data=1,fsdp=8,tensor=1"; "" = all devices on data
+  attention: str = "einsum"              # LlamaConfig.attention in training: einsum, dot_product, cudnn
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -122,6 +124,12 @@ def validate(cfg: StudyConfig) -> None:
           "--warmup_fraction + --decay_fraction must be <= 1")
   require(cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay}: must be >= 0")
   require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
+  require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences}: must be >= 0 (0: all)")
+  require(cfg.eval_sequences <= cfg.num_select, f"--eval_sequences={cfg.eval_sequences}: more "
+          f"than the {cfg.num_select} --num_select sequences the teacher is selected on")
+  from kdjax.llm.config import ATTENTION_IMPLS
+  require(cfg.attention in ATTENTION_IMPLS,
+          f"--attention={cfg.attention!r}: expected {', '.join(ATTENTION_IMPLS)}")
   require(bool(cfg.prompt), "--prompt: must not be empty")
   for name in ("ground_truth", "teacher", "student"):
     spec = getattr(cfg, name)
@@ -344,8 +352,9 @@ def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs:
       batch_size=cfg.batch_size, seq_len=seq_len, epochs=0 if distill.get("steps") else epochs,
       lr=cfg.learning_rate,
       warmup_frac=cfg.warmup_fraction, decay_frac=cfg.decay_fraction,
-      weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh,
+      weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh, attention=cfg.attention,
       eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
+      eval_sequences=cfg.eval_sequences if val_dir else 0,
       checkpoint_every=cfg.checkpoint_every, seed=seed, **distill)
 
 

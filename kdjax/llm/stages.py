@@ -87,10 +87,13 @@ class StudyKeys:
 
   def _training(self) -> dict:
     c = self.cfg
-    return {"batch_size": c.batch_size, "learning_rate": c.learning_rate,
+    what = {"batch_size": c.batch_size, "learning_rate": c.learning_rate,
             "warmup_fraction": c.warmup_fraction, "decay_fraction": c.decay_fraction,
             "weight_decay": c.weight_decay, "dtype": c.dtype, "mesh": c.mesh,
             "eval_batch_size": c.eval_batch_size}
+    if c.attention != "einsum":  # a later flag: in the key only when set (older keys unchanged)
+      what["attention"] = c.attention
+    return what
 
   def _keyed(self, what: dict) -> tuple[str, dict]:
     return digest(what), what
@@ -103,10 +106,13 @@ class StudyKeys:
 
   def teacher(self) -> tuple[str, dict]:
     c = self.cfg
-    return self._keyed({"unit": "teacher", "teacher": c.teacher, "seed": c.seed,
-                        "epochs": c.teacher_epochs, "eval_every": c.eval_every,
-                        "train": self.pstar("train")[0], "select": self.pstar("select")[0],
-                        "training": self._training()})
+    what = {"unit": "teacher", "teacher": c.teacher, "seed": c.seed,
+            "epochs": c.teacher_epochs, "eval_every": c.eval_every,
+            "train": self.pstar("train")[0], "select": self.pstar("select")[0],
+            "training": self._training()}
+    if c.eval_sequences:  # a later flag: in the key only when set (older keys unchanged)
+      what["eval_sequences"] = c.eval_sequences
+    return self._keyed(what)
 
   def teacher_samples(self, seed: int, t: float, split: str) -> tuple[str, dict]:
     c = self.cfg

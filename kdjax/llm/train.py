@@ -33,7 +33,7 @@ from absl import logging
 from kdjax import checkpoint as ckpt_lib
 from kdjax import distributed
 from kdjax import sharding as sharding_lib
-from kdjax.cli import atomic_write_json
+from kdjax.cli import atomic_write_json, require
 from kdjax.llm import data as data_lib
 from kdjax.llm.batches import DatasetBatches, OnPolicyBatches
 from kdjax.llm.train_config import (  # noqa: F401 (re-exported)
@@ -54,26 +54,29 @@ from kdjax.llm.train_step import (  # noqa: F401 (re-exported)
 def _models(cfg: TrainConfig, mesh):
   """(student config, its initial params or None, teacher config or None, teacher host params)."""
   config, init_params = _initial_model(cfg.model, cfg.seed, mesh)
-  config = config.replace(dtype=cfg.dtype)
+  config = config.replace(dtype=cfg.dtype, attention=cfg.attention)
   if not cfg.teacher:
     return config, init_params, None, None
   teacher_config, teacher_params = load_spec(cfg.teacher, cfg.seed + 1)
-  teacher_config = teacher_config.replace(dtype=cfg.dtype)
+  teacher_config = teacher_config.replace(dtype=cfg.dtype, attention=cfg.attention)
   return config, init_params, teacher_config, jax.device_get(teacher_params)
 
 
 def _datasets(cfg: TrainConfig, workdir: str, vocab_size: int):
-  """(train iterators, one per train dir; validation rows or None)."""
+  """(train iterators, one per train dir; validation rows: None, one set, or a list of one set
+  per student)."""
   dirs = [resolve_dataset(s, workdir, vocab_size, cfg.seed + 1000 * i, f"train{i}")
           for i, s in enumerate(cfg.train_data)]
   iters = [data_lib.BatchIterator(data_lib.load_dataset_dir(d), cfg.batch_size, cfg.seq_len,
                                   seed=cfg.seed + i, pad_id=cfg.pad_id, name=f"--train_data {d}")
            for i, d in enumerate(dirs)]
-  val_rows = None
-  if cfg.val_data:
-    val_dir = resolve_dataset(cfg.val_data, workdir, vocab_size, cfg.seed + 999_999, "val")
-    val_rows = data_lib.TokenRows(data_lib.load_dataset_dir(val_dir))
-  return iters, val_rows
+  val_rows = [data_lib.TokenRows(data_lib.load_dataset_dir(resolve_dataset(
+      s, workdir, vocab_size, cfg.seed + 999_999 + 1000 * i, f"val{i or ''}")))
+      for i, s in enumerate(cfg.val_dirs)]
+  for d, rows in zip(cfg.val_dirs, val_rows):
+    require(cfg.eval_sequences <= len(rows), f"--eval_sequences={cfg.eval_sequences}: --val_data "
+            f"{d} holds only {len(rows)} sequences")
+  return iters, (val_rows if len(val_rows) > 1 else val_rows[0] if val_rows else None)
 
 
 def step_spec(cfg: TrainConfig, config, teacher_config, total: int) -> StepSpec:
@@ -198,7 +201,7 @@ def train(cfg: TrainConfig, workdir: str, overwrite: bool = False) -> dict:
   evaluator = None
   if val_rows is not None:
     evaluator = Evaluator(spec, mesh, shardings["params"], val_rows, eval_b, cfg.seq_len,
-                          cfg.pad_id)
+                          cfg.pad_id, cfg.eval_sequences)
   exporter = Exporter(workdir, config, mesh, students)
   start, t_start = int(jax.device_get(state["step"])), time.perf_counter()
   log = MetricsLog(workdir, total, start, students, cfg.log_every, cfg.progress,

@@ -27,17 +27,20 @@ from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, prepare_workdir, require
 from kdjax.llm import data as data_lib
 from kdjax.llm import loading
+from kdjax.llm.config import ATTENTION_IMPLS
 
 # fields added after workdirs existed: left out of a run's identity while at their defaults, so
 # an older run's config.json still matches (and resumes)
 _NEW_FIELDS = {"teacher_temperatures": (), "onpolicy": False, "prompt": (), "max_new_tokens": 0,
-               "eos_id": -1}
+               "eos_id": -1, "eval_sequences": 0, "attention": "einsum"}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """One training run. train_data: one dataset dir per student (several = N students, vmapped);
-  `synthetic:N` = N random sequences generated from the seed into the workdir."""
+  `synthetic:N` = N random sequences generated from the seed into the workdir. val_data: one dir
+  (every student validated on it) or a comma list of one per student (each student validated, and
+  its best checkpoint selected, on its own set)."""
   model: str = "preset:test-tiny"
   train_data: tuple = ()
   val_data: str = ""
@@ -58,6 +61,8 @@ class TrainConfig:
   mesh: str = ""                 # "data=2,fsdp=2,tensor=1"; default: all devices on data
   eval_every: int = 0            # steps between validations (0: only at the end)
   eval_batch_size: int = 0       # 0: batch_size
+  eval_sequences: int = 0        # validate on the first N sequences of each val set (0: all)
+  attention: str = "einsum"      # LlamaConfig.attention of the trained model and the teacher
   checkpoint_every: int = 0      # steps between checkpoints (0: only at the end)
   keep_checkpoints: int = 2
   seed: int = 0
@@ -84,6 +89,11 @@ class TrainConfig:
       return len(self.teacher_temperatures)
     n = len(self.train_data)
     return n if (n > 1 or self.force_students) else None
+
+  @property
+  def val_dirs(self) -> tuple:
+    """The validation set(s): () without, one shared, or one per student."""
+    return tuple(s.strip() for s in self.val_data.split(",") if s.strip())
 
   @property
   def train_seq_len(self) -> int:
@@ -153,6 +163,14 @@ def validate(cfg: TrainConfig) -> None:
           "--eval_every and --checkpoint_every must be >= 0")
   require(cfg.keep_checkpoints >= 1, "--keep_checkpoints must be >= 1")
   require(cfg.eval_batch_size >= 0, "--eval_batch_size must be >= 0")
+  require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences} must be >= 0 (0: all)")
+  n_val, n = len(cfg.val_dirs), cfg.num_students or 1
+  require(n_val <= 1 or n_val == n, f"--val_data: {n_val} dirs for {n} student(s); give one "
+          "(shared) or one per student")
+  require(cfg.attention in ATTENTION_IMPLS,
+          f"--attention={cfg.attention!r}: expected {', '.join(ATTENTION_IMPLS)}")
+  require(cfg.attention != "cudnn" or cfg.dtype != "float32",
+          "--attention=cudnn: cuDNN flash attention needs --dtype=bfloat16 or float16")
   if cfg.teacher:
     from kdjax.objectives import tokens
     tokens.by_name(cfg.objective)  # one-line error for an unknown objective
@@ -186,6 +204,8 @@ def preflight(cfg: TrainConfig):
   the on-policy prompt and length. Returns (mesh, eval batch size). The SmolLM2 study runs it on
   each of its training runs first."""
   validate(cfg)
+  require(cfg.attention != "cudnn" or jax.default_backend() == "gpu",
+          f"--attention=cudnn needs an NVIDIA GPU; this run's backend is {jax.default_backend()}")
   mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   require(cfg.batch_size % batch_shards == 0,
