@@ -1,5 +1,6 @@
 """The train state {step, params, opt_state, rng}: initialisation born sharded, its shardings, the
-abstract restore target, starting or resuming a run, and parameter checksums.
+abstract restore target, starting or resuming a run, and parameter checksums (computed on the
+devices, sharded: no parameter is gathered to a host).
 
 The teacher never enters the state (frozen, outside the optimizer, never checkpointed with the
 students).
@@ -8,11 +9,11 @@ students).
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import sharding as sharding_lib
 from kdjax.llm import model
@@ -104,30 +105,77 @@ def start_or_resume(spec: StepSpec, mesh, seed: int, init_params, checkpointer):
 
 
 # ----------------------------------------------------------------------------- checksums
+#
+# A 128-bit fingerprint of float32 parameters, computed where the parameters live: every element
+# contributes fmix32(bits + key(lane, leaf, flat index)) to four uint32 sums (one per lane, each
+# its own key), and integer sums modulo 2**32 are the same in any order, so the value does not
+# depend on the mesh, the sharding or the process count; only four numbers per model leave the
+# devices. Keys are murmur3-finalizer hashes of the element's place (leaf in tree order, row-major
+# index within the leaf; an index wraps modulo 2**32); fmix32 is a bijection, so any change to one
+# element changes every lane. Not a cryptographic hash: an equality check between runs.
+
+_GOLDEN = 0x9E3779B9
+_LANE_SEEDS = (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344)
 
 
-def _host_leaves(tree) -> list[np.ndarray]:
-  leaves = jax.tree.leaves(tree)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    leaves = [multihost_utils.process_allgather(x, tiled=True) for x in leaves]
-  return [np.asarray(jax.device_get(x)) for x in leaves]
+def _fmix32(h):
+  """murmur3's 32-bit finalizer (a bijection of uint32)."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _flat_index(shape, first: int):
+  """uint32 row-major index of each element over dimensions first.. (modulo 2**32)."""
+  idx, stride = jnp.zeros(shape, jnp.uint32), 1
+  for d in reversed(range(first, len(shape))):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
+    stride *= shape[d]
+  return idx
+
+
+def _leaf_sums(x, leaf: int, first: int):
+  """uint32 [*x.shape[:first], 4]: the four lane sums over one leaf's dimensions first.."""
+  bits = jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.float32), jnp.uint32)
+  where = _fmix32(_flat_index(bits.shape, first) + jnp.uint32(leaf * _GOLDEN % 2**32))
+  axes = tuple(range(first, bits.ndim))
+  return jnp.stack([jnp.sum(_fmix32(bits + _fmix32(where ^ jnp.uint32(seed))), axis=axes,
+                            dtype=jnp.uint32) for seed in _LANE_SEEDS], axis=-1)
+
+
+def _fingerprint_sums(params, first: int):
+  sums = [_leaf_sums(x, j, first) for j, x in enumerate(jax.tree.leaves(params))]
+  return functools.reduce(jnp.add, sums)
+
+
+@functools.lru_cache(maxsize=None)
+def _fingerprint_fn(first: int, out_sharding):
+  return jax.jit(functools.partial(_fingerprint_sums, first=first), out_shardings=out_sharding)
+
+
+def _fingerprint(params, first: int) -> np.ndarray:
+  """uint32 [4] (first=0: the whole tree) or [N, 4] (first=1: each index of the leading axis),
+  replicated on the parameters' mesh, so that every process reads it from its own devices."""
+  s = getattr(jax.tree.leaves(params)[0], "sharding", None)
+  out = NamedSharding(s.mesh, P()) if isinstance(s, NamedSharding) else None
+  return np.asarray(jax.device_get(_fingerprint_fn(first, out)(params)))
+
+
+def _hex(lanes) -> str:
+  return "".join(f"{int(v):08x}" for v in lanes)
 
 
 def params_checksum(params) -> str:
-  """sha256 over the float32 bytes of the parameter leaves in tree order (collective)."""
-  h = hashlib.sha256()
-  for leaf in _host_leaves(params):
-    h.update(np.ascontiguousarray(leaf, dtype=np.float32).tobytes())
-  return h.hexdigest()
+  """The 128-bit fingerprint above of float32 parameters (32 hex digits); the same for the same
+  values however they are sharded. Collective: every process calls it."""
+  return _hex(_fingerprint(params, 0))
 
 
 def _student_checksums(params, n: int) -> list[str]:
-  leaves = _host_leaves(params)
-  out = []
-  for i in range(n):
-    h = hashlib.sha256()
-    for leaf in leaves:
-      h.update(np.ascontiguousarray(leaf[i], dtype=np.float32).tobytes())
-    out.append(h.hexdigest())
-  return out
+  """params_checksum of each of the n stacked students (student i's equals params_checksum of
+  its own unstacked parameters)."""
+  lanes = _fingerprint(params, 1)
+  assert lanes.shape == (n, 4), lanes.shape
+  return [_hex(row) for row in lanes]
