@@ -9,6 +9,17 @@ fraction of a matmul peak measured on the same device in the same run (a jitted 
 
   python -m experiments.bench_train --preset=nano-49k --kd_temperatures=4 --teacher=micro-49k
 
+  python -m experiments.bench_train --compile_only --preset=smollm2-135m --mesh=fsdp=8 \
+      --batch=64 --seq=512 --dtype=bfloat16 [--remat=layer] [--students=4]
+
+With --compile_only: nothing runs. The train step is compiled for the mesh from abstract arrays
+(kdjax.llm.footprint; fake CPU devices stand in for accelerators:
+XLA_FLAGS=--xla_force_host_platform_device_count=8) and ONE JSON line gives its cost per device:
+memory_per_device_gb (XLA's memory analysis: arguments + outputs + temporaries, a donated state
+counted once) and collective_gb_per_step (bytes each device sends in all-gathers,
+reduce-scatters, all-reduces and all-to-alls per step, read from the compiled HLO; kdjax.compiled
+says how). --students=N: N students vmapped, each on its own batch (the study's students stage).
+
 With --kd_temperatures=N: teacher-only tempered KD instead (kdjax.llm.train's
 teacher_temperatures): N students vmapped over N temperatures on one shared batch (the teacher run
 once per step) against N one-by-one single-student runs of the same steps; prints ONE JSON line
@@ -36,6 +47,16 @@ flags.DEFINE_integer("peak_size", 2048, "n of the n^3 f32 matmul that measures t
 flags.DEFINE_integer("kd_temperatures", 0, "N > 0: time N students vmapped over N teacher "
                      "temperatures against N one-by-one runs (teacher-only tempered KD).")
 flags.DEFINE_string("teacher", "micro-49k", "Teacher preset of --kd_temperatures.")
+flags.DEFINE_bool("compile_only", False, "Compile the step for --mesh and report its memory and "
+                  "collective bytes per device (one JSON line); nothing runs.")
+flags.DEFINE_string("mesh", "", "--compile_only: the mesh, e.g. fsdp=8 or data=2,fsdp=4 "
+                    "(kdjax.sharding.parse_mesh; default: data over every device).")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters and "
+                  "optimizer state stay float32).")
+flags.DEFINE_enum("remat", "none", ["none", "layer", "dots"], "Rematerialisation policy "
+                  "(kdjax.llm.config.LlamaConfig.remat).")
+flags.DEFINE_integer("students", 0, "--compile_only: N > 0 students vmapped, each on its own "
+                     "batch [N, B, T] (the study's students stage).")
 
 
 def _validate():
@@ -44,6 +65,28 @@ def _validate():
   cli.require(FLAGS.warmup >= 0, f"--warmup={FLAGS.warmup} must be >= 0")
   cli.require(FLAGS.seq >= 2, f"--seq={FLAGS.seq} must be >= 2")
   cli.require(FLAGS.kd_temperatures >= 0, f"--kd_temperatures={FLAGS.kd_temperatures} must be >= 0")
+  cli.require(FLAGS.students >= 0, f"--students={FLAGS.students} must be >= 0")
+  cli.require(FLAGS.compile_only or not (FLAGS.mesh or FLAGS.students),
+              "--mesh and --students are flags of --compile_only")
+
+
+def compile_only_report(config) -> dict:
+  """The train step compiled for --mesh from abstract arrays: its footprint per device."""
+  import jax
+  from kdjax import sharding
+  from kdjax.llm import footprint
+  mesh = sharding.make_mesh(*sharding.parse_mesh(FLAGS.mesh))
+  out = {"mode": "compile_only", "preset": FLAGS.preset, "mesh": dict(mesh.shape),
+         "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype, "remat": FLAGS.remat,
+         "students": FLAGS.students or None}
+  cli.require(FLAGS.batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0,
+              f"--batch={FLAGS.batch} must divide by data x fsdp = "
+              f"{mesh.shape['data'] * mesh.shape['fsdp']}")
+  out.update(footprint.train_step(config, mesh, FLAGS.batch, FLAGS.seq,
+                                  num_students=FLAGS.students or None))
+  out.update(device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
+             jax_version=jax.__version__)
+  return out
 
 
 def matmul_peak(n: int) -> float:
@@ -185,7 +228,10 @@ def main(argv):
   import numpy as np
   from kdjax.llm.config import get_preset
 
-  config = get_preset(FLAGS.preset)
+  config = get_preset(FLAGS.preset).replace(dtype=FLAGS.dtype, remat=FLAGS.remat)
+  if FLAGS.compile_only:
+    print(json.dumps(compile_only_report(config)), flush=True)
+    return
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (FLAGS.batch, FLAGS.seq)).astype(np.int32)
   if FLAGS.kd_temperatures:
     out = tempered_kd_benchmark(config, ids)

@@ -152,12 +152,14 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
   """Per-device bytes sent per call of the program, by collective kind, and their total.
 
   {kind: {"count": instructions executed, "bytes": bytes sent}, ..., "total_bytes": ...,
-  "unknown_trip_counts": loops counted once}"""
+  "unknown_trip_counts": loops counted once, "instructions": [{kind, shape (the result's, as
+  printed), group (size), times (per call), bytes (sent per execution)}]}"""
   comps, entry = _parse(hlo_text)
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
   mult, unknown = _multipliers(comps, entry)
   out = {k: {"count": 0, "bytes": 0.0} for k in KINDS}
+  instructions = []
   for name, lines in comps.items():
     k = mult.get(name, 0)
     if not k:
@@ -177,9 +179,12 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
           and shape.startswith("("):
         shape = shape.rsplit(",", 1)[-1]  # (operand, result): the result
       n = _group_size(line, num_devices)
+      sent = _sent(kind, _array_bytes(shape), n)
       out[kind]["count"] += k
-      out[kind]["bytes"] += k * _sent(kind, _array_bytes(shape), n)
+      out[kind]["bytes"] += k * sent
+      instructions.append({"kind": kind, "shape": shape, "group": n, "times": k, "bytes": sent})
   out["total_bytes"] = sum(out[k]["bytes"] for k in KINDS)
+  out["instructions"] = instructions
   out["unknown_trip_counts"] = unknown
   return out
 
@@ -191,7 +196,7 @@ def report(compiled, num_devices: Optional[int] = None) -> dict:
     num_devices = jax.device_count()
   mem = memory(compiled)
   coll = collectives(compiled.as_text(), num_devices)
-  gb = lambda b: round(b / 1e9, 4)
+  gb = lambda b: round(b / 1e9, 6)
   return {"memory_per_device_gb": gb(mem["total"]),
           "memory_gb": {k: gb(v) for k, v in mem.items() if k != "total"},
           "collective_gb_per_step": gb(coll["total_bytes"]),

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+REMAT_POLICIES = ("none", "layer", "dots")
+
 
 ATTENTION_IMPLS = ("einsum", "dot_product", "cudnn")  # LlamaConfig.attention
 
@@ -29,7 +31,10 @@ class LlamaConfig:
   # Numerics: parameters are stored in param_dtype; matmuls run in dtype (bfloat16 on accelerators).
   dtype: str = "float32"
   param_dtype: str = "float32"
-  remat: bool = False  # rematerialise each layer in the backward pass (memory for compute)
+  # Rematerialisation in the backward pass (memory for compute): "none", "layer" (keep only each
+  # layer's input, recompute the rest) or "dots" (keep the matmul outputs without batch dimensions,
+  # recompute the elementwise work). True / False read as layer / none (older config.json files).
+  remat: str = "none"
   # How model.Attention computes softmax(q k^T) v (kdjax.llm.model.attend): "einsum" (explicit
   # [B, K, G, T, S] scores: the default, whose numbers the tests pin; on CPU "dot_product" runs at
   # about the same speed), "dot_product" (jax.nn.dot_product_attention, jax's default
@@ -38,6 +43,10 @@ class LlamaConfig:
   attention: str = "einsum"
 
   def __post_init__(self):
+    if isinstance(self.remat, bool) or self.remat is None:
+      object.__setattr__(self, "remat", "layer" if self.remat else "none")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat={self.remat!r}: expected one of {', '.join(REMAT_POLICIES)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
     if self.attention not in ATTENTION_IMPLS:

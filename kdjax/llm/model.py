@@ -300,8 +300,9 @@ class Llama(nn.Module):
     x_BxTxD = constrain(embed(tokens_BxT), _ACT)
 
     block = Block
-    if c.remat:
-      block = nn.remat(Block, prevent_cse=False)
+    if c.remat != "none":
+      policy = None if c.remat == "layer" else jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+      block = nn.remat(Block, prevent_cse=False, policy=policy)
     layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers,
                      metadata_params={nn.PARTITION_NAME: "layers"})

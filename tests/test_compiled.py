@@ -1,0 +1,163 @@
+"""Compile-only footprints (kdjax.compiled, kdjax.llm.footprint) against hand-computed bytes, and
+the FSDP mesh checked on the compiled train step: activations sharded over the batch, the LM
+head's weight gradient reduced once per step."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kdjax import compiled, sharding
+from kdjax.llm import footprint
+from kdjax.llm.config import get_preset
+from tests.conftest import REPO
+
+CFG = get_preset("test-tiny")  # V 256, D 64, F 128, 2 layers, 4 heads / 2 kv heads of 16
+
+
+def _mesh8():
+  return jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def test_memory_of_a_known_program():
+  c = jax.jit(lambda x: x + 1.0).lower(jnp.zeros((1000,), jnp.float32)).compile()
+  mem = compiled.memory(c)
+  assert mem["argument"] == 4000 and mem["output"] == 4000
+  assert mem["total"] == mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+  donated = jax.jit(lambda x: x + 1.0, donate_argnums=0).lower(
+      jnp.zeros((1000,), jnp.float32)).compile()
+  assert compiled.memory(donated)["alias"] == 4000  # the donated buffer is counted once
+
+
+def test_collective_bytes_of_known_programs():
+  mesh = _mesh8()
+  x = jax.device_put(jnp.ones((8, 1024), jnp.float32), NamedSharding(mesh, P("x")))
+
+  def psum_scan(a):  # an all-reduce of f32[1, 1024] (4096 bytes), five times in a loop
+    def body(c, _):
+      return c + jax.lax.psum(c + a, "x"), None  # depends on the carry: stays in the loop
+    return jax.lax.scan(body, jnp.zeros_like(a), None, length=5)[0]
+
+  f = jax.jit(jax.shard_map(psum_scan, mesh=mesh, in_specs=P("x"), out_specs=P("x")))
+  r = compiled.collectives(f.lower(x).compile().as_text(), 8)
+  assert r["all-reduce"]["count"] == 5
+  assert r["all-reduce"]["bytes"] == pytest.approx(5 * 2 * 4096 * 7 / 8)
+
+  gather = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))  # f32[8, 1024] gathered
+  r = compiled.collectives(gather.lower(x).compile().as_text(), 8)
+  assert r["all-gather"]["count"] == 1
+  assert r["total_bytes"] == pytest.approx(8 * 1024 * 4 * 7 / 8)
+
+
+def test_hlo_parsing_of_group_formats_loops_and_async_pairs():
+  hlo = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], bf16[4,8])) -> (s32[], bf16[4,8]) {
+  %p = (s32[], bf16[4,8]) parameter(0)
+  %g = bf16[4,8]{1,0} all-gather(%x), replica_groups=[2,4]<=[8], dimensions={0}
+  %r = (f32[16], f32[]) all-reduce(%y, %z), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  %s = f32[2]{0} reduce-scatter(%w), replica_groups=mesh['a'=2,'b'=4] {'b'}, dimensions={0}, to_apply=%add
+  %t = (f32[1], f32[8]) all-gather-start(%v), replica_groups={}, dimensions={0}
+  %d = f32[8] all-gather-done(%t)
+}
+
+%cond (p: (s32[], bf16[4,8])) -> pred[] {
+  %p = (s32[], bf16[4,8]) parameter(0)
+}
+
+ENTRY %main (x: f32[2]) -> f32[2] {
+  %w = (s32[], bf16[4,8]) while(%i), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %q = f32[2]{0} all-to-all(%x), replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+}
+"""
+  r = compiled.collectives(hlo, 8)
+  ag = 3 * (4 * 8 * 2 * 3 / 4 + 8 * 4 * 7 / 8)  # bf16[4,8] over 4; the async pair's f32[8] over 8
+  assert r["all-gather"] == {"count": 6, "bytes": pytest.approx(ag)}
+  assert r["all-reduce"] == {"count": 3, "bytes": pytest.approx(3 * 2 * (64 + 4) * 1 / 2)}
+  assert r["reduce-scatter"] == {"count": 3, "bytes": pytest.approx(3 * 8 * 3)}
+  assert r["all-to-all"] == {"count": 1, "bytes": pytest.approx(8 * 7 / 8)}
+  assert r["unknown_trip_counts"] == 0
+
+
+def test_fsdp_shards_activations_over_the_batch_and_reduces_the_head_once():
+  """fsdp=8, batch 16 x 128 of test-tiny: each device's program carries its own 2 rows with the
+  whole hidden dimension through the layers (not all 16 rows with 64 / 8 of it), and the tied
+  head's [256, 64] weight gradient is reduced over devices once per step (the fused head's loop
+  runs over the device's own rows), not once per chunk of positions."""
+  mesh = sharding.make_mesh(1, 8, 1)
+  from kdjax.llm import train_state
+  from kdjax.llm.train_step import StepSpec, compile_train_step
+  spec = StepSpec(model=CFG, total_steps=10)
+  state = jax.eval_shape(functools.partial(train_state._init_fn, spec), jax.random.PRNGKey(0), None)
+  sh = train_state.state_shardings(spec, mesh, state)
+  bsh = sharding.batch_sharding(mesh)
+  tokens = {k: jax.ShapeDtypeStruct((16, 128), dt, sharding=bsh)
+            for k, dt in (("input_ids", jnp.int32), ("attention_mask", jnp.bool_))}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
+  text = compile_train_step(spec, sh, bsh).lower(abstract, tokens, None).compile().as_text()
+  assert "f32[2,128,64]" in text          # the residual stream: 2 rows per device, D whole
+  assert "f32[16,128,8]" not in text      # not all rows with D over fsdp
+  head = [i for i in compiled.collectives(text, 8)["instructions"]
+          if i["kind"] == "all-reduce" and ("[256,64]" in i["shape"] or "[64,256]" in i["shape"])]
+  assert sum(i["times"] for i in head) == 1, head
+
+
+def test_footprint_train_step_students_and_remat():
+  mesh = sharding.make_mesh(1, 8, 1)
+  one = footprint.train_step(CFG, mesh, 16, 64)
+  four = footprint.train_step(CFG, mesh, 16, 64, num_students=4)
+  remat = footprint.train_step(CFG.replace(remat="layer"), mesh, 16, 64)
+  for r in (one, four, remat):
+    assert r["memory_per_device_gb"] > 0 and r["collective_gb_per_step"] > 0
+  assert four["memory_gb"]["argument"] == pytest.approx(4 * one["memory_gb"]["argument"], rel=0.01)
+  assert remat["memory_gb"]["temp"] < one["memory_gb"]["temp"]
+
+
+def test_bench_train_compile_only_prints_one_json_line():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--compile_only", "--preset=test-tiny",
+       "--mesh=fsdp=4", "--batch=8", "--seq=32", "--dtype=bfloat16", "--remat=layer",
+       "--students=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = [l for l in proc.stdout.splitlines() if l.strip()]
+  assert len(lines) == 1
+  out = json.loads(lines[0])
+  assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and out["students"] == 2
+  assert out["memory_per_device_gb"] > 0 and out["collective_gb_per_step"] > 0
+  bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compile_only",
+                        "--preset=test-tiny", "--mesh=fsdp=3", "--batch=8"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "error:" in bad.stderr
+
+
+def test_forward_pass_activations_follow_the_batch_not_the_table():
+  """Without the head's shard_map to pull the batch sharding through (a forward pass for
+  scoring or evaluation), the residual stream's constraints alone keep each device on its own
+  rows: the embedding lookup would otherwise inherit the table's fsdp sharding of D."""
+  from kdjax.llm import model
+  mesh = sharding.make_mesh(1, 8, 1)
+  psh = sharding.param_shardings(CFG, mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        jax.eval_shape(lambda: model.init_params(CFG, jax.random.PRNGKey(0))), psh)
+  ids = jax.ShapeDtypeStruct((16, 128), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+  def forward(p, x):
+    with sharding.use_mesh(mesh):
+      return model.hidden_states(CFG, p, x)
+
+  text = jax.jit(forward).lower(params, ids).compile().as_text()
+  assert "f32[2,128,64]" in text and "f32[16,128,8]" not in text
