@@ -43,6 +43,10 @@ _JSD_MIX = flags.DEFINE_float("jsd_mix", 0.5, "generalized JSD mixing pi in (0, 
 _SEED_CHUNK = flags.DEFINE_integer("seed_chunk", 16, "seeds whose beta parts run at once "
                                   "(bounds memory: seed_chunk x num_betas configurations)")
 _EXACT = flags.DEFINE_bool("exact", True, "add the exact forward-KL limit (one-Gaussian student)")
+_KNN_SAMPLES = flags.DEFINE_integer("knn_samples", 0, "k-NN precision / recall (Kynkaanniemi et al. "
+                                    "2019) of every student on this many of its evaluation samples "
+                                    "and p*'s; 0 = off")
+_KNN_K = flags.DEFINE_integer("knn_k", 3, "the k of the k-NN precision / recall")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace a workdir of another configuration")
 
@@ -53,6 +57,9 @@ def _fmt(x) -> str:
 
 def _summary_text(label: str, e: dict) -> str:
   text = f"{label}: precision {_fmt(e['precision']['mean'])} recall {_fmt(e['recall']['mean'])}"
+  if "knn_precision" in e:
+    text += (f" knn precision {_fmt(e['knn_precision']['mean'])} knn recall "
+             f"{_fmt(e['knn_recall']['mean'])}")
   return text + (f" ({e['left_out']} rows left out)" if e["left_out"] else "")
 
 
@@ -68,7 +75,7 @@ def main(argv):
       reg_covar=_REG_COVAR.value, steps=_STEPS.value, batch_size=_BATCH.value,
       learning_rate=_LR.value, jsd_mix=_JSD_MIX.value, seed_chunk=_SEED_CHUNK.value,
       convergence_tol=_TOL.value,
-      exact=_EXACT.value)
+      exact=_EXACT.value, knn_samples=_KNN_SAMPLES.value, knn_k=_KNN_K.value)
   cli.require(_NUM_BETAS.value >= 1, f"--num_betas={_NUM_BETAS.value}: must be >= 1")
   cli.require(_NUM_SEEDS.value >= 1, f"--num_seeds={_NUM_SEEDS.value}: must be >= 1")
   cli.require(_BETA_MIN.value > 0, f"--beta_min={_BETA_MIN.value}: must be > 0")
@@ -98,6 +105,10 @@ def main(argv):
     logging.warning("%s", line)
   for m, entry in result["summary"].items():
     logging.info("%-7s %s", m, "  ".join(_summary_text(label, e) for label, e in entry.items()))
+  for m, a in result.get("knn_agreement", {}).items():
+    logging.info("%-7s over %d betas, rank correlation of precision with knn precision %s, of "
+                 "recall with knn recall %s", m, a["betas"], _fmt(a["spearman_precision"]),
+                 _fmt(a["spearman_recall"]))
   print(f"compile_seconds={timing['compile_seconds']:.2f} sweep_seconds="
         f"{timing['sweep_seconds']:.2f} configs={timing['configs']} -> {_WORKDIR.value}")
 

@@ -34,10 +34,12 @@ def _clouds(seed, n=60, m=45, d=5):
   return real, fake
 
 
-@pytest.mark.parametrize("seed, k, block", [(0, 3, 256), (1, 3, 7), (2, 1, 16), (3, 5, 13)])
-def test_knn_matches_brute_force(seed, k, block):
-  """Blocks that do not divide the sets (7, 13) included: padding rows never count."""
-  real, fake = _clouds(seed)
+@pytest.mark.parametrize("seed, k, block, d", [(0, 3, 256, 5), (1, 3, 7, 2), (2, 1, 16, 20),
+                                               (3, 5, 13, 12)])
+def test_knn_matches_brute_force(seed, k, block, d):
+  """Blocks that do not divide the sets (7, 13) included: padding rows never count. Both ways of
+  computing distances: direct differences (d <= 8) and the matmul."""
+  real, fake = _clouds(seed, d=d)
   p, r = sm.knn_precision_recall(jnp.asarray(real), jnp.asarray(fake), k=k, block=block)
   ref_p, ref_r = _reference(real, fake, k)
   assert (float(p), float(r)) == pytest.approx((ref_p, ref_r), abs=1e-6)
@@ -45,6 +47,13 @@ def test_knn_matches_brute_force(seed, k, block):
   # self excluded: the k-th neighbour including self (the (k-1)-th other) gives other numbers
   if k > 1:
     assert (ref_p, ref_r) != pytest.approx(_reference(real, fake, k - 1), abs=1e-6)
+
+
+def test_kth_smallest_counts_ties():
+  rng = np.random.default_rng(0)
+  d = rng.integers(0, 4, size=(50, 9)).astype(np.float32)  # many ties
+  for k in (1, 2, 3, 5, 9):
+    assert np.asarray(sm.kth_smallest(jnp.asarray(d), k)).tolist() == np.sort(d, 1)[:, k - 1].tolist()
 
 
 def test_knn_radii_exclude_self_and_count_duplicates():

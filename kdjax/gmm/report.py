@@ -6,6 +6,8 @@ Every row says whether the study stands behind it (`status`):
                  gradient student's objective still moved more than --convergence_tol);
   non_finite     precision or recall is NaN or infinite: the value is null, `note` says which.
 Only `ok` rows enter the summary's means; the summary counts the rows it left out.
+With --knn_samples, rows also hold knn_precision and knn_recall (kdjax.sample_metrics), the summary
+their means, and `knn_agreement` says how they follow the likelihood measures over beta.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kdjax.gmm.study import EXACT
 
 ROW_KEYS = ("objective", "beta", "seed", "precision", "recall", "teacher_entropy", "status",
             "converged", "final_objective", "objective_change", "objective_gap", "note")
+KNN_KEYS = ("knn_precision", "knn_recall")  # present with --knn_samples only
 
 
 def _num(x) -> float | None:
@@ -44,15 +47,17 @@ def rows_from_outputs(methods, out: dict, seeds_S, betas_B) -> list[dict]:
   """One row per (method, seed, beta); direct does not depend on beta: one row per seed, beta null.
 
   teacher_entropy is the sharpened teacher's weight entropy (null for direct, which has no teacher).
+  With k-NN outputs (--knn_samples), rows also hold knn_precision and knn_recall.
   """
   seeds_S = np.asarray(seeds_S)
   betas_B = np.asarray(betas_B)
   entropy_SxB = np.asarray(out["teacher_entropy"])
   rows = []
+  knn = [k for k in KNN_KEYS if k in out]
   for m in methods:
     arrays = {key: np.asarray(out[key][m]) for key in
               ("precision", "recall", "converged", "final_objective", "objective_change",
-               "objective_gap")}
+               "objective_gap", *knn)}
     for s, seed in enumerate(seeds_S):
       for b, beta in enumerate(betas_B if m != "direct" else [None]):
         at = (s, b if beta is not None else 0)
@@ -63,7 +68,8 @@ def rows_from_outputs(methods, out: dict, seeds_S, betas_B) -> list[dict]:
                "converged": bool(arrays["converged"][at]),
                "final_objective": _num(arrays["final_objective"][at]),
                "objective_change": _num(arrays["objective_change"][at]),
-               "objective_gap": _num(arrays["objective_gap"][at])}
+               "objective_gap": _num(arrays["objective_gap"][at]),
+               **{k: _num(arrays[k][at]) for k in knn}}
         rows.append(_judge(row, raw))
   return rows
 
@@ -101,7 +107,7 @@ def summarize(rows: list[dict]) -> dict:
     for label, rs in picks.items():
       ok = [r for r in rs if r["status"] == "ok"]
       entry = {"n": len(ok), "left_out": len(rs) - len(ok)}
-      for key in ("precision", "recall"):
+      for key in ("precision", "recall") + tuple(k for k in KNN_KEYS if k in rs[0]):
         v = np.array([r[key] for r in ok], float)
         se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else None
         entry[key] = {"mean": float(v.mean()) if len(v) else None, "se": se}
@@ -109,12 +115,54 @@ def summarize(rows: list[dict]) -> dict:
   return out
 
 
+def _ranks(v) -> np.ndarray:
+  """Ranks from 0, ties given their mean rank."""
+  v = np.asarray(v, float)
+  order = np.argsort(v, kind="stable")
+  r = np.empty(len(v))
+  r[order] = np.arange(len(v))
+  for x in np.unique(v):
+    r[v == x] = r[v == x].mean()
+  return r
+
+
+def _spearman(a, b) -> float | None:
+  """Spearman's rank correlation (ties ranked by their mean); None when either is constant."""
+  ra, rb = _ranks(a), _ranks(b)
+  if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+    return None
+  return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def knn_agreement(rows: list[dict]) -> dict:
+  """How the k-NN measures follow the likelihood ones over beta, per objective with betas (direct
+  has none): from the `ok` rows, each beta's mean over seeds of precision, knn_precision, recall
+  and knn_recall; Spearman's rank correlation over the betas of precision with knn_precision and
+  of recall with knn_recall (null when either is constant), and the means at the smallest and
+  largest beta. Empty without k-NN rows."""
+  if not rows or "knn_precision" not in rows[0]:
+    return {}
+  out = {}
+  for m in dict.fromkeys(r["objective"] for r in rows if r["beta"] is not None):
+    ok = [r for r in rows if r["objective"] == m and r["status"] == "ok"]
+    betas = sorted({r["beta"] for r in ok})
+    means = {key: [float(np.mean([r[key] for r in ok if r["beta"] == b])) for b in betas]
+             for key in ("precision", "recall") + KNN_KEYS}
+    out[m] = {"betas": len(betas),
+              "spearman_precision": _spearman(means["precision"], means["knn_precision"]),
+              "spearman_recall": _spearman(means["recall"], means["knn_recall"])}
+    for i, label in ((0, "beta_min"), (-1, "beta_max")):
+      out[m][label] = {key: v[i] for key, v in means.items()} if betas else None
+  return out
+
+
 def csv_text(rows: list[dict]) -> str:
+  keys = ROW_KEYS + tuple(k for k in KNN_KEYS if rows and k in rows[0])
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=ROW_KEYS, lineterminator="\n")
+  writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
   writer.writeheader()
   for r in rows:
-    writer.writerow({k: "" if r[k] is None else r[k] for k in ROW_KEYS})
+    writer.writerow({k: "" if r[k] is None else r[k] for k in keys})
   return buf.getvalue()
 
 
@@ -124,6 +172,8 @@ def write_results(workdir: str, rows: list[dict], timing: dict, config: dict) ->
             "exact_objective": EXACT,
             "left_out": {s: sum(r["status"] == s for r in rows)
                          for s in ("not_converged", "non_finite")}}
+  if rows and "knn_precision" in rows[0]:
+    result["knn_agreement"] = knn_agreement(rows)
   cli.atomic_write_json(f"{workdir}/results.json", result)
   cli.atomic_write_text(f"{workdir}/results.csv", csv_text(rows))
   return result

@@ -13,7 +13,9 @@ Data flow of `run_config` (the paper's protocol, then four more students):
             infinite-sample limit
   metrics: precision E_{student}[log p*], recall E_{p*}[log student] with n_eval samples each
   (and their Monte Carlo standard errors); the teacher's weight entropy at beta; per student a
-  convergence report (EM's own flag; the gradient students' objective and its change).
+  convergence report (EM's own flag; the gradient students' objective and its change); with
+  knn_samples > 0, the sample-based k-NN precision and recall (kdjax.sample_metrics) between the
+  first knn_samples of the student's evaluation samples and of p*'s.
 
 Everything random comes from jax.random.PRNGKey(seed). The same seed uses the same random numbers at
 every beta (common random numbers: curves over beta are smooth, differences are due to beta).
@@ -37,6 +39,7 @@ import jax.numpy as jnp
 
 from kdjax import metrics
 from kdjax import mixture as mx
+from kdjax import sample_metrics
 from kdjax.cli import require
 from kdjax.gmm import em
 from kdjax.gmm import train
@@ -68,6 +71,12 @@ class StudyConfig:
   convergence_tol: float = 0.01
   seed_chunk: int = 16
   exact: bool = True  # add the exact forward-KL limit rows (one-Gaussian students only)
+  knn_samples: int = 0  # > 0: k-NN precision / recall on this many student and p* samples
+  knn_k: int = 3
+
+  @property
+  def knn(self) -> bool:
+    return self.knn_samples > 0
 
   def __post_init__(self):
     for name in ("n_train", "teacher_components", "student_components", "n_teacher_samples",
@@ -87,6 +96,10 @@ class StudyConfig:
     require(self.learning_rate > 0, f"--learning_rate={self.learning_rate}: must be > 0")
     require(0 < self.jsd_mix < 1, f"--jsd_mix={self.jsd_mix}: must be in (0, 1)")
     require(self.convergence_tol > 0, f"--convergence_tol={self.convergence_tol}: must be > 0")
+    require(self.knn_k >= 1, f"--knn_k={self.knn_k}: must be >= 1")
+    require(self.knn_samples == 0 or self.knn_k < self.knn_samples <= self.n_eval,
+            f"--knn_samples={self.knn_samples}: 0 (off) or more than --knn_k={self.knn_k} and "
+            f"at most --n_eval={self.n_eval}")
     require(self.teacher_components <= self.n_train,
             f"--teacher_components={self.teacher_components}: more than --n_train={self.n_train}")
     for name in ("n_train", "n_teacher_samples", "batch_size"):
@@ -146,6 +159,19 @@ def _score(cfg: StudyConfig, p_star: Mixture, seed_part: dict, student: Mixture)
   return precision, recall
 
 
+KNN_BLOCK = 128  # query rows per distance block: a configuration holds KNN_BLOCK x knn_samples
+
+
+def _knn(cfg: StudyConfig, seed_part: dict, student: Mixture):
+  """(k-NN precision, k-NN recall) of a student: its first knn_samples evaluation samples against
+  the first knn_samples of p*'s (whose k-NN radii the seed part holds)."""
+  n = cfg.knn_samples
+  fake_NxD = mx.sample_with(student, jax.tree.map(lambda a: a[:n], seed_part["eval_draws"]))
+  return sample_metrics.knn_precision_recall(
+      seed_part["x_star"][:n], fake_NxD, k=cfg.knn_k, block=KNN_BLOCK,
+      real_r2_N=seed_part["knn_star_r2"])
+
+
 def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
   """Everything of a configuration that does not depend on beta: the training data, the teacher,
   the direct student and its scores, the p* evaluation samples, and the standard random draws that
@@ -158,10 +184,15 @@ def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
           "x_star": mx.sample(p_star, k["eval_star"], cfg.n_eval),
           "eval_draws": mx.draws(k["eval_student"], cfg.n_eval, d),
           "seq_draws": mx.draws(k["seq_x"], cfg.n_teacher_samples, d)}
+  if cfg.knn:
+    part["knn_star_r2"] = sample_metrics.knn_radii(part["x_star"][:cfg.knn_samples], cfg.knn_k,
+                                                   KNN_BLOCK)
   if "direct" in cfg.objectives:
     part["direct"], part["direct_info"] = _fit_info(cfg, k["direct"], x_train_NxD,
                                                     cfg.student_components)
     part["direct_scores"] = _score(cfg, p_star, part, part["direct"])
+    if cfg.knn:
+      part["direct_knn"] = _knn(cfg, part, part["direct"])
   return part
 
 
@@ -169,11 +200,13 @@ def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta) -> dict:
   """The rest of a configuration, given its seed_part: sharpen, the students, their scores."""
   k = part["keys"]
   sharp = mx.sharpen(part["teacher"], beta)
-  students, scores, infos = {}, {}, {}
+  students, scores, infos, knn = {}, {}, {}, {}
   for i, obj in enumerate(cfg.objectives):
     if obj == "direct":
       students[obj], scores[obj] = part["direct"], part["direct_scores"]
       infos[obj] = part["direct_info"]
+      if cfg.knn:
+        knn[obj] = part["direct_knn"]
       continue
     if obj == "seqkd":
       x_teacher_NxD = mx.sample_with(sharp, part["seq_draws"])
@@ -182,15 +215,21 @@ def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta) -> dict:
     else:
       students[obj], infos[obj] = _train(cfg, obj, sharp, jax.random.fold_in(k["grad"], i))
     scores[obj] = _score(cfg, p_star, part, students[obj])
+    if cfg.knn:
+      knn[obj] = _knn(cfg, part, students[obj])
   if EXACT in cfg.methods:
     students[EXACT] = mx.moment_match(sharp, cfg.diag)
     scores[EXACT] = _score(cfg, p_star, part, students[EXACT])
+    if cfg.knn:
+      knn[EXACT] = _knn(cfg, part, students[EXACT])
     nan = jnp.full((), jnp.nan, beta.dtype)
     infos[EXACT] = train.TrainInfo(jnp.ones((), bool), nan, nan, nan)  # closed form
     if "fkl" in students:
       infos["fkl"] = _against_the_optimum(cfg, infos["fkl"], sharp, students["fkl"],
                                           students[EXACT])
-  return {"teacher_entropy": mx.weight_entropy(sharp),
+  out = {"knn_precision": {m: p for m, (p, _) in knn.items()},
+         "knn_recall": {m: r for m, (_, r) in knn.items()}} if cfg.knn else {}
+  return {**out, "teacher_entropy": mx.weight_entropy(sharp),
           "precision": {m: p for m, (p, _) in scores.items()},
           "recall": {m: r for m, (_, r) in scores.items()},
           "converged": {m: i.converged for m, i in infos.items()},
@@ -219,7 +258,8 @@ def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Arr
   """One (seed, beta) configuration end to end, for every objective in cfg.
 
   Returns {"teacher_entropy": [], "precision": {method: []}, "recall": {method: []},
-  "students": {method: Mixture}, "teacher": Mixture (unsharpened), "x_train": [n_train, D]}.
+  "students": {method: Mixture}, "teacher": Mixture (unsharpened), "x_train": [n_train, D]};
+  with cfg.knn also "knn_precision" and "knn_recall": {method: []}.
   """
   part = seed_part(cfg, p_star, seed)
   return dict(beta_part(cfg, p_star, part, beta), x_train=part["x_train"])
