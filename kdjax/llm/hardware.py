@@ -1,0 +1,454 @@
+"""The study's plan priced on named hardware: hours per stage, and whether each stage fits.
+
+`python -m experiments.llm --flagfile=F --dry_run --hardware=NAME` prints it (`estimate`, then
+`format_estimate`). NAME is a chip of `CHIPS` (h100, h200, a100, v5e, v5p, v6e), optionally with
+a slice size as the vendors count it: h100-8 (8 GPUs), v5p-64 (64 TensorCores = 32 chips: v5p
+names count 2 cores per chip), v6e-16 (16 chips). Without a size the chips are the --mesh's
+(data=-1: one host's).
+
+Time, per stage (every assumption is printed with the figures):
+  training   its FLOPs (kdjax.llm.plan) / (chips x peak bf16 FLOP/s x MFU), the teacher's
+             validation passes added as forward FLOPs.
+  decoding   memory-bound: each step reads the weights (compute dtype: the sampler's decode
+             layout), the whole KV cache (the sampler attends over all max_len slots) and the f32
+             logits (LOGIT_PASSES passes) for the rows one chip holds, over HBM bandwidth x MBU
+             (the FLOPs / (peak x MFU) when larger), plus a fixed cost per layer and step.
+  scoring    forward FLOPs / (chips x peak x MFU).
+Where the work runs follows kdjax/llm/pipeline.py: training on the --mesh (`data` replicates
+parameters and splits the batch, `fsdp` shards both, `tensor` shards heads, MLP and vocabulary);
+sampling and scoring on each process's own chips (pipeline.data_parallel: parameters replicated,
+the batch split over them, or one chip when they do not divide it), dataset shards and scoring
+batches dealt round-robin to the processes, one process per host.
+
+Memory: each stage's programs compiled from abstract arrays for its mesh on fake CPU devices
+(nothing allocated): the train step by kdjax.llm.footprint (remat none and layer), the sampler
+(sampling._sample_jit) and the scorer (evaluate._sums_jit) as the pipeline places them. The
+per-device figure is XLA's (arguments + outputs + temporaries - donated). The programs are
+compiled for the real mesh, however many chips: XLA partitions one program per device, so the
+compile time does not grow with the device count (measured here: a 135M train step for data=1,
+fsdp=8 in 19.6 s, for data=4, fsdp=8 on 32 devices in 18.8 s, same bytes per device), and no
+equivalent smaller mesh has to be argued for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+import time
+from typing import Optional
+
+from kdjax.cli import UserError, require
+from kdjax.llm import plan as planlib
+from kdjax.llm.config import LlamaConfig
+
+LOGIT_PASSES = 3        # the f32 [B, V] logits: written by the head, read by max/exp-sum and block sums
+USABLE_HBM = 0.9        # a program fits when it needs at most this fraction of a chip's HBM
+DEFAULT_MBU = 0.6       # fraction of HBM bandwidth a decode step achieves
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip, from its vendor's datasheet (dense bf16; GB = 1e9 bytes)."""
+  name: str
+  peak_flops: float         # bf16 FLOP/s per chip, dense
+  hbm_bandwidth: float      # bytes/s per chip
+  hbm_bytes: float          # HBM per chip
+  chips_per_host: int
+  mfu: float                # default model-FLOPs utilisation (assumed, --mfu)
+  layer_step_s: float       # fixed cost of one layer in one decode step (kernels, small ops; a guess)
+  cores_per_chip: int = 1   # what a slice name counts: v5p-64 = 64 TensorCores = 32 chips
+
+
+CHIPS = {
+    "h100": Chip("H100-SXM", 989e12, 3.35e12, 80e9, 8, 0.4, 20e-6),
+    "h200": Chip("H200", 989e12, 4.8e12, 141e9, 8, 0.4, 20e-6),
+    "a100": Chip("A100-80GB", 312e12, 2.039e12, 80e9, 8, 0.4, 20e-6),
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16e9, 8, 0.5, 10e-6),
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95e9, 4, 0.5, 10e-6, cores_per_chip=2),
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32e9, 8, 0.5, 10e-6),
+}
+_ALIASES = {"h100-sxm": "h100", "a100-80gb": "a100", "tpu-v5e": "v5e", "tpu-v5p": "v5p",
+            "tpu-v6e": "v6e"}
+
+
+def parse(name: str) -> tuple[Chip, Optional[int]]:
+  """'h100' -> (H100, None); 'h100-8' -> (H100, 8 chips); 'v5p-64' -> (v5p, 32 chips)."""
+  m = re.fullmatch(r"(.+?)(?:-(\d+))?", name.strip().lower())
+  key = _ALIASES.get(m.group(1), m.group(1)) if m else ""
+  require(key in CHIPS, f"--hardware={name!r}: unknown; known: {', '.join(CHIPS)} (optionally "
+          "-N, the slice size: h100-8, v5p-64)")
+  chip, count = CHIPS[key], m.group(2)
+  if count is None:
+    return chip, None
+  require(int(count) > 0 and int(count) % chip.cores_per_chip == 0,
+          f"--hardware={name!r}: {chip.name} slices count {chip.cores_per_chip} cores per chip")
+  return chip, int(count) // chip.cores_per_chip
+
+
+def resolve_mesh(mesh: str, chip: Chip, chips: Optional[int]) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) of --mesh on the hardware: data=-1 takes the chips (one host's without
+  a slice size); an explicit mesh must span the slice."""
+  from kdjax.sharding import parse_mesh
+  data, fsdp, tensor = parse_mesh(mesh)
+  if data == -1:
+    n = chips or chip.chips_per_host
+    require(n % (fsdp * tensor) == 0,
+            f"--mesh={mesh!r}: fsdp x tensor = {fsdp * tensor} does not divide {n} chips")
+    return n // (fsdp * tensor), fsdp, tensor
+  require(chips is None or data * fsdp * tensor == chips, f"--mesh={mesh!r} spans "
+          f"{data * fsdp * tensor} chips, the --hardware slice {chips}")
+  return data, fsdp, tensor
+
+
+def hosts(chip: Chip, chips: int) -> tuple[int, int]:
+  """(processes, chips per process): one process per host."""
+  local = min(chips, chip.chips_per_host)
+  return math.ceil(chips / local), local
+
+
+# ----------------------------------------------------------------------------- time
+
+
+def _dtype_bytes(c: LlamaConfig) -> int:
+  return 2 if c.dtype in ("bfloat16", "float16") else 4
+
+
+def decode_step_bytes(c: LlamaConfig, batch: int, max_len: int) -> dict:
+  """HBM bytes one chip reads per decode step for `batch` rows: the weights (compute dtype),
+  K and V of every layer over all max_len slots, and the f32 logits LOGIT_PASSES times."""
+  w = _dtype_bytes(c)
+  return {"weights": c.num_params() * w,
+          "kv_cache": 2 * c.num_layers * batch * c.num_kv_heads * max_len * c.head_dim * w,
+          "logits": batch * c.vocab_size * 4 * LOGIT_PASSES}
+
+
+def decode_step_seconds(c: LlamaConfig, batch: int, max_len: int, chip: Chip, mfu: float,
+                        mbu: float) -> tuple[float, str]:
+  """(seconds, 'HBM' or 'FLOPs'): the larger of bytes / (bandwidth x mbu) and FLOPs / (peak x
+  mfu), plus num_layers x the chip's fixed per-layer cost."""
+  memory_s = sum(decode_step_bytes(c, batch, max_len).values()) / (chip.hbm_bandwidth * mbu)
+  compute_s = batch * planlib._forward_flops_per_token(c, max_len) / (chip.peak_flops * mfu)
+  return max(memory_s, compute_s) + c.num_layers * chip.layer_step_s, (
+      "HBM" if memory_s >= compute_s else "FLOPs")
+
+
+def _per_chip(batch: int, local: int) -> tuple[int, int]:
+  """(rows per chip, chips used): pipeline.data_parallel splits a batch the chips divide."""
+  return (batch // local, local) if batch % local == 0 else (batch, 1)
+
+
+def sampling_seconds(c: LlamaConfig, num: int, seq_len: int, cfg, chip: Chip, processes: int,
+                     local: int, mfu: float, mbu: float) -> float:
+  """One dataset of `num` sequences: shards dealt to the processes, each shard in batches of
+  --sample_batch_size, every batch --max_new_tokens steps (no row stops early at EOS)."""
+  rows, _ = _per_chip(cfg.sample_batch_size, local)
+  shards = math.ceil(num / cfg.shard_size)
+  batches = math.ceil(shards / processes) * math.ceil(min(cfg.shard_size, num)
+                                                      / cfg.sample_batch_size)
+  return batches * cfg.max_new_tokens * decode_step_seconds(c, rows, seq_len, chip, mfu, mbu)[0]
+
+
+def compute_seconds(flops: float, chips: int, chip: Chip, mfu: float) -> float:
+  return flops / (chips * chip.peak_flops * mfu)
+
+
+def forward_flops(c: LlamaConfig, sequences: int, seq_len: int) -> float:
+  """Teacher-forced forward FLOPs of `sequences` rows of seq_len tokens (causal attention)."""
+  return sequences * seq_len * planlib._forward_flops_per_token(c, seq_len // 2)
+
+
+def scoring_seconds(c: LlamaConfig, num: int, seq_len: int, batch: int, chip: Chip,
+                    processes: int, local: int, mfu: float) -> float:
+  """A forward pass over `num` rows padded to seq_len, in batches dealt to the processes."""
+  _, used = _per_chip(batch, local)
+  rounds = math.ceil(math.ceil(num / batch) / processes)
+  return compute_seconds(rounds * forward_flops(c, batch, seq_len), used, chip, mfu)
+
+
+def teacher_validation_flops(cfg, teacher: LlamaConfig, seq_len: int) -> float:
+  """Forward FLOPs of the teacher's checkpoint selection (every --eval_every steps, else once per
+  epoch, on --eval_sequences or all --num_select sequences)."""
+  steps = cfg.teacher_epochs * (cfg.num_train // cfg.batch_size)
+  every = cfg.eval_every or cfg.num_train // cfg.batch_size
+  return (math.ceil(steps / every) * forward_flops(teacher, cfg.eval_sequences or cfg.num_select,
+                                                     seq_len))
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _cpu_mesh(data: int, fsdp: int, tensor: int):
+  import jax
+  from kdjax.sharding import make_mesh
+  n = data * fsdp * tensor
+  devices = jax.devices("cpu")
+  require(len(devices) >= n, f"--hardware: the memory analysis compiles for {n} devices but JAX "
+          f"has {len(devices)} CPU devices; set XLA_FLAGS=--xla_force_host_platform_device_count="
+          f"{n} or pass --nomemory_analysis")
+  return make_mesh(data, fsdp, tensor, devices=devices[:n])
+
+
+def ensure_cpu_devices(n: int) -> None:
+  """Ask for n fake CPU devices; a no-op once a JAX backend has started (_cpu_mesh then checks)."""
+  import jax
+  try:
+    jax.config.update("jax_num_cpu_devices", max(n, 1))
+  except RuntimeError:
+    pass
+
+
+def _abstract_params(c: LlamaConfig, sharding):
+  import jax
+  from kdjax.llm import model
+  tree = jax.eval_shape(lambda: model.init_params(c, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+
+
+def _report(lowered, n: int) -> dict:
+  from kdjax import compiled
+  return compiled.report(lowered.compile(), n)
+
+
+def sampler_memory(c: LlamaConfig, batch: int, prompt_len: int, max_new_tokens: int,
+                   chips: int) -> dict:
+  """The sampler as pipeline.sample_dataset runs it: params replicated on `chips` chips, the batch
+  split over them (kdjax.compiled.report of sampling._sample_jit)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from kdjax.llm import sampling
+  mesh = _cpu_mesh(chips, 1, 1)
+  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  lowered = sampling._sample_jit.lower(
+      c, max_new_tokens, 0, False, _abstract_params(c, rep),
+      arr((batch, prompt_len), jnp.int32, rows), arr((batch, prompt_len), jnp.bool_, rows),
+      arr((), key.dtype, rep), arr((batch,), jnp.float32, rows), arr((batch,), jnp.float32, rows),
+      arr((), jnp.int32, rep), arr((), jnp.int32, rep))
+  return _report(lowered, chips)
+
+
+def scorer_memory(c: LlamaConfig, batch: int, seq_len: int, chips: int) -> dict:
+  """One scoring batch as pipeline.mean_loglik runs it (evaluate._sums_jit, data-parallel)."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from kdjax.llm import evaluate
+  mesh = _cpu_mesh(chips, 1, 1)
+  rows = NamedSharding(mesh, P("data"))
+  arr = lambda dtype: jax.ShapeDtypeStruct((batch, seq_len), dtype, sharding=rows)
+  lowered = evaluate._sums_jit.lower(c, _abstract_params(c, NamedSharding(mesh, P())),
+                                     arr(jnp.int32), arr(jnp.bool_), arr(jnp.bool_))
+  return _report(lowered, chips)
+
+
+def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> dict:
+  """footprint.train_step on the training mesh (kw: num_students, teacher, shared_batch)."""
+  from kdjax.llm import footprint
+  return footprint.train_step(c, _cpu_mesh(*mesh_shape), batch, seq_len, **kw)
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+
+def _configs(cfg, ground_truth_preset: str) -> dict:
+  """{ground_truth, teacher, student: LlamaConfig} in the study's compute dtype and attention (as
+  plan.dry_run_plan describes them; cudnn attention compiles as dot_product off a GPU)."""
+  from kdjax.llm.config import get_preset
+
+  def desc(spec):
+    try:
+      return planlib.describe(spec)
+    except UserError:
+      if spec != cfg.ground_truth or not ground_truth_preset:
+        raise
+      return get_preset(ground_truth_preset)
+
+  attention = "dot_product" if cfg.attention == "cudnn" else cfg.attention
+  out = {name: desc(getattr(cfg, name)).replace(dtype=cfg.dtype)
+         for name in ("ground_truth", "teacher", "student")}
+  for name in ("teacher", "student"):
+    out[name] = out[name].replace(attention=attention)
+  return out
+
+
+def _student_programs(cfg, models: dict) -> list[tuple[str, dict]]:
+  """(label, footprint.train_step kwargs) of each distinct student training program."""
+  n, out = len(cfg.temperatures), {}
+  for kind in cfg.students:
+    if kind == "direct":
+      out.setdefault("direct", {})
+    elif kind == "seqkd":
+      out.setdefault(f"seqkd x{n}", {"num_students": n})
+    elif kind in planlib.TOKEN_KINDS:
+      out.setdefault(f"token-level x{n} + teacher",
+                     {"num_students": n, "teacher": models["teacher"], "shared_batch": True})
+    else:
+      out.setdefault(f"on-policy x{n} + teacher (its sampler not counted)",
+                     {"num_students": n, "teacher": models["teacher"]})
+  return list(out.items())
+
+
+def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, processes: int,
+                   local: int, mfu: float, mbu: float) -> dict:
+  """{stage: (hours, how)} from the plan's FLOPs and the decode model."""
+  seq_len = plan["seq_len"]
+  flops = {s["stage"]: s["flops"] for s in plan["stages"]}
+  gt, teacher, student = models["ground_truth"], models["teacher"], models["student"]
+  sample = lambda c, num: sampling_seconds(c, num, seq_len, cfg, chip, processes, local, mfu, mbu)
+  score = lambda c, num: scoring_seconds(c, num, seq_len, cfg.eval_batch_size, chip, processes,
+                                         local, mfu)
+  rows, _ = _per_chip(cfg.sample_batch_size, local)
+
+  def step(c):
+    s, bound = decode_step_seconds(c, rows, seq_len, chip, mfu, mbu)
+    return f"{s * 1e3:.3g} ms/step ({bound}-bound), {rows} rows/chip"
+
+  out = {}
+  s1 = sum(sample(gt, n) for n in (cfg.num_train, cfg.num_val, cfg.num_select))
+  out["1_sample_ground_truth"] = (s1, f"decode p*: {step(gt)}")
+  val = teacher_validation_flops(cfg, teacher, seq_len)
+  s2 = compute_seconds(flops["2_train_teacher"] + val, mesh_chips, chip, mfu)
+  out["2_train_teacher"] = (s2, f"{flops['2_train_teacher']:.3g} FLOP + validation {val:.3g} "
+                            f"FLOP on {mesh_chips} chips")
+  per = sample(teacher, cfg.teacher_num_train) + sample(teacher, cfg.teacher_num_val)
+  out["3_sample_teacher"] = (per * len(cfg.temperatures) * cfg.num_seeds,
+                             f"decode teacher: {step(teacher)}")
+  out["4_train_students"] = (compute_seconds(flops["4_train_students"], mesh_chips, chip, mfu),
+                             f"{flops['4_train_students']:.3g} FLOP on {mesh_chips} chips")
+  decode, forward = 0.0, 0.0
+  for kind, group in cfg.student_groups():
+    for _ in group:
+      decode += sample(student, cfg.num_eval_samples)
+      forward += score(student, cfg.num_val) + score(gt, cfg.num_eval_samples)
+      if kind == "seqkd":
+        forward += score(student, cfg.teacher_num_val)
+  out["5_score_students"] = ((decode + forward) * cfg.num_seeds,
+                             f"decode students {decode * cfg.num_seeds / 3600:.3g} h "
+                             f"({step(student)}) + forward passes "
+                             f"{forward * cfg.num_seeds / 3600:.3g} h")
+  return {k: (v / 3600, how) for k, (v, how) in out.items()}
+
+
+def _memory(cfg, plan: dict, models: dict, mesh_shape, local: int, progress) -> dict:
+  """{stage: [(program, mesh text, memory_per_device_gb)]}: every program compiled."""
+  seq_len, prompt_len = plan["seq_len"], plan["seq_len"] - cfg.max_new_tokens
+  b, rows_chips = cfg.sample_batch_size, _per_chip(cfg.sample_batch_size, local)[1]
+  eb, eval_chips = cfg.eval_batch_size, _per_chip(cfg.eval_batch_size, local)[1]
+  mesh_text = "data={},fsdp={},tensor={}".format(*mesh_shape)
+
+  def sampler(name):
+    c = models[name]
+    label = f"sampler {name}, batch {b} ({b // rows_chips}/chip)"
+    return (label, f"data={rows_chips}",
+            lambda: sampler_memory(c, b, prompt_len, cfg.max_new_tokens, rows_chips))
+
+  def scorer(name):
+    label = f"scorer {name}, batch {eb} x {seq_len} ({eb // eval_chips}/chip)"
+    return label, f"data={eval_chips}", lambda: scorer_memory(models[name], eb, seq_len, eval_chips)
+
+  def train(name, label, **kw):
+    return [(f"{label}, remat {r}", mesh_text,
+             lambda r=r: train_memory(models[name].replace(remat=r), mesh_shape, cfg.batch_size,
+                                      seq_len, **kw)) for r in ("none", "layer")]
+
+  todo = {"1_sample_ground_truth": [sampler("ground_truth")],
+          "2_train_teacher": train("teacher", f"train step teacher, batch {cfg.batch_size}"),
+          "3_sample_teacher": [sampler("teacher")],
+          "4_train_students": [p for label, kw in _student_programs(cfg, models)
+                               for p in train("student", f"train step {label}", **kw)],
+          "5_score_students": [sampler("student"), scorer("ground_truth"), scorer("student")]}
+  out = {}
+  for stage, programs in todo.items():
+    out[stage] = []
+    for label, mesh, fn in programs:
+      started = time.perf_counter()
+      gb = fn()["memory_per_device_gb"]
+      progress(f"compiled {stage}: {label} on {mesh}: {gb:.3g} GB per device "
+               f"({time.perf_counter() - started:.0f} s)")
+      out[stage].append((label, mesh, gb))
+  return out
+
+
+def prepare(cfg, hardware: str, memory: bool) -> None:
+  """Validate --hardware against --mesh and, for the memory analysis, ask for as many fake CPU
+  devices as the mesh spans: call before anything starts a JAX backend."""
+  chip, chips = parse(hardware)
+  if memory:
+    ensure_cpu_devices(math.prod(resolve_mesh(cfg.mesh, chip, chips)))
+
+
+def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
+             mfu: float = 0.0, mbu: float = 0.0, memory: bool = True, progress=None) -> dict:
+  """Hours per stage on `hardware` for the flags `cfg` and their plan (plan.dry_run_plan), and,
+  with `memory`, every stage's compiled programs' memory per device against the chip's HBM."""
+  chip, chips = parse(hardware)
+  mfu, mbu = mfu or chip.mfu, mbu or DEFAULT_MBU
+  require(0 < mfu <= 1, f"--mfu={mfu}: must be in (0, 1]")
+  require(0 < mbu <= 1, f"--mbu={mbu}: must be in (0, 1]")
+  mesh_shape = resolve_mesh(cfg.mesh, chip, chips)
+  mesh_chips = math.prod(mesh_shape)
+  processes, local = hosts(chip, mesh_chips)
+  models = _configs(cfg, ground_truth_preset)
+  hours = _hours_and_how(cfg, plan, models, chip, mesh_chips, processes, local, mfu, mbu)
+  progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
+  mem = _memory(cfg, plan, models, mesh_shape, local, progress) if memory else {}
+  return {"chip": dataclasses.asdict(chip), "hardware": hardware, "chips": mesh_chips,
+          "mesh": mesh_shape, "processes": processes, "chips_per_process": local, "mfu": mfu,
+          "mbu": mbu, "hours": hours, "memory": mem, "dtype": cfg.dtype,
+          "total_hours": sum(h for h, _ in hours.values())}
+
+
+def _fits(gb: float, chip: dict) -> str:
+  return "yes" if gb * 1e9 <= USABLE_HBM * chip["hbm_bytes"] else "NO"
+
+
+def format_estimate(est: dict) -> str:
+  c, (d, f, t) = est["chip"], est["mesh"]
+  lines = [f"hardware {est['hardware']}: {est['chips']} x {c['name']} "
+           f"({est['processes']} host(s) of {est['chips_per_process']}), training mesh "
+           f"data={d},fsdp={f},tensor={t}",
+           f"  {'stage':24s} {'hours':>9s}  how"]
+  for stage, (h, how) in est["hours"].items():
+    lines.append(f"  {stage:24s} {h:9.3g}  {how}")
+  lines.append(f"  {'total':24s} {est['total_hours']:9.3g}  "
+               f"(= {est['total_hours'] / 24:.3g} days; 6_results not counted)")
+  if est["memory"]:
+    cap = USABLE_HBM * c["hbm_bytes"] / 1e9
+    lines.append(f"  memory per device, compiled (XLA:CPU, abstract arrays; fits: <= {cap:.3g} GB "
+                 f"= {USABLE_HBM:g} x {c['hbm_bytes'] / 1e9:g} GB HBM):")
+    lines.append(f"  {'stage':24s} {'GB':>7s}  {'fits':4s}  {'mesh compiled':26s} program")
+    for stage, programs in est["memory"].items():
+      for label, mesh, gb in programs:
+        lines.append(f"  {stage:24s} {gb:7.3g}  {_fits(gb, c):4s}  {mesh:26s} {label}")
+  else:
+    lines.append("  memory per device: not compiled (--nomemory_analysis)")
+  lines.append("  assumptions:")
+  lines += ["    " + a for a in assumptions(est)]
+  return "\n".join(lines)
+
+
+def assumptions(est: dict) -> list[str]:
+  c = est["chip"]
+  return [
+      f"{c['name']}: {c['peak_flops'] / 1e12:g} TFLOP/s bf16 dense peak, HBM "
+      f"{c['hbm_bandwidth'] / 1e12:g} TB/s and {c['hbm_bytes'] / 1e9:g} GB per chip, "
+      f"{c['chips_per_host']} chips per host (vendor datasheets); the same peak for float32 runs",
+      f"training and forward passes at MFU {est['mfu']:g} (--mfu); no input pipeline, checkpoint, "
+      "compile or host time; the teacher's validation passes counted, every epoch's",
+      f"decoding: per step max(HBM bytes / (bandwidth x MBU {est['mbu']:g} (--mbu)), FLOPs / "
+      f"(peak x MFU)) + {c['layer_step_s'] * 1e6:g} us per layer (kernel launches, small ops: a "
+      f"guess, not measured); bytes = weights in {est['dtype']} + K, V over all max_len slots + "
+      f"f32 logits x {LOGIT_PASSES}; every row runs all --max_new_tokens steps",
+      f"sampling and scoring: one process per host, params replicated on its "
+      f"{est['chips_per_process']} chip(s), the batch split over them; shards and scoring "
+      f"batches dealt round-robin to the {est['processes']} process(es) (a dataset of one shard "
+      "keeps one host busy); on-policy students' sampling priced as FLOPs (plan)",
+      "memory: XLA:CPU's buffer assignment of the same partitioned program on fake devices; "
+      "GPU / TPU compilers fuse differently; on GPUs JAX preallocates 75% of HBM unless "
+      f"XLA_PYTHON_CLIENT_MEM_FRACTION is raised (e.g. to {USABLE_HBM:g}); the study trains with "
+      "remat none (remat layer: train_lm / bench_train --remat)",
+  ]
