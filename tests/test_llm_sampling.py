@@ -185,16 +185,37 @@ def test_fast_decode_path_matches_model_forward(name):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_batch_sharded_over_data_matches_unsharded(params):
+def _first_difference(a_N, b_N):
+  """The first position where two token rows differ, or None."""
+  diff = np.flatnonzero(np.asarray(a_N) != np.asarray(b_N))
+  return int(diff[0]) if diff.size else None
+
+
+def test_batch_sharded_over_data_agrees_with_unsharded_up_to_rounding(params):
+  """What the README claims of a sharded batch: each row draws the same uniforms, its log-probs
+  agree to rounding, greedy tokens are the same, and a sampled row keeps the unsharded row's tokens
+  until a draw lands within rounding of a boundary of the inverse CDF."""
   mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
   prompt, mask = _prompts(11)
   mask = mask.at[:4, :2].set(False)  # some rows left-padded
-  kw = dict(max_new_tokens=N, temperature=0.9, eos_id=5)
-  want = sample(CONFIG, params, prompt, mask, jax.random.key(12), **kw)
-  rows = NamedSharding(mesh, P("data"))
-  with jax.set_mesh(mesh):
-    got = sample(CONFIG, jax.device_put(params, NamedSharding(mesh, P())),
-                 jax.device_put(prompt, rows), jax.device_put(mask, rows), jax.random.key(12), **kw)
-  np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
-  np.testing.assert_array_equal(got.lengths_B, want.lengths_B)
-  assert len(got.tokens_BxN.sharding.device_set) == 8  # the work really was spread
+  rows, key = NamedSharding(mesh, P("data")), jax.random.key(12)
+  sharded = (jax.device_put(params, NamedSharding(mesh, P())), jax.device_put(prompt, rows),
+             jax.device_put(mask, rows))
+  for t in (0.0, 1.0):  # temperature is traced: one compile each way serves both
+    kw = dict(max_new_tokens=N, temperature=t, eos_id=5)
+    want = sample(CONFIG, params, prompt, mask, key, **kw)
+    with jax.set_mesh(mesh):
+      got = sample(CONFIG, *sharded, key, **kw)
+    assert len(got.tokens_BxN.sharding.device_set) == 8  # the work really was spread
+    if t == 0.0:
+      np.testing.assert_array_equal(got.tokens_BxN, want.tokens_BxN)
+      continue
+    for r in range(prompt.shape[0]):
+      j = _first_difference(got.tokens_BxN[r], want.tokens_BxN[r])  # None: the whole row agrees
+      np.testing.assert_allclose(got.logprobs_BxN[r, :j], want.logprobs_BxN[r, :j], atol=1e-5)
+      if j is not None:  # that draw's uniform sits on a boundary of the CDF, to rounding
+        logits = decode_logits(CONFIG, params, prompt[r:r + 1], mask[r:r + 1],
+                               want.tokens_BxN[r:r + 1, :j])[0, -1]
+        cdf = np.cumsum(np.asarray(jax.nn.softmax(logits), np.float64))
+        u = float(jax.random.uniform(jax.random.fold_in(key, j), (prompt.shape[0],))[r])
+        assert np.min(np.abs(cdf - u)) < 1e-4, (r, j)

@@ -18,8 +18,12 @@ draw one random number per vocabulary entry. Top-k / top-p work on a sorted cand
 traced only when enabled. `decode_logits` exposes the same path for the parity test.
 
 Randomness: step i draws a [B] uniform from fold_in(key, i); with partitionable threefry the
-values do not depend on how the batch is sharded, so a batch sharded along 'data' gives the same
-tokens as an unsharded one.
+values do not depend on how the batch is sharded. The logits do, in their last bits: each device's
+program is compiled for its own rows, and XLA:CPU rounds e.g. an exp inside a fusion differently at
+another shape (accelerator kernels are picked by shape too). So a row of a batch sharded along
+'data' has the unsharded row's tokens until a draw falls within rounding of a boundary of the
+inverse CDF (greedy: of a tie), and from there on is another sample of the same distribution
+(tests/test_llm_sampling.py checks exactly this).
 """
 
 from __future__ import annotations
@@ -306,7 +310,8 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
   traced, scalar or per row, 1.0 = off (whether it is on at all is decided here from its value, so
   full-vocabulary sampling pays nothing for it).
   eos_id: None means config.eos_token_id; None or -1 there disables stopping. Rows are
-  reproducible from `key`; params and prompts may arrive sharded (e.g. the batch over 'data').
+  reproducible from `key` on the same devices; params and prompts may arrive sharded (e.g. the
+  batch over 'data': the same uniforms and the same tokens up to rounding, see the module doc).
   """
   if int(max_new_tokens) < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
