@@ -22,6 +22,10 @@ setup(
         "tensorboardX",
     ],
     extras_require={
+        # Accelerators: the same jax with its GPU plugin (CUDA 12 wheels from PyPI) or with libtpu.
+        # `pip install -e ".[cuda12]"` on an NVIDIA GPU machine, `pip install -e ".[tpu]"` on a TPU VM.
+        "cuda12": ["jax[cuda12]>=0.7"],
+        "tpu": ["jax[tpu]>=0.7"],
         "test": [
             "pytest",
             "scipy",
