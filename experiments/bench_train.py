@@ -75,7 +75,7 @@ def compile_only_report(config) -> dict:
   import jax
   from kdjax import sharding
   from kdjax.llm import footprint
-  mesh = sharding.make_mesh(*sharding.parse_mesh(FLAGS.mesh))
+  mesh = sharding.mesh_from_text(FLAGS.mesh)
   out = {"mode": "compile_only", "preset": FLAGS.preset, "mesh": dict(mesh.shape),
          "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype, "remat": FLAGS.remat,
          "students": FLAGS.students or None}

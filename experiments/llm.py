@@ -4,7 +4,8 @@
   python -m experiments.llm --flagfile=experiments/flags/llm_paper.flags --workdir=DIR --dry_run
 
 Writes DIR/results.json {"config": these flags, "rows": [{objective, temperature, seed, precision,
-recall, val_perplexity}], "summary": [mean and standard error over seeds per (objective, T)]},
+recall, val_perplexity, knn_precision, knn_recall, mauve, distinct_1, distinct_2, distinct_3,
+mean_length}], "summary": [mean and standard error over seeds per (objective, T)]},
 DIR/results.csv, DIR/*.png and DIR/timings.json. The workdir is a cache of stages keyed by what each
 depends on (kdjax/llm/stages.py): a rerun, with the same or other flags, reuses every stage output
 its flags leave unchanged, resumes what a killed run left half done, and runs the rest.
@@ -88,6 +89,15 @@ flags.DEFINE_integer("eval_sequences", _D.eval_sequences, "Validate (select the 
                      "on the first N sequences of each validation set only; 0 = all of them.")
 flags.DEFINE_enum("dtype", _D.dtype, ["float32", "bfloat16"], "Compute dtype for training.")
 flags.DEFINE_string("mesh", _D.mesh, "Device mesh, e.g. data=1,fsdp=8,tensor=1 (default: all data).")
+flags.DEFINE_enum("embedding_map", _D.embedding_map, list(planlib.EMBEDDING_MAPS),
+                  "embedding_map.png: p*'s samples (embedded by p*) mapped to 2-D by UMAP "
+                  "(umap-learn) or PCA (numpy alone), every student's samples placed in that map; "
+                  "none: no map.")
+flags.DEFINE_integer("knn_k", _D.knn_k, "k of the k-NN precision / recall of each student's "
+                     "samples against p*'s (Kynkaanniemi et al. 2019), in p*'s embedding space.")
+flags.DEFINE_enum("remat", _D.remat, ["none", "layer", "dots"],
+                  "Rematerialisation in training: none; layer (keep each layer's input, recompute "
+                  "the rest); dots (keep the matmul outputs).")
 flags.DEFINE_enum("attention", _D.attention, ["einsum", "dot_product", "cudnn"],
                   "Attention in training and scoring: einsum; dot_product "
                   "(jax.nn.dot_product_attention, XLA); cudnn (its cuDNN flash attention: NVIDIA "
@@ -110,6 +120,11 @@ def main(argv):
     cli.require(FLAGS.dry_run, "--hardware: only with --dry_run")
     from kdjax.llm import hardware
     hardware.prepare(cfg, FLAGS.hardware, FLAGS.memory_analysis)  # before a JAX backend starts
+  if not FLAGS.dry_run:
+    # before anything starts a JAX backend: join the other processes of a pod / SLURM / local.sh
+    # launch (one process: nothing to join). Every stage then runs on every process.
+    from kdjax import distributed
+    distributed.initialize()
   from kdjax.llm import pipeline
   import datasets
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
@@ -124,16 +139,21 @@ def main(argv):
       print(pipeline.cache_report(cfg, FLAGS.workdir))
     return
   cli.require(bool(FLAGS.workdir), "--workdir is required")
+  import jax
   pipeline.preflight(cfg, FLAGS.workdir)  # every input the stages will meet, before any runs
   existed = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
-  if existed and FLAGS.overwrite:
-    pipeline.clear_outputs(FLAGS.workdir)
-  os.makedirs(FLAGS.workdir, exist_ok=True)
-  cli.atomic_write_json(os.path.join(FLAGS.workdir, cli.CONFIG_NAME), cfg.to_dict())  # the last run's
+  distributed.sync("kdjax_study_start")  # every process has looked before the workdir changes
+  if jax.process_index() == 0:
+    if existed and FLAGS.overwrite:
+      pipeline.clear_outputs(FLAGS.workdir)
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    cli.atomic_write_json(os.path.join(FLAGS.workdir, cli.CONFIG_NAME), cfg.to_dict())  # last run's
+  distributed.sync("kdjax_study_workdir")
   logging.info("%s %s", "reusing" if existed and not FLAGS.overwrite else "starting", FLAGS.workdir)
   rows = pipeline.run_study(cfg, FLAGS.workdir)
-  from kdjax.llm import plots
-  print(plots.format_table(rows))
+  if jax.process_index() == 0:
+    from kdjax.llm import plots
+    print(plots.format_table(rows))
 
 
 if __name__ == "__main__":

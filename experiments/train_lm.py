@@ -50,6 +50,9 @@ flags.DEFINE_integer("eval_every", 0, "Validate every N steps (0: only at the en
 flags.DEFINE_integer("eval_batch_size", 0, "Validation batch (0: --batch_size).")
 flags.DEFINE_integer("eval_sequences", 0, "Validate on the first N sequences of the validation "
                      "set(s) only (0: all of them).")
+flags.DEFINE_enum("remat", "none", ["none", "layer", "dots"],
+                  "Rematerialisation in the backward pass: none; layer (keep each layer's input, "
+                  "recompute the rest); dots (keep the matmul outputs).")
 flags.DEFINE_enum("attention", "einsum", ["einsum", "dot_product", "cudnn"],
                   "Attention: einsum; dot_product (jax.nn.dot_product_attention, XLA); cudnn "
                   "(its cuDNN flash attention: NVIDIA GPU, --dtype=bfloat16 or float16).")
@@ -84,7 +87,7 @@ def main(argv):
       decay_frac=FLAGS.decay_frac, weight_decay=FLAGS.weight_decay, clip=FLAGS.clip,
       grad_accum=FLAGS.grad_accum, dtype=FLAGS.dtype, mesh=FLAGS.mesh,
       eval_every=FLAGS.eval_every, eval_batch_size=FLAGS.eval_batch_size,
-      eval_sequences=FLAGS.eval_sequences, attention=FLAGS.attention,
+      eval_sequences=FLAGS.eval_sequences, attention=FLAGS.attention, remat=FLAGS.remat,
       checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
       seed=FLAGS.seed, log_every=FLAGS.log_every, progress=FLAGS.progress,
       debug_nan_at_step=FLAGS.debug_nan_at_step)

@@ -192,3 +192,20 @@ def sync(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
+
+
+def sum_over_processes(values) -> "np.ndarray":
+  """The elementwise sum over processes of a host vector (float64; the vector itself for one
+  process). Each float64 travels as two float32 (high part and remainder), since JAX without x64
+  would round it to float32: partial totals of log-likelihoods add up to the last digits."""
+  import jax
+  import numpy as np
+  x = np.asarray(values, np.float64)
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils
+  hi = x.astype(np.float32)
+  lo = (x - hi.astype(np.float64)).astype(np.float32)
+  both = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])), np.float64)
+  return both.sum(axis=(0, 1))
+

@@ -49,8 +49,9 @@ LOGICAL_AXIS_RULES: dict[str, Optional[str | tuple[str, ...]]] = {
 }
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-  """A ('data', 'fsdp', 'tensor') mesh over all devices. data=-1 takes what the others leave."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, dcn: int = 1) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh over all devices. data=-1 takes what the others leave.
+  dcn > 1: a hybrid mesh whose data axis spans dcn slices (device_grid)."""
   devices = list(jax.devices() if devices is None else devices)
   n = len(devices)
   if data == -1:
@@ -61,27 +62,69 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
   if min(shape) < 1 or math.prod(shape) != n:
     raise UserError(f"--mesh: data={data} x fsdp={fsdp} x tensor={tensor} = {math.prod(shape)} "
                     f"devices, but {n} are available")
-  # Keep each process's devices contiguous (process-major order), so a process's batch rows are
-  # one contiguous slice of the global batch.
+  if dcn < 1 or data % dcn:
+    raise UserError(f"--mesh: dcn={dcn} must divide data={data}")
+  return Mesh(device_grid(shape, devices, dcn), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def device_grid(shape: tuple[int, int, int], devices, dcn: int = 1) -> np.ndarray:
+  """The devices laid out as a (data, fsdp, tensor) grid, with jax's mesh utilities.
+
+  * dcn > 1: a hybrid mesh (mesh_utils.create_hybrid_device_mesh): the data axis spans dcn
+    granules (TPU slices, or processes where devices carry no slice index: GPU hosts) and
+    fsdp / tensor stay inside one granule, on its fast interconnect.
+  * TPU: mesh_utils.create_device_mesh, which follows the physical topology (the axes that talk
+    most on the torus's neighbours).
+  * elsewhere: process-major order, so each process's devices, and a process's batch rows, are
+    one contiguous block.
+  """
+  from jax.experimental import mesh_utils
+  if dcn > 1:
+    granule = "slice_index" if getattr(devices[0], "slice_index", None) is not None else None
+    ici = (shape[0] // dcn, shape[1], shape[2])
+    try:
+      return mesh_utils.create_hybrid_device_mesh(ici, (dcn, 1, 1), devices,
+                                                  process_is_granule=granule is None)
+    except ValueError as e:
+      raise UserError(f"--mesh: dcn={dcn}: {e}") from None
+  if getattr(devices[0], "platform", None) == "tpu":
+    return mesh_utils.create_device_mesh(shape, devices)
   devices = sorted(devices, key=lambda d: (d.process_index, d.id))
-  grid = np.array(devices, dtype=object).reshape(shape)
-  return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+  return np.array(devices, dtype=object).reshape(shape)
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:
-  """'data=2,fsdp=2,tensor=1' -> (2, 2, 1); missing axes are 1 except data (-1: the rest)."""
-  sizes = {"data": -1, "fsdp": 1, "tensor": 1}
+  """'data=2,fsdp=2,tensor=1' -> (2, 2, 1); missing axes are 1 except data (-1: the rest).
+  A `dcn=N` entry (hybrid meshes, parse_dcn) is accepted and not returned."""
+  sizes = _parse_mesh_entries(text)
+  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+
+
+def parse_dcn(text: str) -> int:
+  """The `dcn=N` entry of a --mesh text (1 when absent): the data axis spans N slices or hosts."""
+  return _parse_mesh_entries(text)["dcn"]
+
+
+def mesh_from_text(text: str, devices=None) -> Mesh:
+  """make_mesh from a --mesh text, e.g. 'data=-1,fsdp=8' or 'data=4,fsdp=8,dcn=4'."""
+  return make_mesh(*parse_mesh(text), devices=devices, dcn=parse_dcn(text))
+
+
+def _parse_mesh_entries(text: str) -> dict:
+  sizes = {"data": -1, "fsdp": 1, "tensor": 1, "dcn": 1}
   for part in filter(None, (p.strip() for p in (text or "").split(","))):
     name, _, value = part.partition("=")
     if name not in sizes:
-      raise UserError(f"--mesh={text!r}: unknown axis {name!r}; axes are data, fsdp, tensor")
+      raise UserError(f"--mesh={text!r}: unknown axis {name!r}; axes are data, fsdp, tensor "
+                      "(and dcn: the slices / hosts the data axis spans)")
     try:
       sizes[name] = int(value)
     except ValueError:
       raise UserError(f"--mesh={text!r}: {name} must be an integer") from None
-    if sizes[name] < 1:
-      raise UserError(f"--mesh={text!r}: {name} must be >= 1")
-  return sizes["data"], sizes["fsdp"], sizes["tensor"]
+    if sizes[name] < 1 and not (name == "data" and sizes[name] == -1):
+      raise UserError(f"--mesh={text!r}: {name} must be >= 1" + (" (or -1: the devices the "
+                      "other axes leave)" if name == "data" else ""))
+  return sizes
 
 
 def _mesh_axes_size(mesh: Mesh, axes) -> int:

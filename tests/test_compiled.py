@@ -161,3 +161,28 @@ def test_forward_pass_activations_follow_the_batch_not_the_table():
 
   text = jax.jit(forward).lower(params, ids).compile().as_text()
   assert "f32[2,128,64]" in text and "f32[16,128,8]" not in text
+
+
+def test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients():
+  from kdjax.cli import UserError
+  from kdjax.llm import model, plan, train
+  cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:8",), steps=1,
+                          batch_size=8, remat="layer")
+  config, *_ = train._models(cfg, None)
+  assert config.remat == "layer"
+  tc = plan.train_config(plan.StudyConfig(remat="dots"), "preset:test-tiny", ["d"], "v", 1, 0, 8)
+  assert tc.remat == "dots"
+  with pytest.raises(UserError, match="--remat='all'"):
+    train.validate(train.TrainConfig(**{**cfg.__dict__, "remat": "all"}))
+  assert get_preset("test-tiny").replace(remat=True).remat == "layer"  # older config.json files
+  ids = jax.random.randint(jax.random.PRNGKey(0), (2, 16), 0, CFG.vocab_size)
+  params = model.init_params(CFG, jax.random.PRNGKey(1))
+
+  def grads(c):
+    return jax.grad(lambda p: -jnp.mean(model.token_logprobs(c, p, ids)))(params)
+
+  want = grads(CFG)
+  for policy in ("layer", "dots"):
+    got = grads(CFG.replace(remat=policy))
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+      assert jnp.allclose(a, b, atol=1e-6)

@@ -63,7 +63,7 @@ def test_tpu_pod_line_dry_runs():
   for argv in _commands("bash launch/tpu_pod.sh"):
     r = _run(argv[:2] + ["--dry_run"] + argv[2:], PATH="/usr/bin:/bin")
     assert r.returncode == 0, r.stderr
-    assert "--worker=all" in r.stdout and "experiments.train_lm" in r.stdout
+    assert "--worker=all" in r.stdout and argv[argv.index("-m") + 1] in r.stdout
 
 
 def test_slurm_line_dry_runs():
@@ -73,7 +73,7 @@ def test_slurm_line_dry_runs():
     r = _run(["bash"] + argv[script:], DRY_RUN="1", SLURM_JOB_ID="1",
              SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NUM_NODES=nodes, PATH="/usr/bin:/bin")
     assert r.returncode == 0, r.stderr
-    assert f"srun --nodes={nodes}" in r.stdout and "experiments.train_lm" in r.stdout
+    assert f"srun --nodes={nodes}" in r.stdout and argv[argv.index("-m") + 1] in r.stdout
 
 
 def test_llm_paper_dry_run_line(tmp_path):

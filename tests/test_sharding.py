@@ -94,3 +94,25 @@ def test_2x2x2_mesh_trains_like_one_device():
   np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
   for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+
+
+class _FakeDevice:
+  def __init__(self, i, process):
+    self.id, self.process_index, self.platform, self.device_kind = i, process, "gpu", "H100"
+
+
+def test_hybrid_mesh_keeps_fsdp_inside_a_host_and_data_across_hosts():
+  devices = [_FakeDevice(i, i // 4) for i in range(8)][::-1]  # 2 hosts x 4 GPUs, any order
+  grid = sharding.device_grid((2, 4, 1), devices, dcn=2)
+  assert [[d.process_index for d in row[:, 0]] for row in grid] == [[0] * 4, [1] * 4]
+  grid = sharding.device_grid((4, 2, 1), devices, dcn=2)
+  hosts = [{d.process_index for d in grid[i].ravel()} for i in range(4)]
+  assert hosts == [{0}, {0}, {1}, {1}]  # each data row inside one host: fsdp on its fast links
+  assert sharding.parse_mesh("data=-1,fsdp=8,dcn=2") == (-1, 8, 1)
+  assert sharding.parse_dcn("data=4,fsdp=2,dcn=2") == 2 and sharding.parse_dcn("fsdp=2") == 1
+  with pytest.raises(UserError, match="dcn=2: Number of slices 1"):
+    sharding.mesh_from_text("data=2,fsdp=4,dcn=2")  # one process: one granule
+  with pytest.raises(UserError, match="dcn=3 must divide data=2"):
+    sharding.mesh_from_text("data=2,fsdp=4,dcn=3")
+  with pytest.raises(UserError, match="tensor must be >= 1"):
+    sharding.parse_mesh("tensor=-1")

@@ -65,20 +65,27 @@ def num_complete_shards(directory: str) -> int:
   return indices[-1] + 1 if indices else 0
 
 
-class ShardWriter:
-  """Appends shards to a dataset directory, atomically, numbering after the complete ones."""
+def complete_shards(directory: str) -> set[int]:
+  """The indices of the complete shards in a directory (several writers may fill it out of order:
+  the study's processes each write their own shards)."""
+  return set(_shard_indices(directory)) if os.path.isdir(directory) else set()
 
-  def __init__(self, directory: str):
+
+class ShardWriter:
+  """Appends shards to a dataset directory, atomically, numbering after the complete ones (or at
+  a given index: one of several writers sharing the directory)."""
+
+  def __init__(self, directory: str, cleanup: bool = True):
     self.directory = directory
     os.makedirs(directory, exist_ok=True)
-    for name in os.listdir(directory):  # leftovers of a killed writer
+    for name in os.listdir(directory) if cleanup else ():  # leftovers of a killed writer
       if name.startswith(".tmp-shard-"):
         shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
   def write(self, input_ids: Sequence[Sequence[int]], texts: Optional[Sequence[str]] = None,
-            prompt_lens: Optional[Sequence[int]] = None) -> str:
-    """Write one shard; returns its path. texts default to empty strings, prompt_lens (each row's
-    number of prompt tokens) to 1."""
+            prompt_lens: Optional[Sequence[int]] = None, index: Optional[int] = None) -> str:
+    """Write one shard (as shard `index`, default the next after the complete ones); returns its
+    path. texts default to empty strings, prompt_lens (each row's prompt tokens) to 1."""
     import datasets
     input_ids = [np.asarray(row, np.int32).tolist() for row in input_ids]
     texts = list(texts) if texts is not None else [""] * len(input_ids)
@@ -90,7 +97,7 @@ class ShardWriter:
     ds = datasets.Dataset.from_dict(
         {"input_ids": input_ids, "text": texts, "length": [len(r) for r in input_ids],
          "prompt_len": prompt_lens}, features=_features())
-    index = num_complete_shards(self.directory)
+    index = num_complete_shards(self.directory) if index is None else index
     final = os.path.join(self.directory, shard_name(index))
     tmp = os.path.join(self.directory, f".tmp-{shard_name(index)}")
     if os.path.exists(tmp):

@@ -48,6 +48,16 @@ def mean_token_loglik(config, params, dataset_or_batches: Union[object, Iterable
     batches = data_lib.eval_batches(dataset_or_batches, batch_size, seq_len, pad_id)
   else:
     batches = dataset_or_batches
+  total, count = loglik_totals(config, params, batches)
+  if count == 0:
+    raise ValueError("no target tokens to evaluate (no sequence has a token after its prompt)")
+  mean = total / count
+  return mean, math.exp(-mean)
+
+
+def loglik_totals(config, params, batches: Iterable[dict]) -> tuple[float, float]:
+  """(sum of target log-probs, number of targets) over batches, summed on the host in float64
+  (so that partial totals, e.g. one per process, add up to the same figure)."""
   total, count = 0.0, 0.0
   pending = []
   for batch in batches:
@@ -61,7 +71,4 @@ def mean_token_loglik(config, params, dataset_or_batches: Union[object, Iterable
   for s, c in jax.device_get(pending):  # one sync at the end: batches run back to back
     total += float(s)
     count += float(c)
-  if count == 0:
-    raise ValueError("no target tokens to evaluate (no sequence has a token after its prompt)")
-  mean = total / count
-  return mean, math.exp(-mean)
+  return total, count

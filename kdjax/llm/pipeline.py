@@ -10,9 +10,11 @@
      samples against softmax(teacher logits / T); on-policy kinds on their own samples against the
      same target. Each kind's students (one per T) train together, vmapped -> seed_S/students/KIND
   5. sample each student (T=1) and score: precision = mean per-token log p*(student samples),
-     recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME/DONE.json
-  6. results.json (these flags, rows, summary: mean and standard error over seeds), results.csv,
-     figures.
+     recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME/DONE.json; the
+     samples' embeddings by p* come from precision's forward pass (kdjax.llm.embeddings) ->
+     seed_S/scores/NAME/embeddings.npy, and p*'s reference samples' -> embeddings/pstar_val
+  6. results.json (these flags, rows with the sample-based measures of kdjax.sample_metrics,
+     summary: mean and standard error over seeds), results.csv, figures, embedding_map.png.
 
 p*'s splits serve one purpose each: train (the teacher's and the direct and token-level students'
 training set), select (held out; selects the teacher's checkpoint) and val (recall's test set and
@@ -44,7 +46,7 @@ from absl import logging
 
 from kdjax import cli
 from kdjax.cli import UserError, require
-from kdjax.llm import plots, stages
+from kdjax.llm import embeddings, plots, stages
 from kdjax.llm.plan import (ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig, check_inputs,
                             load_tokenizer, prompt_ids, resolve_spec, train_config, validate)
 
@@ -63,7 +65,9 @@ def read_done(path: str) -> dict:
 
 
 def mark_done(path: str, info: dict) -> None:
-  cli.atomic_write_json(os.path.join(path, DONE), info)
+  """Write DONE.json (process 0 only: every process reaches the same point with the same info)."""
+  if jax.process_index() == 0:
+    cli.atomic_write_json(os.path.join(path, DONE), info)
 
 
 @contextlib.contextmanager
@@ -76,6 +80,8 @@ def stage(workdir: str, name: str, timings: dict):
   wall, cpu = time.perf_counter() - t0, time.process_time() - c0
   timings[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
   logging.info("stage %s: %.1f s (%.1f CPU s)", name, wall, cpu)
+  if jax.process_index():
+    return
   path = os.path.join(workdir, "timings.json")
   old = cli.read_json(path) if os.path.exists(path) else {}
   old.update(timings)
@@ -116,18 +122,41 @@ def load_dataset(path: str):
 
 def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> float:
   """Mean per-token log-likelihood of a dataset under a model: sum of next-token log-probs over
-  the generated tokens (kdjax.llm.targets) / their number (the paper's precision and recall)."""
+  the generated tokens (kdjax.llm.targets) / their number (the paper's precision and recall).
+
+  With several processes, batch i is scored by process i % P on its own devices and the totals are
+  summed over processes (in float64: the same figure, to rounding, whatever the process count)."""
+  from kdjax import distributed
   from kdjax.llm import data, evaluate
+  from tqdm import tqdm
+  params, shard = data_parallel(params, batch)
+  me, procs = jax.process_index(), jax.process_count()
+  mine = (b for i, b in enumerate(data.eval_batches(ds, batch, seq_len)) if i % procs == me)
+  batches = ({k: _put(v, shard) for k, v in b.items()} for b in mine)
+  n = math.ceil(len(ds) / batch)
+  batches = tqdm(batches, total=len(range(me, n, procs)), desc=desc, unit="batch", leave=False)
+  total, count = distributed.sum_over_processes(
+      evaluate.loglik_totals(config, params, batches))
+  if count == 0:
+    raise UserError(f"{desc}: no target tokens to evaluate (no sequence has a token after its "
+                    "prompt)")
+  return float(total / count)
+
+
+def loglik_and_embeddings(config, params, ds, batch: int, seq_len: int, desc: str,
+                          loglik: bool = True):
+  """(mean_loglik's number, or None without loglik; the rows' embeddings [N, D]) in one forward
+  pass per batch (kdjax.llm.embeddings), batched and spread over devices as mean_loglik."""
+  from kdjax.llm import data
   from tqdm import tqdm
   params, shard = data_parallel(params, batch)
   batches = ({k: _put(v, shard) for k, v in b.items()}
              for b in data.eval_batches(ds, batch, seq_len))
   batches = tqdm(batches, total=math.ceil(len(ds) / batch), desc=desc, unit="batch", leave=False)
   try:
-    mean, _ = evaluate.mean_token_loglik(config, params, batches)
+    return embeddings.loglik_sums_and_embeddings(config, params, batches, len(ds), loglik)
   except ValueError as e:
     raise UserError(f"{desc}: {e}") from None
-  return float(mean)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -138,25 +167,34 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
                    desc: str) -> None:
   """Sample `num` sequences into out_dir, shard by shard; shard i uses fold_in(key, i).
 
-  Resumes from the shards already complete; marks out_dir done when all are written. Every batch
-  has the same shape (the last one is cut after sampling), so one compiled program serves all.
+  With several processes, shard i is sampled by process i % P on its own devices: a shard's
+  samples depend on its key alone, so the dataset is the same whatever the process count. Resumes
+  from the shards already complete; marks out_dir done when all are written. Every batch has the
+  same shape (the last one is cut after sampling), so one compiled program serves all.
   """
+  from kdjax import distributed
   from kdjax.llm import data
   from kdjax.llm.sampling import sample
   from tqdm import tqdm
   if is_done(out_dir):
     return
   shards = math.ceil(num / cfg.shard_size)
-  start = data.num_complete_shards(out_dir)
+  me, procs = jax.process_index(), jax.process_count()
+  if me == 0:
+    data.ShardWriter(out_dir)  # clears a killed writer's leftovers before anyone writes
+  distributed.sync("kdjax_sample_start")
+  complete = data.complete_shards(out_dir)
+  todo = [i for i in range(shards) if i % procs == me and i not in complete]
   b, p = cfg.sample_batch_size, len(prompt)
   params, shard = data_parallel(params, b)
   prompt_BxP = _put(np.tile(np.asarray(prompt, np.int32), (b, 1)), shard)
   pmask_BxP = _put(np.ones((b, p), bool), shard)
-  writer = data.ShardWriter(out_dir)  # numbers its shards after the complete ones
+  writer = data.ShardWriter(out_dir, cleanup=False)
   t_arr = jnp.float32(temperature)
-  bar = tqdm(total=num * cfg.max_new_tokens, initial=start * cfg.shard_size * cfg.max_new_tokens,
-             desc=desc, unit="tok", unit_scale=True, smoothing=0.1)
-  for shard in range(start, shards):
+  bar = tqdm(total=num * cfg.max_new_tokens,
+             initial=(num - sum(min(cfg.shard_size, num - i * cfg.shard_size) for i in todo))
+             * cfg.max_new_tokens, desc=desc, unit="tok", unit_scale=True, smoothing=0.1)
+  for shard in todo:
     n_shard = min(cfg.shard_size, num - shard * cfg.shard_size)
     shard_key = jax.random.fold_in(key, shard)
     ids_rows = []
@@ -168,8 +206,9 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
         ids_rows.append(prompt + tokens_BxN[i, :lengths_B[i]].tolist())
       bar.update(min(b, n_shard - j * b) * cfg.max_new_tokens)
     writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows],
-                 prompt_lens=[len(prompt)] * len(ids_rows))
+                 prompt_lens=[len(prompt)] * len(ids_rows), index=shard)
   bar.close()
+  distributed.sync("kdjax_sample_done")  # every shard written before the directory is done
   mark_done(out_dir, {"sequences": num, "shards": shards, "temperature": temperature})
 
 
@@ -240,7 +279,9 @@ class Study:
   def run(self, name: str, units: list, fn) -> None:
     """Run fn(*unit.args) for the units not done for their key (kdjax.llm.stages: a stale unit is
     removed first, a partial one of the same key resumed), timed as stage `name`."""
+    from kdjax import distributed
     todo = [u for u in units if not stages.is_current(u.out, u.key)]
+    distributed.sync("kdjax_stage_listed")  # every process has its list before any unit changes
     if not todo:
       logging.info("stage %s: done already", name)
       return
@@ -249,8 +290,17 @@ class Study:
                  + (", ..." if len(todo) > 6 else ""))
     with stage(self.workdir, name, self.timings):
       for u in todo:
-        stages.claim(u.out, u.key, u.what)
+        claim(u.out, u.key, u.what)
         fn(u.out, *u.args)
+        distributed.sync("kdjax_unit_done")  # its DONE.json is written before anyone reads it
+
+
+def claim(path: str, key: str, what: dict) -> None:
+  """stages.claim by process 0, the others waiting until the unit's directory is ready."""
+  from kdjax import distributed
+  if jax.process_index() == 0:
+    stages.claim(path, key, what)
+  distributed.sync("kdjax_claimed")
 
 
 def study_path(workdir: str, *parts) -> str:
@@ -321,7 +371,9 @@ def units(cfg: StudyConfig, workdir: str) -> dict[str, list[Unit]]:
       for j, (name, t) in enumerate(group):
         out["5_score_students"].append(Unit(path(f"seed_{seed}", "scores", name),
                                             *keys.scores(seed, kind, name, t),
-                                            (seed, kind, j, name, t)))
+                                            ("student", seed, kind, j, name, t)))
+  out["5_score_students"].insert(0, Unit(path("embeddings", "pstar_val"), *keys.pstar_embeddings(),
+                                         ("pstar_val",)))
   return out
 
 
@@ -418,11 +470,15 @@ def run_study(cfg: StudyConfig, workdir: str) -> list[dict]:
   st.run("4_train_students", todo["4_train_students"],
          lambda out, seed, kind: train_models(out, student_run(st, seed, kind, teacher_ckpt)))
 
-  st.run("5_score_students", todo["5_score_students"], lambda *u: score_student(st, *u))
+  scorers = {"pstar_val": embed_pstar_val, "student": score_student}
+  st.run("5_score_students", todo["5_score_students"],
+         lambda out, what, *a: scorers[what](st, out, *a))
 
-  rows = results_rows(st)
   with stage(workdir, "6_results", st.timings):
-    write_results(workdir, rows, cfg)
+    rows = results_rows(st)
+    if jax.process_index() == 0:  # the files are the same on every process: one writes them
+      write_results(workdir, rows, cfg)
+      write_embedding_map(st, rows)
   return rows
 
 
@@ -440,7 +496,7 @@ def score_student(st: Study, out: str, seed: int, kind: str, j: int, name: str,
   cfg = st.cfg
   student = read_done(st.path(f"seed_{seed}", "students", kind))["models"][j]["checkpoint"]
   samples = st.path(f"seed_{seed}", "student_samples", name)
-  stages.claim(samples, *st.keys.student_samples(seed, kind, name))
+  claim(samples, *st.keys.student_samples(seed, kind, name))
   st.sample(samples, student, seed_key(seed, 3, stages.stable_id(name)), cfg.num_eval_samples,
             1.0, f"student {name} seed {seed}")
   b, n = cfg.eval_batch_size, st.seq_len
@@ -449,15 +505,36 @@ def score_student(st: Study, out: str, seed: int, kind: str, j: int, name: str,
   own_val = student_val_dir(st, seed, kind, t)
   val = recall if own_val == pstar_dir(st, "val") else mean_loglik(
       *st.model(student), load_dataset(own_val), b, n, f"val {name} seed {seed}")
-  precision = mean_loglik(*st.model(st.gt_spec), load_dataset(samples), b, n,
-                          f"precision {name} seed {seed}")
+  precision, emb_NxD = loglik_and_embeddings(*st.model(st.gt_spec), load_dataset(samples), b, n,
+                                             f"precision {name} seed {seed}")
   mark_done(out, {"precision": precision, "recall": recall, "val_perplexity": math.exp(-val),
-                  "val_data": own_val})
+                  "val_data": own_val, "embeddings": embeddings.save(out, emb_NxD)})
+
+
+def embed_pstar_val(st: Study, out: str) -> None:
+  """p*'s reference samples for the sample-based measures and the map (the first
+  stages.num_reference of its validation split), embedded by p* -> out/embeddings.npy."""
+  ds = load_dataset(pstar_dir(st, "val"))
+  ds = ds.select(range(stages.num_reference(st.cfg)))
+  _, emb_NxD = loglik_and_embeddings(*st.model(st.gt_spec), ds, st.cfg.eval_batch_size,
+                                     st.seq_len, "embed p* val", loglik=False)
+  mark_done(out, {"sequences": len(ds), "embeddings": embeddings.save(out, emb_NxD)})
+
+
+def generated_tokens(path: str) -> list[list[int]]:
+  """Each sampled row's generated tokens (after its prompt; the EOS included when sampled)."""
+  from kdjax.llm import data
+  rows = data.TokenRows(load_dataset(path))
+  return [rows.row(i)[rows.prompt_lens[i]:].tolist() for i in range(len(rows))]
 
 
 def results_rows(st: Study) -> list[dict]:
   """One row per seed and student: objective (the kind), temperature (None for direct), seed,
-  precision, recall, val_perplexity."""
+  precision, recall, val_perplexity, and the sample-based measures of its samples
+  (kdjax.sample_metrics.sample_measures: knn_precision, knn_recall and mauve against p*'s
+  reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens)."""
+  from kdjax import sample_metrics
+  reference = embeddings.load(st.path("embeddings", "pstar_val"))
   rows = []
   for seed in st.cfg.seeds:
     for kind, group in st.cfg.student_groups():
@@ -465,7 +542,11 @@ def results_rows(st: Study) -> list[dict]:
         s = read_done(st.path(f"seed_{seed}", "scores", name))
         rows.append({"objective": kind, "temperature": t, "seed": seed,
                      "precision": s["precision"], "recall": s["recall"],
-                     "val_perplexity": s["val_perplexity"]})
+                     "val_perplexity": s["val_perplexity"],
+                     **sample_metrics.sample_measures(
+                         reference, embeddings.load(st.path(f"seed_{seed}", "scores", name)),
+                         generated_tokens(st.path(f"seed_{seed}", "student_samples", name)),
+                         k=st.cfg.knn_k, seed=st.cfg.seed)})
   return rows
 
 
@@ -480,10 +561,36 @@ def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
                         {"config": cfg.to_dict(), "rows": rows, "summary": summary})
 
 
+def write_embedding_map(st: Study, rows: list[dict]) -> None:
+  """embedding_map.png (--embedding_map: umap, pca; none removes a previous run's map): p*'s
+  reference samples and every student's (all seeds) in one 2-D map fitted on p*'s, seeded by
+  --seed; each panel's title gives the student's k-NN precision and recall (mean over seeds)."""
+  from kdjax.llm import embedding_map
+  path = os.path.join(st.workdir, embedding_map.FIGURE)
+  cfg = st.cfg
+  if cfg.embedding_map == "none":
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  panels = []
+  for e in plots.summarize(rows):
+    names = [n for kind, group in cfg.student_groups() if kind == e["objective"]
+             for n, t in group if t == e["temperature"]]
+    emb = [embeddings.load(st.path(f"seed_{seed}", "scores", names[0])) for seed in cfg.seeds]
+    panels.append(embedding_map.Panel(e["objective"], e["temperature"], np.concatenate(emb),
+                                      e["knn_precision_mean"], e["knn_recall_mean"]))
+  written = embedding_map.write(
+      path, embeddings.load(st.path("embeddings", "pstar_val")), panels, method=cfg.embedding_map,
+      seed=cfg.seed, title=f"p* = {cfg.ground_truth}; students {cfg.student}, seeds {cfg.seeds}")
+  if not written and os.path.exists(path):
+    os.remove(path)
+
+
 # ----------------------------------------------------------------------------- overwrite
 
 
-OUTPUTS = ("pstar", "teacher", "results.json", "results.csv", "timings.json") + plots.FIGURES
+OUTPUTS = ("pstar", "teacher", "embeddings", "results.json", "results.csv", "timings.json",
+           "embedding_map.png") + plots.FIGURES
 
 
 def clear_outputs(workdir: str) -> None:

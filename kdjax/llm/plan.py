@@ -51,7 +51,10 @@ class StudyConfig:
   eval_sequences: int = 0                # validate (select checkpoints) on the first N only; 0 = all
   dtype: str = "float32"
   mesh: str = ""                         # e.g. "data=1,fsdp=8,tensor=1"; "" = all devices on data
+  embedding_map: str = "umap"            # embedding_map.png: umap (umap-learn), pca, or none
+  knn_k: int = 3                         # the k of the k-NN precision / recall
   attention: str = "einsum"              # LlamaConfig.attention in training: einsum, dot_product, cudnn
+  remat: str = "none"                    # LlamaConfig.remat of trained models: none, layer, dots
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -82,6 +85,9 @@ class StudyConfig:
 TOKEN_KINDS = ("fkl", "rkl", "jsd", "skl", "tvd")
 ONPOLICY_KINDS = ("onpolicy_fkl", "onpolicy_rkl", "onpolicy_jsd")
 KINDS = ("direct", "seqkd") + TOKEN_KINDS + ONPOLICY_KINDS
+
+
+EMBEDDING_MAPS = ("umap", "pca", "none")
 
 
 def student_name(kind: str, temperature: float) -> str:
@@ -124,10 +130,15 @@ def validate(cfg: StudyConfig) -> None:
           "--warmup_fraction + --decay_fraction must be <= 1")
   require(cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay}: must be >= 0")
   require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
+  require(cfg.embedding_map in EMBEDDING_MAPS,
+          f"--embedding_map={cfg.embedding_map!r}: one of {', '.join(EMBEDDING_MAPS)}")
+  require(cfg.knn_k >= 1, f"--knn_k={cfg.knn_k}: must be >= 1")
   require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences}: must be >= 0 (0: all)")
   require(cfg.eval_sequences <= cfg.num_select, f"--eval_sequences={cfg.eval_sequences}: more "
           f"than the {cfg.num_select} --num_select sequences the teacher is selected on")
-  from kdjax.llm.config import ATTENTION_IMPLS
+  from kdjax.llm.config import ATTENTION_IMPLS, REMAT_POLICIES
+  require(cfg.remat in REMAT_POLICIES, f"--remat={cfg.remat!r}: expected "
+          f"{', '.join(REMAT_POLICIES)}")
   require(cfg.attention in ATTENTION_IMPLS,
           f"--attention={cfg.attention!r}: expected {', '.join(ATTENTION_IMPLS)}")
   require(bool(cfg.prompt), "--prompt: must not be empty")
@@ -353,6 +364,7 @@ def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs:
       lr=cfg.learning_rate,
       warmup_frac=cfg.warmup_fraction, decay_frac=cfg.decay_fraction,
       weight_decay=cfg.weight_decay, dtype=cfg.dtype, mesh=cfg.mesh, attention=cfg.attention,
+      remat=cfg.remat,
       eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
       eval_sequences=cfg.eval_sequences if val_dir else 0,
       checkpoint_every=cfg.checkpoint_every, seed=seed, **distill)

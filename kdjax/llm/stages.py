@@ -24,6 +24,7 @@ import zlib
 from typing import Optional
 
 from kdjax import cli
+from kdjax.llm.embeddings import EMBEDDING
 from kdjax.llm.plan import ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig
 
 KEY = "KEY.json"
@@ -74,6 +75,12 @@ def claim(path: str, key: str, what: dict) -> None:
     cli.atomic_write_json(os.path.join(path, KEY), {"key": key, "depends_on": what})
 
 
+def num_reference(cfg: StudyConfig) -> int:
+  """p*'s reference set for the sample-based measures and the map: as many of its validation
+  samples as each student has samples (k-NN precision and recall compare sets of one size)."""
+  return min(cfg.num_val, cfg.num_eval_samples)
+
+
 class StudyKeys:
   """The key of every unit of a study configuration (pure functions of the flags)."""
 
@@ -93,6 +100,8 @@ class StudyKeys:
             "eval_batch_size": c.eval_batch_size}
     if c.attention != "einsum":  # a later flag: in the key only when set (older keys unchanged)
       what["attention"] = c.attention
+    if c.remat != "none":  # likewise (recomputation may round differently)
+      what["remat"] = c.remat
     return what
 
   def _keyed(self, what: dict) -> tuple[str, dict]:
@@ -141,10 +150,19 @@ class StudyKeys:
     return self._keyed({"unit": "student_samples", "students": self.students(seed, kind)[0],
                         "name": name, "num": c.num_eval_samples, "sampling": self._sampling()})
 
+  def pstar_embeddings(self) -> tuple[str, dict]:
+    """The embeddings of p*'s reference samples: the first num_reference(cfg) of its val split."""
+    c = self.cfg
+    return self._keyed({"unit": "pstar_embeddings", "val": self.pstar("val")[0],
+                        "num": num_reference(c), "eval_batch_size": c.eval_batch_size,
+                        "embedding": EMBEDDING})
+
   def scores(self, seed: int, kind: str, name: str, t: Optional[float]) -> tuple[str, dict]:
+    """A student's precision, recall, validation perplexity and its samples' embeddings."""
     c = self.cfg
     what = {"unit": "scores", "samples": self.student_samples(seed, kind, name)[0],
-            "val": self.pstar("val")[0], "eval_batch_size": c.eval_batch_size}
+            "val": self.pstar("val")[0], "eval_batch_size": c.eval_batch_size,
+            "embedding": EMBEDDING}
     if kind == "seqkd":
       what["own_val"] = self.teacher_samples(seed, t, "val")[0]
     return self._keyed(what)

@@ -54,7 +54,7 @@ from kdjax.llm.train_step import (  # noqa: F401 (re-exported)
 def _models(cfg: TrainConfig, mesh):
   """(student config, its initial params or None, teacher config or None, teacher host params)."""
   config, init_params = _initial_model(cfg.model, cfg.seed, mesh)
-  config = config.replace(dtype=cfg.dtype, attention=cfg.attention)
+  config = config.replace(dtype=cfg.dtype, attention=cfg.attention, remat=cfg.remat)
   if not cfg.teacher:
     return config, init_params, None, None
   teacher_config, teacher_params = load_spec(cfg.teacher, cfg.seed + 1)

@@ -27,12 +27,12 @@ from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, prepare_workdir, require
 from kdjax.llm import data as data_lib
 from kdjax.llm import loading
-from kdjax.llm.config import ATTENTION_IMPLS
+from kdjax.llm.config import ATTENTION_IMPLS, REMAT_POLICIES
 
 # fields added after workdirs existed: left out of a run's identity while at their defaults, so
 # an older run's config.json still matches (and resumes)
 _NEW_FIELDS = {"teacher_temperatures": (), "onpolicy": False, "prompt": (), "max_new_tokens": 0,
-               "eos_id": -1, "eval_sequences": 0, "attention": "einsum"}
+               "eos_id": -1, "eval_sequences": 0, "attention": "einsum", "remat": "none"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +63,7 @@ class TrainConfig:
   eval_batch_size: int = 0       # 0: batch_size
   eval_sequences: int = 0        # validate on the first N sequences of each val set (0: all)
   attention: str = "einsum"      # LlamaConfig.attention of the trained model and the teacher
+  remat: str = "none"            # LlamaConfig.remat of the trained model: none, layer, dots
   checkpoint_every: int = 0      # steps between checkpoints (0: only at the end)
   keep_checkpoints: int = 2
   seed: int = 0
@@ -167,6 +168,8 @@ def validate(cfg: TrainConfig) -> None:
   n_val, n = len(cfg.val_dirs), cfg.num_students or 1
   require(n_val <= 1 or n_val == n, f"--val_data: {n_val} dirs for {n} student(s); give one "
           "(shared) or one per student")
+  require(cfg.remat in REMAT_POLICIES,
+          f"--remat={cfg.remat!r}: expected {', '.join(REMAT_POLICIES)}")
   require(cfg.attention in ATTENTION_IMPLS,
           f"--attention={cfg.attention!r}: expected {', '.join(ATTENTION_IMPLS)}")
   require(cfg.attention != "cudnn" or cfg.dtype != "float32",
@@ -206,7 +209,7 @@ def preflight(cfg: TrainConfig):
   validate(cfg)
   require(cfg.attention != "cudnn" or jax.default_backend() == "gpu",
           f"--attention=cudnn needs an NVIDIA GPU; this run's backend is {jax.default_backend()}")
-  mesh = sharding_lib.make_mesh(*sharding_lib.parse_mesh(cfg.mesh))
+  mesh = sharding_lib.mesh_from_text(cfg.mesh)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   require(cfg.batch_size % batch_shards == 0,
           f"--batch_size={cfg.batch_size} is not a multiple of data x fsdp = {batch_shards}")
