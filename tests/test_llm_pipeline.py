@@ -237,6 +237,51 @@ def test_scores_are_generated_tokens_under_the_right_model(study):
     assert row["recall"] == pytest.approx(_generated_loglik(student, val, 3), abs=1e-5)
 
 
+def test_embeddings_sample_measures_and_map(study, tmp_path, monkeypatch):
+  """Every scored sequence is embedded by p* (the mean of its hidden states over its own tokens,
+  computed alone and unpadded here); each row's k-NN numbers are the metric on those embeddings
+  against p*'s first num_eval_samples validation sequences, its distinct-n the counts of its
+  generated tokens; embedding_map.png is written. Changing --knn_k or --embedding_map reruns no
+  stage but the results."""
+  import jax
+  from kdjax import sample_metrics
+  from kdjax.llm import embeddings, loading, model
+  from tests.test_sample_metrics import _reference
+  workdir, rows = study
+  config, params = loading.load_model(TINY.ground_truth)
+  hidden = jax.jit(model.hidden_states, static_argnums=0)
+
+  def embed(seqs):
+    return np.stack([np.asarray(hidden(config, params, np.asarray([r], np.int32))[0]).mean(0)
+                     for r in seqs])
+  val = _dataset_rows(os.path.join(workdir, "pstar", "val"))[0][:TINY.num_eval_samples]
+  ref = embeddings.load(os.path.join(workdir, "embeddings", "pstar_val"))
+  assert ref == pytest.approx(embed(val), abs=1e-5)
+  for row, name in zip(rows, TINY.student_names()):
+    samples = _dataset_rows(os.path.join(workdir, "seed_0", "student_samples", name))[0]
+    emb = embeddings.load(os.path.join(workdir, "seed_0", "scores", name))
+    assert emb == pytest.approx(embed(samples), abs=1e-5)
+    assert (row["knn_precision"], row["knn_recall"]) == pytest.approx(
+        _reference(ref, emb, TINY.knn_k), abs=1e-6)
+    generated = [r[3:] for r in samples]
+    for n in (1, 2, 3):
+      assert row[f"distinct_{n}"] == sample_metrics.distinct_n(generated, n)
+    assert row["mean_length"] == pytest.approx(np.mean([len(g) for g in generated]))
+    assert row["mauve"] is None or 0 <= row["mauve"] <= 1
+  assert os.path.getsize(os.path.join(workdir, "embedding_map.png")) > 10_000
+  other = str(tmp_path / "w")
+  shutil.copytree(workdir, other)
+  ran = _record_work(monkeypatch)
+  for module, name in ((loading, "load_model"),):
+    monkeypatch.setattr(module, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError(a)))
+  rows2 = pipeline.run_study(dataclasses.replace(TINY, knn_k=1, embedding_map="none"), other)
+  assert ran == [] and not os.path.exists(os.path.join(other, "embedding_map.png"))
+  assert [r["precision"] for r in rows2] == [r["precision"] for r in rows]
+  assert [r["knn_precision"] for r in rows2] == [
+      pytest.approx(_reference(ref, embeddings.load(os.path.join(workdir, "seed_0", "scores", n)),
+                               1)[0], abs=1e-6) for n in TINY.student_names()]
+
+
 def test_datasets_without_prompt_lengths_are_refused(tmp_path):
   """A workdir sampled before rows recorded their prompt length would score two of the three
   prompt tokens: the study stops at once instead."""
