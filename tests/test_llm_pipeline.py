@@ -272,8 +272,10 @@ def test_embeddings_sample_measures_and_map(study, tmp_path, monkeypatch):
   other = str(tmp_path / "w")
   shutil.copytree(workdir, other)
   ran = _record_work(monkeypatch)
-  for module, name in ((loading, "load_model"),):
-    monkeypatch.setattr(module, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError(a)))
+
+  def refuse(spec):
+    raise AssertionError(f"loaded {spec}: only the results should run")
+  monkeypatch.setattr(loading, "load_model", refuse)
   rows2 = pipeline.run_study(dataclasses.replace(TINY, knn_k=1, embedding_map="none"), other)
   assert ran == [] and not os.path.exists(os.path.join(other, "embedding_map.png"))
   assert [r["precision"] for r in rows2] == [r["precision"] for r in rows]
