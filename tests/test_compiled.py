@@ -186,3 +186,17 @@ def test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients():
     got = grads(CFG.replace(remat=policy))
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
       assert jnp.allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache():
+  from kdjax.llm import model, pipeline, sampling
+  params = model.init_params(CFG, jax.random.PRNGKey(0))
+  c16, p16 = pipeline.for_inference(CFG, params, "bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
+  assert model.KVCache.empty(c16, 2, 8).k_LxBxSxKxE.dtype == jnp.bfloat16
+  c32, p32 = pipeline.for_inference(CFG, params, "float32")
+  assert {x.dtype for x in jax.tree.leaves(p32)} == {jnp.dtype(jnp.float32)}
+  prompt = jnp.ones((2, 3), jnp.int32)
+  out = sampling.sample(c16, p16, prompt, jnp.ones((2, 3), bool), jax.random.PRNGKey(1),
+                        max_new_tokens=4, temperature=jnp.float32(1.0), eos_id=None)
+  assert out.tokens_BxN.shape == (2, 4)

@@ -241,6 +241,17 @@ def train_models(out_dir: str, tc) -> None:
 # ----------------------------------------------------------------------------- the study
 
 
+def for_inference(config, params, dtype: str):
+  """A model as sampling and scoring run it: computing in `dtype`; with bfloat16 its weights
+  stored in bfloat16 too (the sampler's KV cache follows the compute dtype), half the memory and
+  half the bytes each decode step reads; with float32 both stay float32."""
+  config = config.replace(dtype=dtype)
+  if dtype == "bfloat16":
+    config = config.replace(param_dtype="bfloat16")
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), params)
+  return config, params
+
+
 class Study:
   """Shared state of one run: the config, workdir, tokenizer, prompt, and a one-model cache."""
 
@@ -261,13 +272,13 @@ class Study:
     return study_path(self.workdir, *parts)
 
   def model(self, spec: str):
-    """(config, params) of a spec, keeping the two last used (p* and one student while scoring)."""
+    """(config, params) of a spec for sampling and scoring (for_inference), keeping the two last
+    used (p* and one student while scoring)."""
     from kdjax.llm import loading
     if spec not in self._models:
       while len(self._models) >= 2:
         self._models.pop(next(iter(self._models)))
-      config, params = loading.load_model(spec)
-      self._models[spec] = (config.replace(dtype=self.cfg.dtype), params)
+      self._models[spec] = for_inference(*loading.load_model(spec), self.cfg.dtype)
     self._models[spec] = self._models.pop(spec)  # most recently used last
     return self._models[spec]
 
