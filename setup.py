@@ -20,6 +20,10 @@ setup(
         "datasets>=3",
         "transformers>=4.50",
         "tensorboardX",
+        # The SmolLM2 study's embedding map (--embedding_map=umap, the paper's choice); pulls
+        # numba, pynndescent and scikit-learn. MAUVE (mauve-text) is optional, not listed: it
+        # imports faiss.
+        "umap-learn",
     ],
     extras_require={
         # Accelerators: the same jax with its GPU plugin (CUDA 12 wheels from PyPI) or with libtpu.
