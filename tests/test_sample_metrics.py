@@ -147,3 +147,15 @@ def test_sample_measures_row():
   assert out["distinct_1"] == pytest.approx(2 / 5) and out["distinct_3"] == 1.0
   if not sm.mauve_available():
     assert out["mauve"] is None
+
+
+def test_mauve_when_installed():
+  """mauve-text is optional (it imports faiss): with it, MAUVE on features tells one distribution
+  from a shifted one; without it the row's value is None (test_sample_measures_row)."""
+  if not sm.mauve_available():
+    pytest.skip("mauve-text not installed")
+  rng = np.random.default_rng(0)
+  real = rng.normal(size=(200, 16)).astype(np.float32)
+  same = sm.mauve_score(real, rng.normal(size=(200, 16)).astype(np.float32))
+  shifted = sm.mauve_score(real, rng.normal(size=(200, 16)).astype(np.float32) + 2.0)
+  assert 0 <= shifted < 0.5 < same <= 1
