@@ -71,7 +71,10 @@ flags.DEFINE_integer("teacher_num_val", _D.teacher_num_val,
                      "Teacher validation samples per temperature.")
 flags.DEFINE_integer("num_eval_samples", _D.num_eval_samples, "Samples per student (precision).")
 flags.DEFINE_integer("max_new_tokens", _D.max_new_tokens, "Tokens sampled after the prompt.")
-flags.DEFINE_integer("sample_batch_size", _D.sample_batch_size, "Sequences per sampling batch.")
+flags.DEFINE_integer("sample_batch_size", _D.sample_batch_size, "Sequences per sampling batch; "
+                     "0: sized from the devices' memory for p* (the --hardware chip's in a dry "
+                     "run; the CPU default 64 where devices report none). The batch shapes the "
+                     "random draws: give it to get the same samples on other hardware.")
 flags.DEFINE_integer("shard_size", _D.shard_size, "Sequences per dataset shard (resume unit).")
 flags.DEFINE_integer("teacher_epochs", _D.teacher_epochs, "Teacher training epochs.")
 flags.DEFINE_integer("student_epochs", _D.student_epochs, "Student training epochs.")
@@ -112,9 +115,47 @@ def config_from_flags() -> StudyConfig:
   return StudyConfig(**values)
 
 
+def auto_sample_batch(cfg: StudyConfig) -> int:
+  """--sample_batch_size=0: sized for p* (the largest model sampled) from each device's memory
+  (the --hardware chip's HBM in a dry run; the device's reported memory in a run, none on CPU)
+  over the devices of a process (a host), kdjax.llm.plan.auto_sample_batch."""
+  from kdjax.cli import UserError
+  from kdjax.llm import loading
+  from kdjax.llm.config import get_preset
+  try:
+    gt = loading.describe_spec(planlib.resolve_spec(cfg.ground_truth))[0]
+  except UserError:
+    if not FLAGS.ground_truth_preset:
+      raise
+    gt = get_preset(FLAGS.ground_truth_preset)
+  try:
+    prompt_len = len(planlib.prompt_ids(cfg, planlib.load_tokenizer(cfg)))
+  except UserError:
+    prompt_len = 1
+  if FLAGS.dry_run:
+    device_bytes, devices = None, 1
+    if FLAGS.hardware:
+      from kdjax.llm import hardware
+      chip = hardware.parse(FLAGS.hardware)[0]
+      device_bytes, devices = chip.hbm_bytes, chip.chips_per_host
+  else:
+    import jax
+    stats = jax.local_devices()[0].memory_stats() or {}
+    device_bytes, devices = stats.get("bytes_limit"), jax.local_device_count()
+  b = planlib.auto_sample_batch(gt.replace(dtype=cfg.dtype), prompt_len + cfg.max_new_tokens,
+                                device_bytes, devices)
+  logging.warning("--sample_batch_size=0: sampling %d sequences per batch (%s)", b,
+                  f"{device_bytes / 1e9:.0f} GB per device, {devices} per host" if device_bytes
+                  else "no device memory reported: the CPU default")
+  return b
+
+
 def main(argv):
   cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
   cfg = config_from_flags()
+  auto_batch = cfg.sample_batch_size == 0
+  if auto_batch:  # sized below, once the devices (or the --hardware chip) are known
+    cfg = planlib.dataclasses.replace(cfg, sample_batch_size=1)
   planlib.validate(cfg)
   if FLAGS.hardware:
     cli.require(FLAGS.dry_run, "--hardware: only with --dry_run")
@@ -125,6 +166,8 @@ def main(argv):
     # launch (one process: nothing to join). Every stage then runs on every process.
     from kdjax import distributed
     distributed.initialize()
+  if auto_batch:
+    cfg = planlib.dataclasses.replace(cfg, sample_batch_size=auto_sample_batch(cfg))
   from kdjax.llm import pipeline
   import datasets
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard

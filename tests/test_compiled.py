@@ -200,3 +200,30 @@ def test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache():
   out = sampling.sample(c16, p16, prompt, jnp.ones((2, 3), bool), jax.random.PRNGKey(1),
                         max_new_tokens=4, temperature=jnp.float32(1.0), eos_id=None)
   assert out.tokens_BxN.shape == (2, 4)
+
+
+def test_auto_sample_batch_fits_the_cache_in_the_device_memory():
+  from kdjax.cli import UserError
+  from kdjax.llm import plan
+  # test-tiny, float32, 32 slots: a row's K and V = 2 x 2 layers x 2 kv heads x 16 x 32 x 4 B =
+  # 16384 B, plus two float32 logit rows 2 x 256 x 4 = 2048 B: 18432 B per row
+  weights = CFG.num_params() * 4
+  device = (10 * 18432 + weights) / 0.7 + 1  # room for exactly 10 rows per device
+  assert plan.auto_sample_batch(CFG, 32, device, devices=4) == 40
+  assert plan.auto_sample_batch(CFG, 32, device, devices=3) == 30
+  assert plan.auto_sample_batch(CFG, 32, 1e15, devices=8) == plan.AUTO_SAMPLE_BATCH_MAX
+  assert plan.auto_sample_batch(CFG, 32, None, devices=8) == plan.AUTO_SAMPLE_BATCH_CPU
+  assert plan.auto_sample_batch(CFG.replace(dtype="bfloat16"), 32, device, devices=1) > 10
+  with pytest.raises(UserError, match="do not fit"):
+    plan.auto_sample_batch(CFG, 32, weights / 0.7, devices=1)
+
+
+def test_study_dry_run_sizes_the_sampling_batch_for_the_hardware():
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  env.pop("XLA_FLAGS", None)
+  base = [sys.executable, "-m", "experiments.llm", "--flagfile=experiments/flags/llm_smoke.flags",
+          "--dry_run", "--sample_batch_size=0"]
+  h100 = subprocess.run(base + ["--hardware=h100", "--nomemory_analysis"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert h100.returncode == 0, h100.stderr[-3000:]
+  assert "sampling 1024 sequences per batch (80 GB per device, 8 per host)" in h100.stderr

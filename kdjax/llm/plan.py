@@ -111,8 +111,8 @@ def validate(cfg: StudyConfig) -> None:
     require(kind in KINDS, f"--students: unknown kind {kind!r}; known: {', '.join(KINDS)}")
   require(len(set(cfg.students)) == len(cfg.students), "--students: a kind is repeated")
   for name in ("num_seeds", "num_train", "num_val", "num_select", "teacher_num_train",
-               "teacher_num_val", "num_eval_samples", "max_new_tokens", "sample_batch_size", "shard_size",
-               "batch_size", "eval_batch_size"):
+               "teacher_num_val", "num_eval_samples", "max_new_tokens", "sample_batch_size",
+               "shard_size", "batch_size", "eval_batch_size"):
     require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
   require(cfg.seed >= 0, f"--seed={cfg.seed}: must be >= 0")
   for name in ("eval_every", "checkpoint_every"):
@@ -368,6 +368,30 @@ def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs:
       eval_every=eval_every if val_dir else 0, eval_batch_size=cfg.eval_batch_size,
       eval_sequences=cfg.eval_sequences if val_dir else 0,
       checkpoint_every=cfg.checkpoint_every, seed=seed, **distill)
+
+
+AUTO_SAMPLE_BATCH_CPU = 64      # --sample_batch_size=0 where devices report no memory (CPU)
+AUTO_SAMPLE_BATCH_MAX = 1024    # decode is memory-bound: past this the KV reads dominate anyway
+AUTO_SAMPLE_MEMORY_FRACTION = 0.7  # of a device's memory for the weights, cache and logits
+
+
+def auto_sample_batch(config: LlamaConfig, max_len: int, device_bytes: Optional[float],
+                      devices: int) -> int:
+  """--sample_batch_size=0: the largest sampling batch whose weights, KV cache (both in the
+  compute dtype) and float32 logits fit AUTO_SAMPLE_MEMORY_FRACTION of each device's memory,
+  rows split over `devices` (a multiple of it, at most AUTO_SAMPLE_BATCH_MAX);
+  AUTO_SAMPLE_BATCH_CPU when the device reports no memory. The batch shapes the random draws:
+  give --sample_batch_size to make samples the same on other hardware."""
+  if not device_bytes:
+    return AUTO_SAMPLE_BATCH_CPU
+  w = 2 if config.dtype in ("bfloat16", "float16") else 4
+  weights = config.num_params() * w
+  per_row = (2 * config.num_layers * config.num_kv_heads * config.head_dim * max_len * w
+             + 2 * config.vocab_size * 4)
+  rows = int((AUTO_SAMPLE_MEMORY_FRACTION * device_bytes - weights) // per_row)
+  require(rows >= 1, f"--sample_batch_size=0: {config.num_params() / 1e6:.0f}M parameters and one "
+          f"row's {max_len}-slot KV cache do not fit {device_bytes / 1e9:.0f} GB per device")
+  return max(devices, min(AUTO_SAMPLE_BATCH_MAX, rows * devices) // devices * devices)
 
 
 def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
