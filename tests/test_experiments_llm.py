@@ -60,6 +60,8 @@ def _error_line(proc):
     ("llm_smoke.flags", ["gguf:default", "134.5M params", "preset:micro-49k", "preset:nano-49k"]),
     ("llm_paper.flags", ["1711.4M params", "smollm2-360m", "[0, 1, 2, 3, 4]",
                          "8 device(s)", "up to 512 tokens", "Gtokens", "EFLOP"]),
+    ("llm_gpu1.flags", ["gguf:default", "75.5M params", "preset:mini-49k", "1 device(s)",
+                        "up to 256 tokens", "seeds [0, 1, 2]"]),
     ("llm_family_smoke.flags", ["gguf:default", "seeds [0, 1]", "direct, seqkd x2, fkl x2, "
                                 "rkl x2, jsd x2, onpolicy_rkl x2", "'onpolicy_rkl_T0.8'"]),
 ])

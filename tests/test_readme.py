@@ -76,13 +76,20 @@ def test_slurm_line_dry_runs():
     assert f"srun --nodes={nodes}" in r.stdout and argv[argv.index("-m") + 1] in r.stdout
 
 
-def test_llm_paper_dry_run_line(tmp_path):
-  (argv,) = [a for a in _commands("python -m experiments.llm") if "--dry_run" in a]
-  argv = [sys.executable if a == "python" else a for a in argv]
+@pytest.mark.parametrize("i", range(4))
+def test_llm_dry_run_lines(tmp_path, i):
+  """The paper's plan, and the plans priced on hardware (the compile-only memory analysis of the
+  paper's programs takes minutes: skipped here; tests/test_hardware.py compiles a tiny study's)."""
+  lines = [a for a in _commands("python -m experiments.llm") if "--dry_run" in a]
+  assert len(lines) == 4
+  argv = [sys.executable if a == "python" else a for a in lines[i]]
   argv = [f"--workdir={tmp_path}" if a.startswith("--workdir=") else a for a in argv]
-  r = _run(argv)
+  hardware = any(a.startswith("--hardware=") for a in argv)
+  r = _run(argv + ["--nomemory_analysis"] if hardware else argv)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "smollm2-360m" in r.stdout
+  assert ("smollm2-360m" if "llm_paper.flags" in " ".join(argv) else "preset:small-49k") in r.stdout
+  if hardware:
+    assert "training mesh" in r.stdout and "assumptions:" in r.stdout
 
 
 def test_accelerator_installs_follow_the_cpu_ones_and_name_real_extras():

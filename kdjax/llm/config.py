@@ -94,6 +94,12 @@ PRESETS: dict[str, LlamaConfig] = {
                              num_kv_heads=5, rope_theta=100000.0),
     "smollm2-1.7b": _smollm2(hidden_size=2048, intermediate_size=8192, num_layers=24, num_heads=32,
                              num_kv_heads=32, rope_theta=130000.0),
+    # Between the CPU presets and SmolLM2-135M: the one-GPU study's teacher (75.5M params) and
+    # students (31.5M) (experiments/flags/llm_gpu1.flags).
+    "small-49k": _smollm2(hidden_size=512, intermediate_size=1536, num_layers=16, num_heads=8,
+                          num_kv_heads=4, rope_theta=100000.0),
+    "mini-49k": _smollm2(hidden_size=384, intermediate_size=1024, num_layers=8, num_heads=6,
+                         num_kv_heads=2, rope_theta=100000.0),
     # Full SmolLM2 vocabulary, small body: the smoke-run teacher and benchmarks.
     "tiny-49k": _smollm2(hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
                          num_kv_heads=2, rope_theta=100000.0),

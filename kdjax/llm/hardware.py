@@ -419,7 +419,8 @@ def format_estimate(est: dict) -> str:
   if est["memory"]:
     cap = USABLE_HBM * c["hbm_bytes"] / 1e9
     lines.append(f"  memory per device, compiled (XLA:CPU, abstract arrays; fits: <= {cap:.3g} GB "
-                 f"= {USABLE_HBM:g} x {c['hbm_bytes'] / 1e9:g} GB HBM):")
+                 f"= {USABLE_HBM:g} x {c['hbm_bytes'] / 1e9:g} GB HBM; the plan's GiB above are "
+                 "its formulas'):")
     lines.append(f"  {'stage':24s} {'GB':>7s}  {'fits':4s}  {'mesh compiled':26s} program")
     for stage, programs in est["memory"].items():
       for label, mesh, gb in programs:

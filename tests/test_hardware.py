@@ -1,0 +1,179 @@
+"""kdjax/llm/hardware.py: the pricing arithmetic on a hand-checked small case, the names and
+meshes it accepts and refuses, the compiled memory following the mesh, and the dry runs
+(`--dry_run --hardware=...`) as a user runs them."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from kdjax.cli import UserError
+from kdjax.llm import hardware
+from kdjax.llm.config import LlamaConfig, get_preset
+from kdjax.llm.plan import StudyConfig
+from tests.conftest import REPO
+
+# vocab 100, hidden 8, MLP 16, 2 layers, 2 heads of 4, 1 kv head, tied, bf16.
+# params: attention 8*4*(2*2 + 2*1) = 192, MLP 3*8*16 = 384, norms 2*8 = 16 -> 592 per layer;
+#         embedding 100*8 = 800, final norm 8 -> 800 + 2*592 + 8 = 1992.
+SMALL = LlamaConfig(vocab_size=100, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
+                    num_kv_heads=1, head_dim=4, dtype="bfloat16")
+# 1 MFLOP/s peak, 10 kB/s HBM, 10 ms per layer and decode step, 2 chips per host.
+CHIP = hardware.Chip("test", peak_flops=1e6, hbm_bandwidth=1e4, hbm_bytes=1e9, chips_per_host=2,
+                     mfu=0.5, layer_step_s=0.01)
+
+
+def test_decode_step_by_hand():
+  assert SMALL.num_params() == 1992
+  # 4 rows, 10 slots: weights 1992 * 2 B = 3984; K and V: 2 * 2 layers * 4 rows * 1 kv head *
+  # 10 slots * 4 * 2 B = 1280; logits 4 rows * 100 * 4 B * 3 passes = 4800.
+  assert hardware.decode_step_bytes(SMALL, 4, 10) == {"weights": 3984, "kv_cache": 1280,
+                                                      "logits": 4800}
+  # memory: 10064 B / (1e4 B/s * 0.5) = 2.0128 s. FLOPs per row: 2 * 1992 (matmuls, the tied
+  # head included) + 2 * 2 * 2 layers * 2 heads * 4 * 10 keys = 3984 + 640 = 4624; 4 rows:
+  # 18496 / (1e6 * 0.5) = 0.036992 s < 2.0128: HBM-bound. Plus 2 layers * 10 ms.
+  seconds, bound = hardware.decode_step_seconds(SMALL, 4, 10, CHIP, mfu=0.5, mbu=0.5)
+  assert bound == "HBM" and seconds == pytest.approx(2.0128 + 0.02)
+  # 100x the bandwidth: memory 0.020128 s < 0.036992 s of FLOPs: FLOPs-bound.
+  fast = hardware.Chip("fast", 1e6, 1e6, 1e9, 2, 0.5, 0.01)
+  seconds, bound = hardware.decode_step_seconds(SMALL, 4, 10, fast, mfu=0.5, mbu=0.5)
+  assert bound == "FLOPs" and seconds == pytest.approx(0.036992 + 0.02)
+
+
+def test_sampling_and_scoring_by_hand():
+  cfg = StudyConfig(sample_batch_size=8, shard_size=16, max_new_tokens=9, eval_batch_size=8)
+  # 40 sequences: 3 shards of <= 16, dealt to 2 processes -> 2 rounds of 2 batches of 8; each
+  # process splits a batch over its 2 chips (4 rows each, the decode step above) -> 4 batches *
+  # 9 steps * 2.0328 s.
+  s = hardware.sampling_seconds(SMALL, 40, 10, cfg, CHIP, processes=2, local=2, mfu=0.5, mbu=0.5)
+  assert s == pytest.approx(4 * 9 * 2.0328)
+  # a batch the chips do not divide runs on one chip: 8 rows, memory 3984 + 2560 + 9600 = 16144
+  # B -> 3.2288 s + 0.02; 40 sequences, 1 process: 3 shards * 2 batches * 9 steps.
+  s = hardware.sampling_seconds(SMALL, 40, 10, cfg, CHIP, processes=1, local=3, mfu=0.5, mbu=0.5)
+  assert s == pytest.approx(3 * 2 * 9 * 3.2488)
+  # scoring 40 rows of 10 tokens, batches of 8: 5 batches, 2 processes -> 3 rounds; per token
+  # 3984 + 2*2*2*2*4*5 keys = 4304 FLOPs; a batch 8 * 10 * 4304 = 344320; 3 rounds on 2 chips:
+  # 1032960 / (2 * 1e6 * 0.5) = 1.03296 s.
+  s = hardware.scoring_seconds(SMALL, 40, 10, 8, CHIP, processes=2, local=2, mfu=0.5)
+  assert s == pytest.approx(1.03296)
+  assert hardware.compute_seconds(3.6e7, 2, CHIP, 0.5) == pytest.approx(36.0)
+
+
+def test_teacher_validation_flops_by_hand():
+  # 64 train rows / batch 8 = 8 steps an epoch, 3 epochs, validated every 4 steps -> 6 passes
+  # over 16 selection rows of 10 tokens at 4304 FLOPs per token.
+  cfg = StudyConfig(num_train=64, batch_size=8, teacher_epochs=3, eval_every=4, num_select=16)
+  assert hardware.teacher_validation_flops(cfg, SMALL, 10) == 6 * 16 * 10 * 4304
+  cfg = StudyConfig(num_train=64, batch_size=8, teacher_epochs=3, num_select=16, eval_sequences=4)
+  assert hardware.teacher_validation_flops(cfg, SMALL, 10) == 3 * 4 * 10 * 4304  # once an epoch
+
+
+def test_names_slices_and_meshes():
+  h100 = hardware.CHIPS["h100"]
+  assert hardware.parse("h100") == (h100, None)
+  assert hardware.parse("H100-SXM") == (h100, None)
+  assert hardware.parse("h100-8") == (h100, 8)
+  assert hardware.parse("a100-80gb") == (hardware.CHIPS["a100"], None)
+  assert hardware.parse("v5p-64") == (hardware.CHIPS["v5p"], 32)  # v5p names count TensorCores
+  assert hardware.parse("v6e-16") == (hardware.CHIPS["v6e"], 16)
+  v5p = hardware.CHIPS["v5p"]
+  assert hardware.resolve_mesh("fsdp=8", v5p, 32) == (4, 8, 1)
+  assert hardware.resolve_mesh("data=4,fsdp=8,tensor=1", v5p, 32) == (4, 8, 1)
+  assert hardware.resolve_mesh("", h100, None) == (8, 1, 1)  # data=-1: one host
+  assert hardware.resolve_mesh("data=1,fsdp=8,tensor=1", h100, None) == (1, 8, 1)
+  assert hardware.hosts(v5p, 32) == (8, 4) and hardware.hosts(h100, 1) == (1, 1)
+  with pytest.raises(UserError, match="spans 8 chips, the --hardware slice 32"):
+    hardware.resolve_mesh("data=1,fsdp=8,tensor=1", v5p, 32)
+  with pytest.raises(UserError, match="does not divide 8 chips"):
+    hardware.resolve_mesh("fsdp=3", h100, None)
+  with pytest.raises(UserError, match="2 cores per chip"):
+    hardware.parse("v5p-63")
+
+
+def test_unknown_hardware_is_one_line_naming_the_known():
+  with pytest.raises(UserError) as e:
+    hardware.parse("tpu9")
+  assert "--hardware='tpu9': unknown; known: h100, h200, a100, v5e, v5p, v6e" in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_compiled_memory_follows_the_mesh():
+  """`data` replicates the state, `fsdp` shards it: the train step's arguments per device halve
+  from data=2 to fsdp=2; the sampler's arguments are the whole float32 parameters on each chip."""
+  c = get_preset("test-tiny").replace(dtype="bfloat16")
+  rep = hardware.train_memory(c, (2, 1, 1), 8, 16)["memory_gb"]["argument"]
+  sharded = hardware.train_memory(c, (1, 2, 1), 8, 16)["memory_gb"]["argument"]
+  assert sharded == pytest.approx(rep / 2, rel=0.05)
+  state = c.num_params() * 4 * 3 / 1e9  # params + two Adam moments, float32
+  assert rep == pytest.approx(state, rel=0.05)
+  s = hardware.sampler_memory(c, 8, 1, 7, chips=2)
+  assert s["memory_gb"]["argument"] == pytest.approx(c.num_params() * 4 / 1e9, rel=0.01)
+  assert s["memory_per_device_gb"] > s["memory_gb"]["argument"]  # the bf16 decode copy, the cache
+  assert hardware.scorer_memory(c, 8, 8, chips=2)["memory_per_device_gb"] > 0
+
+
+def _run(*args, timeout=600):
+  env = {"PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PATH": "/usr/bin:/bin",
+         "HF_HUB_OFFLINE": "1"}
+  return subprocess.run([sys.executable, "-m", "experiments.llm", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=timeout)
+
+
+STAGES = ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_train_students",
+          "5_score_students")
+
+
+def _hours(stdout: str) -> dict:
+  table = stdout.split("training mesh", 1)[1]
+  return {s: float(next(l for l in table.splitlines() if l.strip().startswith(s)).split()[1])
+          for s in STAGES}
+
+
+def test_paper_flagfile_priced_on_h100():
+  """The issue's check: llm_paper.flags on H100s, the hours of every stage (the compile-only
+  memory analysis of the paper's models takes minutes: skipped here, run on test-tiny below)."""
+  proc = _run("--flagfile=experiments/flags/llm_paper.flags", "--dry_run", "--hardware=h100",
+              "--nomemory_analysis")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert "hardware h100: 8 x H100-SXM (1 host(s) of 8), training mesh data=1,fsdp=8,tensor=1" in out
+  hours = _hours(out)
+  assert all(h > 0 for h in hours.values())
+  # training the teacher: the plan's 5.8e19 FLOPs + its validation on 8 x 989 TFLOP/s x 0.4
+  assert 4 < hours["2_train_teacher"] < 8
+  for text in ("MFU 0.4 (--mfu)", "MBU 0.6 (--mbu)", "989 TFLOP/s", "3.35 TB/s", "not compiled"):
+    assert text in out
+
+
+def test_tiny_study_priced_with_compiled_memory():
+  """Every stage's programs compiled (2 fake devices) and judged against the chip's HBM."""
+  proc = _run("--ground_truth=preset:test-tiny", "--tokenizer=bytes", "--teacher=preset:test-tiny",
+              "--student=preset:test-tiny", "--temperatures=0.8,1.0", "--students=fkl",
+              "--num_train=64", "--num_val=16", "--num_select=8", "--teacher_num_train=32",
+              "--teacher_num_val=8", "--num_eval_samples=16", "--max_new_tokens=8",
+              "--sample_batch_size=8", "--batch_size=8", "--eval_batch_size=8",
+              "--dtype=bfloat16", "--mesh=data=1,fsdp=2", "--dry_run", "--hardware=v5e-2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = proc.stdout
+  assert "hardware v5e-2: 2 x TPU v5e (1 host(s) of 2), training mesh data=1,fsdp=2,tensor=1" in out
+  memory = out.split("memory per device, compiled", 1)[1].split("assumptions:")[0]
+  rows = [l.split() for l in memory.splitlines()[2:] if l.strip()]
+  # samplers x3, scorers x2, the teacher's and the token-level students' train steps x2 (remat)
+  assert len(rows) == 9 and all(r[2] == "yes" for r in rows), memory
+  assert sum("remat layer" in l for l in memory.splitlines()) == 2
+  assert "token-level x2 + teacher" in memory and "data=1,fsdp=2,tensor=1" in memory
+  assert all(h >= 0 for h in _hours(out).values()) and math.isfinite(sum(_hours(out).values()))
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--hardware=tpu9", "--dry_run"], "--hardware='tpu9': unknown; known: h100"),
+    (["--hardware=h100"], "--hardware: only with --dry_run"),
+    (["--hardware=v5p-64", "--dry_run"], "the --hardware slice 32"),
+    (["--hardware=h100", "--dry_run", "--mfu=1.5"], "--mfu=1.5"),
+])
+def test_bad_hardware_flags_are_one_line(args, expect):
+  proc = _run("--flagfile=experiments/flags/llm_paper.flags", "--nomemory_analysis", *args)
+  assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+  assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
