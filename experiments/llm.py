@@ -13,6 +13,7 @@ its flags leave unchanged, resumes what a killed run left half done, and runs th
 
 from __future__ import annotations
 
+import math
 import os
 
 from absl import flags, logging
@@ -136,8 +137,9 @@ def auto_sample_batch(cfg: StudyConfig) -> int:
     device_bytes, devices = None, 1
     if FLAGS.hardware:
       from kdjax.llm import hardware
-      chip = hardware.parse(FLAGS.hardware)[0]
-      device_bytes, devices = chip.hbm_bytes, chip.chips_per_host
+      chip, chips = hardware.parse(FLAGS.hardware)
+      mesh_chips = math.prod(hardware.resolve_mesh(cfg.mesh, chip, chips))
+      device_bytes, devices = chip.hbm_bytes, hardware.hosts(chip, mesh_chips)[1]
   else:
     import jax
     stats = jax.local_devices()[0].memory_stats() or {}
