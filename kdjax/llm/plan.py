@@ -444,6 +444,9 @@ def format_plan(plan: dict) -> str:
       lines.append(f"      {s['sequences']} sequences, {_human(s['tokens'], 'tokens')}, "
                    f"~{_human(s['flops'], 'FLOP')}, ~{_gib(s['memory_per_device_bytes'])} per device")
   lines.append(f"  total ~{_human(plan['total_flops'], 'FLOP')}")
+  lines.append("  note: 'per device' above is a formula (parameters, optimizer state, a guess at "
+               "activations) that undercounts training activations several-fold; --hardware=NAME "
+               "compiles each stage's programs for the mesh and reports XLA's own figures")
   lines += [f"  note: {n}" for n in plan.get("notes", [])]
   return "\n".join(lines)
 
