@@ -32,11 +32,9 @@ timings.json, never to results.json (which is deterministic).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
-import time
 from typing import NamedTuple, Optional
 
 import jax
@@ -45,198 +43,14 @@ import numpy as np
 from absl import logging
 
 from kdjax import cli
-from kdjax.cli import UserError, require
+from kdjax.cli import require
 from kdjax.llm import embeddings, plots, stages
-from kdjax.llm.plan import (ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig, check_inputs,
+from kdjax.llm.plan import (TOKEN_KINDS, StudyConfig, check_inputs,
                             load_tokenizer, prompt_ids, resolve_spec, train_config, validate)
-
-DONE = "DONE.json"
-
-
-# ----------------------------------------------------------------------------- bookkeeping
-
-
-def is_done(path: str) -> bool:
-  return os.path.exists(os.path.join(path, DONE))
-
-
-def read_done(path: str) -> dict:
-  return cli.read_json(os.path.join(path, DONE))
-
-
-def mark_done(path: str, info: dict) -> None:
-  """Write DONE.json (process 0 only: every process reaches the same point with the same info)."""
-  if jax.process_index() == 0:
-    cli.atomic_write_json(os.path.join(path, DONE), info)
-
-
-@contextlib.contextmanager
-def stage(workdir: str, name: str, timings: dict):
-  """Log a stage's start and time; record wall and process-CPU seconds in DIR/timings.json (CPU
-  seconds say how long a stage takes when the machine is shared: wall ~ CPU / cores when alone)."""
-  logging.info("stage %s: start", name)
-  t0, c0 = time.perf_counter(), time.process_time()
-  yield
-  wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-  timings[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
-  logging.info("stage %s: %.1f s (%.1f CPU s)", name, wall, cpu)
-  if jax.process_index():
-    return
-  path = os.path.join(workdir, "timings.json")
-  old = cli.read_json(path) if os.path.exists(path) else {}
-  old.update(timings)
-  cli.atomic_write_json(path, old)
-
-
-def seed_key(seed: int, *path: int) -> jax.Array:
-  """fold_in chain from the seed: one independent stream per (purpose, index, ...)."""
-  key = jax.random.key(seed)
-  for i in path:
-    key = jax.random.fold_in(key, i)
-  return key
-
-
-# ----------------------------------------------------------------------------- models and data
-
-
-def data_parallel(params, batch: int):
-  """Params replicated on every local device and a sharding that splits a batch over them, so
-  sampling and scoring use all devices; (params, None) on one device or an indivisible batch."""
-  devices = jax.local_devices()
-  if len(devices) == 1 or batch % len(devices):
-    return params, None
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  mesh = Mesh(np.array(devices), ("data",))
-  return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
-
-
-def _put(x, sharding):
-  return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
-
-
-def load_dataset(path: str):
-  """A dataset directory as one datasets.Dataset (UserError naming it when missing or empty)."""
-  from kdjax.llm import data
-  return data.load_dataset_dir(path)
-
-
-def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> float:
-  """Mean per-token log-likelihood of a dataset under a model: sum of next-token log-probs over
-  the generated tokens (kdjax.llm.targets) / their number (the paper's precision and recall).
-
-  With several processes, batch i is scored by process i % P on its own devices and the totals are
-  summed over processes (in float64: the same figure, to rounding, whatever the process count)."""
-  from kdjax import distributed
-  from kdjax.llm import data, evaluate
-  from tqdm import tqdm
-  params, shard = data_parallel(params, batch)
-  me, procs = jax.process_index(), jax.process_count()
-  mine = (b for i, b in enumerate(data.eval_batches(ds, batch, seq_len)) if i % procs == me)
-  batches = ({k: _put(v, shard) for k, v in b.items()} for b in mine)
-  n = math.ceil(len(ds) / batch)
-  batches = tqdm(batches, total=len(range(me, n, procs)), desc=desc, unit="batch", leave=False)
-  total, count = distributed.sum_over_processes(
-      evaluate.loglik_totals(config, params, batches))
-  if count == 0:
-    raise UserError(f"{desc}: no target tokens to evaluate (no sequence has a token after its "
-                    "prompt)")
-  return float(total / count)
-
-
-def loglik_and_embeddings(config, params, ds, batch: int, seq_len: int, desc: str,
-                          loglik: bool = True):
-  """(mean_loglik's number, or None without loglik; the rows' embeddings [N, D]) in one forward
-  pass per batch (kdjax.llm.embeddings), batched and spread over devices as mean_loglik."""
-  from kdjax.llm import data
-  from tqdm import tqdm
-  params, shard = data_parallel(params, batch)
-  batches = ({k: _put(v, shard) for k, v in b.items()}
-             for b in data.eval_batches(ds, batch, seq_len))
-  batches = tqdm(batches, total=math.ceil(len(ds) / batch), desc=desc, unit="batch", leave=False)
-  try:
-    return embeddings.loglik_sums_and_embeddings(config, params, batches, len(ds), loglik)
-  except ValueError as e:
-    raise UserError(f"{desc}: {e}") from None
-
-
-# ----------------------------------------------------------------------------- sampling
-
-
-def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, key, *,
-                   num: int, temperature: float, cfg: StudyConfig, eos_id: Optional[int],
-                   desc: str) -> None:
-  """Sample `num` sequences into out_dir, shard by shard; shard i uses fold_in(key, i).
-
-  With several processes, shard i is sampled by process i % P on its own devices: a shard's
-  samples depend on its key alone, so the dataset is the same whatever the process count. Resumes
-  from the shards already complete; marks out_dir done when all are written. Every batch has the
-  same shape (the last one is cut after sampling), so one compiled program serves all.
-  """
-  from kdjax import distributed
-  from kdjax.llm import data
-  from kdjax.llm.sampling import sample
-  from tqdm import tqdm
-  if is_done(out_dir):
-    return
-  shards = math.ceil(num / cfg.shard_size)
-  me, procs = jax.process_index(), jax.process_count()
-  if me == 0:
-    data.ShardWriter(out_dir)  # clears a killed writer's leftovers before anyone writes
-  distributed.sync("kdjax_sample_start")
-  complete = data.complete_shards(out_dir)
-  todo = [i for i in range(shards) if i % procs == me and i not in complete]
-  b, p = cfg.sample_batch_size, len(prompt)
-  params, shard = data_parallel(params, b)
-  prompt_BxP = _put(np.tile(np.asarray(prompt, np.int32), (b, 1)), shard)
-  pmask_BxP = _put(np.ones((b, p), bool), shard)
-  writer = data.ShardWriter(out_dir, cleanup=False)
-  t_arr = jnp.float32(temperature)
-  bar = tqdm(total=num * cfg.max_new_tokens,
-             initial=(num - sum(min(cfg.shard_size, num - i * cfg.shard_size) for i in todo))
-             * cfg.max_new_tokens, desc=desc, unit="tok", unit_scale=True, smoothing=0.1)
-  for shard in todo:
-    n_shard = min(cfg.shard_size, num - shard * cfg.shard_size)
-    shard_key = jax.random.fold_in(key, shard)
-    ids_rows = []
-    for j in range(math.ceil(n_shard / b)):
-      out = sample(config, params, prompt_BxP, pmask_BxP, jax.random.fold_in(shard_key, j),
-                   max_new_tokens=cfg.max_new_tokens, temperature=t_arr, eos_id=eos_id)
-      tokens_BxN, lengths_B = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
-      for i in range(min(b, n_shard - j * b)):
-        ids_rows.append(prompt + tokens_BxN[i, :lengths_B[i]].tolist())
-      bar.update(min(b, n_shard - j * b) * cfg.max_new_tokens)
-    writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows],
-                 prompt_lens=[len(prompt)] * len(ids_rows), index=shard)
-  bar.close()
-  distributed.sync("kdjax_sample_done")  # every shard written before the directory is done
-  mark_done(out_dir, {"sequences": num, "shards": shards, "temperature": temperature})
-
-
-# ----------------------------------------------------------------------------- training
-
-
-def train_models(out_dir: str, tc) -> None:
-  """Run the training run `tc` (plan.train_config: one model per train dir, several vmapped
-  together); DONE.json lists the `ckpt:` spec of each model's best (or, without validation data,
-  final) parameters."""
-  from kdjax.llm import train as trainlib
-  if is_done(out_dir):
-    return
-  for d in list(tc.train_data) + ([tc.val_data] if tc.val_data else []):
-    load_dataset(d)  # a clear error for an empty or missing dataset before any compile
-  summary = trainlib.train(tc, out_dir, overwrite=True)  # its key matched: resume, or start over
-  # when only a flag no number depends on changed (e.g. --checkpoint_every)
-  best = summary["best_dir"]
-  if summary.get("num_students") is None:
-    models = [{"checkpoint": "ckpt:" + best, "best_step": summary["best_step"],
-               "val_perplexity": summary["best_val_perplexity"]}]
-  else:
-    models = [{"checkpoint": "ckpt:" + os.path.join(best, str(i))}
-              for i in range(summary["num_students"])]
-  mark_done(out_dir, {"models": models, "steps": summary["steps"],
-                      "final_loss": summary["final_loss"],
-                      "params_checksum": summary["params_checksum"]})
-
+# the work of one unit; DONE and data_parallel re-exported (callers name them through the pipeline)
+from kdjax.llm.stage_work import (DONE, data_parallel, is_done, load_dataset,  # noqa: F401
+                                  loglik_and_embeddings, mark_done, mean_loglik, read_done,
+                                  sample_dataset, seed_key, stage, train_models)
 
 # ----------------------------------------------------------------------------- the study
 
