@@ -32,6 +32,7 @@ setup(
         "tpu": ["jax[tpu]>=0.7"],
         "test": [
             "pytest",
+            "pytest-xdist",  # the README's test command runs two workers
             "scipy",
             "scikit-learn",
             # Test-only reference implementation (transformers' LlamaForCausalLM). Pinned: this is a

@@ -36,9 +36,9 @@ def _run(argv, timeout=300, **env):
 def test_readme_opens_with_the_two_setup_commands():
   head = README.split("\n## ")[0]
   assert "python -m experiments.gmm --flagfile=experiments/flags/gmm_paper.flags" in head
-  assert 'pip install -e ".[test]"' in head and "python -m pytest -q tests" in head
+  assert 'pip install -e ".[test]"' in head and "python -m pytest -q -n 2 tests" in head
   ci = open(os.path.join(REPO, ".ci", "run")).read()
-  assert 'pip install -q -e ".[test]"' in ci and "python -m pytest -q tests" in ci
+  assert 'pip install -q -e ".[test]"' in ci and "python -m pytest -q -n 2 tests" in ci
 
 
 def test_every_flagfile_named_exists_and_every_flagfile_is_named():
