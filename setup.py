@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["kdjax", "kdjax.*", "experiments", "experiments.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.7",
+        "jax>=0.8.2",  # jax.lax.pcast (the fused heads under shard_map)
         "flax>=0.11",
         "optax>=0.2.5",
         "orbax-checkpoint>=0.11",
@@ -28,8 +28,8 @@ setup(
     extras_require={
         # Accelerators: the same jax with its GPU plugin (CUDA 12 wheels from PyPI) or with libtpu.
         # `pip install -e ".[cuda12]"` on an NVIDIA GPU machine, `pip install -e ".[tpu]"` on a TPU VM.
-        "cuda12": ["jax[cuda12]>=0.7"],
-        "tpu": ["jax[tpu]>=0.7"],
+        "cuda12": ["jax[cuda12]>=0.8.2"],
+        "tpu": ["jax[tpu]>=0.8.2"],
         "test": [
             "pytest",
             "pytest-xdist",  # the README's test command runs two workers

@@ -99,9 +99,9 @@ def test_accelerator_installs_follow_the_cpu_ones_and_name_real_extras():
                if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "setup")
   kw = {k.arg: ast.literal_eval(k.value) for k in setup.keywords
         if k.arg in ("install_requires", "extras_require")}
-  assert kw["extras_require"]["cuda12"] == ["jax[cuda12]>=0.7"]
-  assert kw["extras_require"]["tpu"] == ["jax[tpu]>=0.7"]
-  assert "jax>=0.7" in kw["install_requires"]  # the extras keep install_requires' jax versions
+  assert kw["extras_require"]["cuda12"] == ["jax[cuda12]>=0.8.2"]
+  assert kw["extras_require"]["tpu"] == ["jax[tpu]>=0.8.2"]
+  assert "jax>=0.8.2" in kw["install_requires"]  # the extras keep install_requires' jax versions
   head = README.split("\n## ")[0]
   first_block = head.split("```bash\n")[1].split("```")[0]  # the two CPU commands, as CI runs them
   assert 'pip install -e ".[test]"' in first_block and "[cuda12]" not in first_block

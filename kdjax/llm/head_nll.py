@@ -83,8 +83,10 @@ def _chunk_nll(x_BxCxD, w, y_BxC, wt_BxC, w_layout, with_grads: bool):
 def varying_like(a, ref):
   """a, marked as varying over the manual mesh axes that ref varies over (inside shard_map: a
   loop carry that starts as constant zeros and accumulates per-device values), else a."""
-  manual = getattr(jax.typeof(ref), "manual_axis_type", None)
-  axes = tuple(sorted(manual.varying)) if manual is not None else ()
+  aval = jax.typeof(ref)
+  manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier releases call it vma
+  varying = manual.varying if manual is not None else getattr(aval, "vma", ())
+  axes = tuple(sorted(varying))
   return jax.lax.pcast(a, axes, to="varying") if axes else a
 
 
