@@ -3,7 +3,8 @@ and what it costs per device (kdjax.compiled: memory from XLA's analysis, collec
 its HLO).
 
   train_step(config, mesh, batch, seq, ...)   the train step as train_lm and the study jit it
-  decode_step(config, mesh, batch, max_len)   one cached decode step of the sampler
+  sampler(config, mesh, batch, prompt_len, n)  the sampler as the study's sampling stages run it
+  scorer(config, mesh, batch, seq_len)        one scoring batch
 
 Any device count works with fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N):
 the program is the one each of N devices would run, so the figures hold for N accelerators of
@@ -68,26 +69,37 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
   return _report(compile_train_step(spec, shardings, bsh, tsh).lower(*args), mesh, started)
 
 
-def decode_step(config: LlamaConfig, mesh, batch: int, max_len: int) -> dict:
-  """One cached decode step (a token per row against a KV cache of max_len slots) of the
-  sampler's model: params sharded by the logical-axis table, the cache and tokens over the batch."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-
+def _abstract_params(config: LlamaConfig, sharding):
+  """The model's parameters as abstract arrays, every leaf with `sharding`."""
   from kdjax.llm import model
-  psh = sharding_lib.param_shardings(config, mesh)
-  params = _abstract(jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0))), psh)
-  cache = jax.eval_shape(lambda: model.KVCache.empty(config, batch, max_len))
-  b = sharding_lib.logical_to_mesh(("batch",), (batch,), mesh)[0]
-  kv = NamedSharding(mesh, P(None, b))
-  cache_sh = model.KVCache(kv, kv, NamedSharding(mesh, P(b)), sharding_lib.replicated(mesh))
-  cache = _abstract(cache, cache_sh)
-  tok = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=NamedSharding(mesh, P(b)))
+  tree = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
-  def step(p, tokens_Bx1, c):
-    with sharding_lib.use_mesh(mesh):
-      logits, c = model.Llama(config).apply({"params": p}, tokens_Bx1, None, None, c)
-      return logits[:, -1], c
 
+def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+  """The sampler as pipeline.sample_dataset runs it (sampling._sample_jit): params replicated on
+  the mesh's devices, the batch split over its `data` axis."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from kdjax.llm import sampling
+  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  key = jax.eval_shape(lambda: jax.random.key(0))
   started = time.perf_counter()
-  lowered = jax.jit(step, donate_argnums=(2,)).lower(params, tok, cache)
+  lowered = sampling._sample_jit.lower(
+      config, max_new_tokens, 0, False, _abstract_params(config, rep),
+      arr((batch, prompt_len), jnp.int32, rows), arr((batch, prompt_len), jnp.bool_, rows),
+      arr((), key.dtype, rep), arr((batch,), jnp.float32, rows), arr((batch,), jnp.float32, rows),
+      arr((), jnp.int32, rep), arr((), jnp.int32, rep))
+  return _report(lowered, mesh, started)
+
+
+def scorer(config: LlamaConfig, mesh, batch: int, seq_len: int) -> dict:
+  """One scoring batch as pipeline.mean_loglik runs it (evaluate._sums_jit, data-parallel)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from kdjax.llm import evaluate
+  rows = NamedSharding(mesh, P("data"))
+  arr = lambda dtype: jax.ShapeDtypeStruct((batch, seq_len), dtype, sharding=rows)
+  started = time.perf_counter()
+  lowered = evaluate._sums_jit.lower(config, _abstract_params(config, NamedSharding(mesh, P())),
+                                     arr(jnp.int32), arr(jnp.bool_), arr(jnp.bool_))
   return _report(lowered, mesh, started)

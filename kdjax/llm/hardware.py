@@ -199,50 +199,17 @@ def ensure_cpu_devices(n: int) -> None:
     pass
 
 
-def _abstract_params(c: LlamaConfig, sharding):
-  import jax
-  from kdjax.llm import model
-  tree = jax.eval_shape(lambda: model.init_params(c, jax.random.PRNGKey(0)))
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
-
-
-def _report(lowered, n: int) -> dict:
-  from kdjax import compiled
-  return compiled.report(lowered.compile(), n)
-
-
 def sampler_memory(c: LlamaConfig, batch: int, prompt_len: int, max_new_tokens: int,
                    chips: int) -> dict:
-  """The sampler as pipeline.sample_dataset runs it: params replicated on `chips` chips, the batch
-  split over them (kdjax.compiled.report of sampling._sample_jit)."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from kdjax.llm import sampling
-  mesh = _cpu_mesh(chips, 1, 1)
-  rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  lowered = sampling._sample_jit.lower(
-      c, max_new_tokens, 0, False, _abstract_params(c, rep),
-      arr((batch, prompt_len), jnp.int32, rows), arr((batch, prompt_len), jnp.bool_, rows),
-      arr((), key.dtype, rep), arr((batch,), jnp.float32, rows), arr((batch,), jnp.float32, rows),
-      arr((), jnp.int32, rep), arr((), jnp.int32, rep))
-  return _report(lowered, chips)
+  """footprint.sampler on `chips` fake CPU devices (params replicated, the batch split)."""
+  from kdjax.llm import footprint
+  return footprint.sampler(c, _cpu_mesh(chips, 1, 1), batch, prompt_len, max_new_tokens)
 
 
 def scorer_memory(c: LlamaConfig, batch: int, seq_len: int, chips: int) -> dict:
-  """One scoring batch as pipeline.mean_loglik runs it (evaluate._sums_jit, data-parallel)."""
-  import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from kdjax.llm import evaluate
-  mesh = _cpu_mesh(chips, 1, 1)
-  rows = NamedSharding(mesh, P("data"))
-  arr = lambda dtype: jax.ShapeDtypeStruct((batch, seq_len), dtype, sharding=rows)
-  lowered = evaluate._sums_jit.lower(c, _abstract_params(c, NamedSharding(mesh, P())),
-                                     arr(jnp.int32), arr(jnp.bool_), arr(jnp.bool_))
-  return _report(lowered, chips)
+  """footprint.scorer on `chips` fake CPU devices."""
+  from kdjax.llm import footprint
+  return footprint.scorer(c, _cpu_mesh(chips, 1, 1), batch, seq_len)
 
 
 def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> dict:
