@@ -93,6 +93,17 @@ def load_dataset(path: str):
   return data.load_dataset_dir(path)
 
 
+def _device_batches(ds, batch: int, seq_len: int, shard, desc: str, me: int = 0, procs: int = 1):
+  """The scoring batches of a dataset that process `me` of `procs` takes (batch i when
+  i % procs == me), placed on its devices, behind a progress bar."""
+  from kdjax.llm import data
+  from tqdm import tqdm
+  mine = (b for i, b in enumerate(data.eval_batches(ds, batch, seq_len)) if i % procs == me)
+  total = len(range(me, math.ceil(len(ds) / batch), procs))
+  return tqdm(({k: _put(v, shard) for k, v in b.items()} for b in mine), total=total, desc=desc,
+              unit="batch", leave=False)
+
+
 def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> float:
   """Mean per-token log-likelihood of a dataset under a model: sum of next-token log-probs over
   the generated tokens (kdjax.llm.targets) / their number (the paper's precision and recall).
@@ -100,14 +111,10 @@ def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> floa
   With several processes, batch i is scored by process i % P on its own devices and the totals are
   summed over processes (in float64: the same figure, to rounding, whatever the process count)."""
   from kdjax import distributed
-  from kdjax.llm import data, evaluate
-  from tqdm import tqdm
+  from kdjax.llm import evaluate
   params, shard = data_parallel(params, batch)
-  me, procs = jax.process_index(), jax.process_count()
-  mine = (b for i, b in enumerate(data.eval_batches(ds, batch, seq_len)) if i % procs == me)
-  batches = ({k: _put(v, shard) for k, v in b.items()} for b in mine)
-  n = math.ceil(len(ds) / batch)
-  batches = tqdm(batches, total=len(range(me, n, procs)), desc=desc, unit="batch", leave=False)
+  batches = _device_batches(ds, batch, seq_len, shard, desc, jax.process_index(),
+                            jax.process_count())
   total, count = distributed.sum_over_processes(
       evaluate.loglik_totals(config, params, batches))
   if count == 0:
@@ -120,12 +127,8 @@ def loglik_and_embeddings(config, params, ds, batch: int, seq_len: int, desc: st
                           loglik: bool = True):
   """(mean_loglik's number, or None without loglik; the rows' embeddings [N, D]) in one forward
   pass per batch (kdjax.llm.embeddings), batched and spread over devices as mean_loglik."""
-  from kdjax.llm import data
-  from tqdm import tqdm
   params, shard = data_parallel(params, batch)
-  batches = ({k: _put(v, shard) for k, v in b.items()}
-             for b in data.eval_batches(ds, batch, seq_len))
-  batches = tqdm(batches, total=math.ceil(len(ds) / batch), desc=desc, unit="batch", leave=False)
+  batches = _device_batches(ds, batch, seq_len, shard, desc)
   try:
     return embeddings.loglik_sums_and_embeddings(config, params, batches, len(ds), loglik)
   except ValueError as e:
