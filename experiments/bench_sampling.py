@@ -1,4 +1,4 @@
-"""Sampling speed: kdjax.llm.sampling.sample against HF transformers generate, side by side.
+"""Sampling speed: kdjax.llm.model.sampling.sample against HF transformers generate, side by side.
 
   python -m experiments.bench_sampling --model=gguf:PATH --batch=16 --new_tokens=64 --temperature=1.0
 
@@ -45,7 +45,7 @@ def _timed(fn, repeats):
 def bench_kdjax(config, params, batch, new_tokens, prompt_len, temperature, repeats, seed):
   import jax
   import jax.numpy as jnp
-  from kdjax.llm.sampling import sample
+  from kdjax.llm.model.sampling import sample
   ids = jnp.full((batch, prompt_len), config.bos_token_id, jnp.int32)
   mask = jnp.ones((batch, prompt_len), bool)
   calls = iter(range(10**6))
@@ -104,7 +104,7 @@ def main(argv):
   cli.require(_TEMP.value > 0, f"--temperature={_TEMP.value}: must be > 0")
   cli.require(_REPEATS.value >= 1, f"--repeats={_REPEATS.value}: must be >= 1")
   from kdjax.llm import load_model
-  from kdjax.llm.loading import default_gguf_path
+  from kdjax.llm.weights.loading import default_gguf_path
   spec = _MODEL.value or f"gguf:{default_gguf_path()}"
   config, params = load_model(spec)
   cli.require(_PROMPT_LEN.value + _NEW.value <= config.max_position_embeddings,

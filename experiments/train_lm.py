@@ -75,7 +75,7 @@ def main(argv):
   from kdjax import distributed
   distributed.initialize()
   import jax
-  from kdjax.llm import train
+  from kdjax.llm.train import loop as train
 
   logging.info("process %d of %d, %d devices", jax.process_index(), jax.process_count(),
                jax.device_count())

@@ -107,7 +107,7 @@ def is_model_checkpoint(directory: str) -> bool:
 def check_model_checkpoint(directory: str, config) -> None:
   """Refuse a model export whose saved parameter tree (orbax metadata: names and shapes, no
   weights read) is not the one `config` implies: what load_model_checkpoint would find."""
-  from kdjax.llm import model
+  from kdjax.llm.model import llama as model
   want = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
   try:
     with ocp.StandardCheckpointer() as ckptr:
@@ -132,8 +132,8 @@ def load_model_checkpoint(directory: str, sharding=None):
   Params land on `sharding` (a pytree of shardings, or one sharding for all leaves); by default on
   the first local device.
   """
-  from kdjax.llm import model
-  from kdjax.llm.config import LlamaConfig
+  from kdjax.llm.model import llama as model
+  from kdjax.llm.model.config import LlamaConfig
 
   if not is_model_checkpoint(directory):
     hint = ""

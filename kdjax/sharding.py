@@ -1,6 +1,6 @@
 """The device mesh and the ONE table of logical-axis rules.
 
-Model code names only logical axes (kdjax/llm/model.py: vocab, embed, heads, kv_heads, head_dim,
+Model code names only logical axes (kdjax/llm/model/llama.py: vocab, embed, heads, kv_heads, head_dim,
 mlp, norm, layers); this table maps each onto the mesh axes ('data', 'fsdp', 'tensor'):
 
   * data   : pure data parallelism (parameters replicated, batch split).
@@ -173,7 +173,7 @@ def tree_shardings(logical_tree, abstract_tree, mesh: Mesh):
 
 def param_shardings(config, mesh: Mesh, num_students: Optional[int] = None):
   """NamedShardings of the model's parameters (with a leading student axis if num_students)."""
-  from kdjax.llm import model
+  from kdjax.llm.model import llama as model
   logical = model.logical_axes(config)
   abstract = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
   if num_students is not None:

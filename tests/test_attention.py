@@ -9,9 +9,9 @@ import pytest
 
 from kdjax.cli import UserError
 from kdjax.llm import KVCache, Llama, get_preset, init_params, token_logprobs
-from kdjax.llm.config import LlamaConfig
-from kdjax.llm.model import attend
-from kdjax.llm.sampling import decode_logits
+from kdjax.llm.model.config import LlamaConfig
+from kdjax.llm.model.llama import attend
+from kdjax.llm.model.sampling import decode_logits
 
 EINSUM = get_preset("test-tiny")                   # 4 heads on 2 kv heads (G = 2)
 DOT = EINSUM.replace(attention="dot_product")
@@ -83,7 +83,7 @@ def test_prefill_and_cached_decode_match_einsum_and_the_sampler(params):
   want = run(EINSUM, params, ids, mask, nxt)
   got = run(DOT, params, ids, mask, nxt)
   np.testing.assert_allclose(got, want, **TOL)
-  # the sampler's own prefill + decode path (kdjax.llm.sampling) computes the same logits
+  # the sampler's own prefill + decode path (kdjax.llm.model.sampling) computes the same logits
   np.testing.assert_allclose(decode_logits(EINSUM, params, ids, mask, nxt), got, **TOL)
 
 
@@ -113,7 +113,8 @@ def test_the_config_field_picks_the_implementation(params, monkeypatch):
 
 
 def test_train_lm_and_the_study_pass_the_choice_on(tmp_path):
-  from kdjax.llm import plan, train
+  from kdjax.llm.study import plan
+  from kdjax.llm.train import loop as train
   cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:8",), steps=1,
                           batch_size=8, attention="dot_product")
   config, *_ = train._models(cfg, None)

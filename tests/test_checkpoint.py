@@ -10,8 +10,9 @@ import pytest
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.cli import UserError
-from kdjax.llm import model, train
-from kdjax.llm.config import get_preset
+from kdjax.llm.model import llama as model
+from kdjax.llm.train import loop as train
+from kdjax.llm.model.config import get_preset
 
 CFG = get_preset("test-tiny")
 

@@ -1,4 +1,4 @@
-"""Compile-only footprints (kdjax.compiled, kdjax.llm.footprint) against hand-computed bytes, and
+"""Compile-only footprints (kdjax.compiled, kdjax.llm.train.footprint) against hand-computed bytes, and
 the FSDP mesh checked on the compiled train step: activations sharded over the batch, the LM
 head's weight gradient reduced once per step."""
 
@@ -14,8 +14,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import compiled, sharding
-from kdjax.llm import footprint
-from kdjax.llm.config import get_preset
+from kdjax.llm.train import footprint
+from kdjax.llm.model.config import get_preset
 from tests.conftest import REPO
 
 CFG = get_preset("test-tiny")  # V 256, D 64, F 128, 2 layers, 4 heads / 2 kv heads of 16
@@ -97,8 +97,8 @@ def test_fsdp_shards_activations_over_the_batch_and_reduces_the_head_once():
   head's [256, 64] weight gradient is reduced over devices once per step (the fused head's loop
   runs over the device's own rows), not once per chunk of positions."""
   mesh = sharding.make_mesh(1, 8, 1)
-  from kdjax.llm import train_state
-  from kdjax.llm.train_step import StepSpec, compile_train_step
+  from kdjax.llm.train import state as train_state
+  from kdjax.llm.train.step import StepSpec, compile_train_step
   spec = StepSpec(model=CFG, total_steps=10)
   state = jax.eval_shape(functools.partial(train_state._init_fn, spec), jax.random.PRNGKey(0), None)
   sh = train_state.state_shardings(spec, mesh, state)
@@ -148,7 +148,7 @@ def test_forward_pass_activations_follow_the_batch_not_the_table():
   """Without the head's shard_map to pull the batch sharding through (a forward pass for
   scoring or evaluation), the residual stream's constraints alone keep each device on its own
   rows: the embedding lookup would otherwise inherit the table's fsdp sharding of D."""
-  from kdjax.llm import model
+  from kdjax.llm.model import llama as model
   mesh = sharding.make_mesh(1, 8, 1)
   psh = sharding.param_shardings(CFG, mesh)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -165,7 +165,9 @@ def test_forward_pass_activations_follow_the_batch_not_the_table():
 
 def test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients():
   from kdjax.cli import UserError
-  from kdjax.llm import model, plan, train
+  from kdjax.llm.model import llama as model
+  from kdjax.llm.study import plan
+  from kdjax.llm.train import loop as train
   cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:8",), steps=1,
                           batch_size=8, remat="layer")
   config, *_ = train._models(cfg, None)
@@ -189,7 +191,9 @@ def test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients():
 
 
 def test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache():
-  from kdjax.llm import model, pipeline, sampling
+  from kdjax.llm.model import llama as model
+  from kdjax.llm.study import pipeline
+  from kdjax.llm.model import sampling
   params = model.init_params(CFG, jax.random.PRNGKey(0))
   c16, p16 = pipeline.for_inference(CFG, params, "bfloat16")
   assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
@@ -204,7 +208,7 @@ def test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache():
 
 def test_auto_sample_batch_fits_the_cache_in_the_device_memory():
   from kdjax.cli import UserError
-  from kdjax.llm import plan
+  from kdjax.llm.study import plan
   # test-tiny, float32, 32 slots: a row's K and V = 2 x 2 layers x 2 kv heads x 16 x 32 x 4 B =
   # 16384 B, plus two float32 logit rows 2 x 256 x 4 = 2048 B: 18432 B per row
   weights = CFG.num_params() * 4

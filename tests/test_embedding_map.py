@@ -1,5 +1,5 @@
-"""kdjax/llm/embeddings.py (one forward pass gives precision's numbers and the embeddings) and
-kdjax/llm/embedding_map.py (the map is fitted on p* alone, deterministic in its seed)."""
+"""kdjax/llm/model/embeddings.py (one forward pass gives precision's numbers and the embeddings) and
+kdjax/llm/study/embedding_map.py (the map is fitted on p* alone, deterministic in its seed)."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,12 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from kdjax.llm import data, embedding_map, embeddings, evaluate, loading, model
+from kdjax.llm import data
+from kdjax.llm.study import embedding_map
+from kdjax.llm.model import embeddings
+from kdjax.llm.model import evaluate
+from kdjax.llm.weights import loading
+from kdjax.llm.model import llama as model
 
 
 def _ragged_batch():

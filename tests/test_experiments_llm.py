@@ -79,7 +79,7 @@ def test_dry_run_both_flagfiles(env, flagfile, expect, tmp_path):
 
 
 def _truncated_gguf(tmp_path):
-  from kdjax.llm.loading import default_gguf_path
+  from kdjax.llm.weights.loading import default_gguf_path
   path = tmp_path / "broken.gguf"
   with open(default_gguf_path(), "rb") as f:
     path.write_bytes(f.read(4096))
@@ -219,7 +219,7 @@ def test_damaged_dataset_is_one_line(env, reference, tmp_path):
 def _flagfile_config(name):
   """The StudyConfig of a flagfile's --name=value lines (the rest at their defaults)."""
   import dataclasses
-  from kdjax.llm.plan import StudyConfig
+  from kdjax.llm.study.plan import StudyConfig
   defaults = StudyConfig()
   values = {}
   for line in open(os.path.join(REPO, "experiments", "flags", name)):
@@ -239,7 +239,7 @@ def test_family_flagfile_reuses_the_smoke_studys_stages():
   """llm_family_smoke.flags run after llm_smoke.flags in one workdir samples no p* sequence and
   trains no teacher: every p* and teacher key is the smoke study's, and so are seed 0's direct
   student and the teacher's samples at the family's temperatures (a subset of the smoke study's)."""
-  from kdjax.llm.stages import StudyKeys
+  from kdjax.llm.study.units import StudyKeys
   smoke, family = (StudyKeys(_flagfile_config(f"llm_{n}.flags")) for n in ("smoke", "family_smoke"))
   for split in ("train", "val", "select"):
     assert family.pstar(split) == smoke.pstar(split)

@@ -10,7 +10,7 @@ import pytest
 
 from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
-from kdjax.llm.config import get_preset
+from kdjax.llm.model.config import get_preset
 from tests.conftest import REPO
 
 

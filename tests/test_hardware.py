@@ -1,4 +1,4 @@
-"""kdjax/llm/hardware.py: the pricing arithmetic on a hand-checked small case, the names and
+"""kdjax/llm/study/hardware.py: the pricing arithmetic on a hand-checked small case, the names and
 meshes it accepts and refuses, the compiled memory following the mesh, and the dry runs
 (`--dry_run --hardware=...`) as a user runs them."""
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from kdjax.cli import UserError
-from kdjax.llm import hardware
-from kdjax.llm.config import LlamaConfig, get_preset
-from kdjax.llm.plan import StudyConfig
+from kdjax.llm.study import hardware
+from kdjax.llm.model.config import LlamaConfig, get_preset
+from kdjax.llm.study.plan import StudyConfig
 from tests.conftest import REPO
 
 # vocab 100, hidden 8, MLP 16, 2 layers, 2 heads of 4, 1 kv head, tied, bf16.

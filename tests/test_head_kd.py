@@ -1,4 +1,4 @@
-"""The fused tempered-teacher KD losses (kdjax.objectives.fused_tokens, kdjax.llm.head_kd) against
+"""The fused tempered-teacher KD losses (kdjax.objectives.fused_tokens, kdjax.llm.train.head_kd) against
 the generic losses of kdjax.objectives.tokens and autodiff: values and gradients."""
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kdjax.llm import head_kd
+from kdjax.llm.train import head_kd
 from kdjax.objectives import fused_tokens, tokens
 
 NAMES = fused_tokens.NAMES

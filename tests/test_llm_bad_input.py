@@ -10,7 +10,7 @@ import pytest
 
 from kdjax.cli import UserError
 from kdjax.llm import describe_spec, load_model, load_tokenizer
-from kdjax.llm.loading import default_gguf_path
+from kdjax.llm.weights.loading import default_gguf_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -111,7 +111,7 @@ def test_preset_seed_and_tokenizer_vocab_check():
 
 def test_cli_prints_one_line(tmp_path):
   """Through kdjax.cli.run: `error: ...` on stderr naming the file, exit 1, no traceback."""
-  code = ("from kdjax.cli import run\nfrom kdjax.llm.loading import load_model\n"
+  code = ("from kdjax.cli import run\nfrom kdjax.llm.weights.loading import load_model\n"
           f"run(lambda argv: load_model('gguf:{tmp_path}/missing.gguf'))\n")
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,

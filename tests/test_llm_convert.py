@@ -16,8 +16,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from kdjax.llm import forward, load_model, save_hf  # noqa: E402
-from kdjax.llm import convert, gguf_io  # noqa: E402
-from kdjax.llm.loading import validate_spec  # noqa: E402
+from kdjax.llm.weights import convert  # noqa: E402
+from kdjax.llm.weights import gguf_io
+from kdjax.llm.weights.loading import validate_spec  # noqa: E402
 
 TOL = 1e-4
 

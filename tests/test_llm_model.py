@@ -7,7 +7,7 @@ import pytest
 
 from kdjax.llm import KVCache, Llama, get_preset, init_params, target_mask
 from kdjax.llm import forward as _forward, token_logprobs as _token_logprobs
-from kdjax.llm.model import rotary
+from kdjax.llm.model.llama import rotary
 
 forward = jax.jit(_forward, static_argnums=0)
 token_logprobs = jax.jit(_token_logprobs, static_argnums=0)
@@ -106,7 +106,7 @@ def test_left_padding_matches_unpadded(tiny):
 
 
 def test_target_mask_is_the_generated_tokens():
-  """Targets: real tokens after the prompt whose predecessor is real (kdjax.llm.targets)."""
+  """Targets: real tokens after the prompt whose predecessor is real (kdjax.llm.model.targets)."""
   mask = np.array([[1, 1, 1, 1, 1, 0],    # right padded
                    [0, 0, 1, 1, 1, 1],    # left padded
                    [1, 1, 0, 1, 1, 1],    # a hole: token 3 would be predicted from a pad

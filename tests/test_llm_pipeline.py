@@ -1,4 +1,4 @@
-"""The SmolLM2 study pipeline (kdjax/llm/pipeline.py, plan.py, plots.py) at tiny size, in-process.
+"""The SmolLM2 study pipeline (kdjax/llm/study/pipeline.py, plan.py, plots.py) at tiny size, in-process.
 
 The ground truth is a random test-tiny model (vocabulary 256) with a byte-level tokenizer; teacher
 and students are test-tiny presets trained from scratch on a few dozen 8-token samples. The
@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from kdjax.cli import UserError
-from kdjax.llm import pipeline, plots
-from kdjax.llm import plan as plan_lib
-from kdjax.llm.config import get_preset
-from kdjax.llm.plan import StudyConfig, format_plan, make_plan, validate
+from kdjax.llm.study import pipeline
+from kdjax.llm.study import plots
+from kdjax.llm.study import plan as plan_lib
+from kdjax.llm.model.config import get_preset
+from kdjax.llm.study.plan import StudyConfig, format_plan, make_plan, validate
 
 TINY = StudyConfig(  # the teacher spec carries a seed: preset:NAME@SEED works through the study
     ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny@5",
@@ -86,7 +87,7 @@ def test_plan_refuses_mismatched_vocabulary():
 
 
 def test_dry_run_loads_no_weights(monkeypatch):
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
 
   def refuse(spec):
     raise AssertionError(f"dry run loaded {spec}")
@@ -145,7 +146,7 @@ def _dataset_rows(path):
 
 
 def test_sample_dataset_resumes_exactly(tmp_path):
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
   config, params = loading.load_model(TINY.ground_truth)
   tok, prompt = plan_lib.ByteTokenizer(), [84, 104, 101]
   kw = dict(num=20, temperature=1.0, cfg=TINY, eos_id=-1)  # no EOS: every row full length
@@ -222,7 +223,7 @@ def test_scores_are_generated_tokens_under_the_right_model(study):
   """Precision = the student's saved samples under p* (not under the student), recall = p*'s
   validation samples under the student, both over generated tokens only: with the bytes tokenizer
   the prompt "The" is three tokens, and they are never scored."""
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
   workdir, rows = study
   prompt = [84, 104, 101]
   pstar = loading.load_model(TINY.ground_truth)
@@ -245,7 +246,9 @@ def test_embeddings_sample_measures_and_map(study, tmp_path, monkeypatch):
   stage but the results."""
   import jax
   from kdjax import sample_metrics
-  from kdjax.llm import embeddings, loading, model
+  from kdjax.llm.model import embeddings
+  from kdjax.llm.weights import loading
+  from kdjax.llm.model import llama as model
   from tests.test_sample_metrics import _reference
   workdir, rows = study
   config, params = loading.load_model(TINY.ground_truth)
@@ -296,7 +299,9 @@ def test_datasets_without_prompt_lengths_are_refused(tmp_path):
 
 def test_rerun_skips_finished_stages(study, monkeypatch):
   workdir, rows = study
-  from kdjax.llm import loading, sampling, train
+  from kdjax.llm.weights import loading
+  from kdjax.llm.model import sampling
+  from kdjax.llm.train import loop as train
 
   def refuse(*a, **k):
     raise AssertionError("a finished stage ran again")
@@ -343,7 +348,7 @@ def test_teacher_selects_on_its_own_split(study):
   """p*'s splits are disjoint draws with one use each: the teacher trains on train and keeps its
   checkpoint of best perplexity on select (its recorded perplexity is the kept checkpoint's on
   select, not on val); val is recall's test set only; students have no validation data at all."""
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
   workdir, _ = study
   rows = {s: {tuple(r) for r in _dataset_rows(os.path.join(workdir, "pstar", s))[0]}
           for s in ("train", "val", "select")}
@@ -366,7 +371,8 @@ def test_teacher_selects_on_its_own_split(study):
 def _hf_dir_without(path, tensor):
   """An hf:DIR of preset test-tiny whose safetensors lack one tensor (config.json intact)."""
   from safetensors.numpy import load_file, save_file
-  from kdjax.llm import loading, save_hf
+  from kdjax.llm import save_hf
+  from kdjax.llm.weights import loading
   save_hf(*loading.load_model("preset:test-tiny"), str(path))
   tensors = load_file(str(path / "model.safetensors"))
   del tensors[tensor]
@@ -377,7 +383,7 @@ def _hf_dir_without(path, tensor):
 def _ckpt_of_another_shape(path):
   """A ckpt:DIR whose model_config.json says a wider MLP than its saved parameters have."""
   from kdjax import checkpoint
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
   config, params = loading.load_model("preset:test-tiny")
   checkpoint.export_model(str(path), config, params)
   with open(path / checkpoint.MODEL_CONFIG, "w") as f:
@@ -394,7 +400,9 @@ def _ckpt_of_another_shape(path):
 def test_preflight_refuses_bad_input_before_any_stage(tmp_path, monkeypatch, case, needle):
   """Input that a later stage would fail on (after hours of earlier ones) is refused up front:
   nothing is sampled, trained or loaded, and no stage output appears."""
-  from kdjax.llm import loading, sampling, train
+  from kdjax.llm.weights import loading
+  from kdjax.llm.model import sampling
+  from kdjax.llm.train import loop as train
   (tmp_path / "empty").mkdir()
   cfg = dataclasses.replace(TINY, **{
       "teacher_seed": lambda: {"teacher": "preset:test-tiny@x"},
@@ -419,7 +427,7 @@ def test_preflight_refuses_bad_input_before_any_stage(tmp_path, monkeypatch, cas
 
 def _record_work(monkeypatch):
   """Wrap the sampler and the trainer: the list of output dirs they actually produce."""
-  from kdjax.llm import train as trainlib
+  from kdjax.llm.train import loop as trainlib
   ran = []
   sample, train = pipeline.sample_dataset, trainlib.train
 

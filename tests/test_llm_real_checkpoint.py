@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 from kdjax.cli import UserError  # noqa: E402
 from kdjax.llm import (describe_spec, get_preset, load_model, load_tokenizer, target_mask,  # noqa: E402
                        token_logprobs)
-from kdjax.llm.loading import default_gguf_path, gguf_bpe_tokenizer, validate_spec  # noqa: E402
+from kdjax.llm.weights.loading import default_gguf_path, gguf_bpe_tokenizer, validate_spec  # noqa: E402
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

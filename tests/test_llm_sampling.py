@@ -1,4 +1,4 @@
-"""kdjax.llm.sampling: right distribution, truncation, EOS, determinism, fast path == model, sharding."""
+"""kdjax.llm.model.sampling: right distribution, truncation, EOS, determinism, fast path == model, sharding."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import stats
 
 from kdjax.llm import forward, get_preset, init_params
-from kdjax.llm.sampling import decode_logits, sample
+from kdjax.llm.model.sampling import decode_logits, sample
 
 CONFIG = get_preset("test-tiny")
 PROMPT = jnp.array([[1, 17, 42]], jnp.int32)

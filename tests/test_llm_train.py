@@ -1,4 +1,4 @@
-"""kdjax.llm.train (and evaluate): accumulation, vmapped students, schedule, KD step, summary."""
+"""kdjax.llm.train.loop (and evaluate): accumulation, vmapped students, schedule, KD step, summary."""
 
 import json
 import os
@@ -11,9 +11,12 @@ import pytest
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.llm import data as data_lib
-from kdjax.llm import evaluate, head_nll, model, train
-from kdjax.llm.config import get_preset
-from kdjax.llm.targets import target_mask
+from kdjax.llm.model import evaluate
+from kdjax.llm.train import head_nll
+from kdjax.llm.model import llama as model
+from kdjax.llm.train import loop as train
+from kdjax.llm.model.config import get_preset
+from kdjax.llm.model.targets import target_mask
 from tests.test_train_state import reference_checksum
 
 CFG = get_preset("test-tiny")
@@ -181,7 +184,7 @@ def test_train_summary_checksum_and_determinism(tmp_path):
   assert saved["params_checksum"] == s1["params_checksum"] and saved["steps"] == 3
   assert np.isfinite(saved["final_loss"])
   # the summary's checksum is the fingerprint of the final (= exported) params
-  # (kdjax.llm.train_state; its definition: tests/test_train_state.py's numpy reference)
+  # (kdjax.llm.train.state; its definition: tests/test_train_state.py's numpy reference)
   config, params = ckpt_lib.load_model_checkpoint(str(tmp_path / "a" / "best"))
   assert reference_checksum(params) == s1["params_checksum"]
   assert config == CFG

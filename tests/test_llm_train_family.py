@@ -18,8 +18,11 @@ from scipy import special
 
 from kdjax import sharding
 from kdjax.cli import UserError
-from kdjax.llm import batches, model, sampling, train
-from kdjax.llm.config import LlamaConfig, get_preset
+from kdjax.llm.train import batches
+from kdjax.llm.model import llama as model
+from kdjax.llm.model import sampling
+from kdjax.llm.train import loop as train
+from kdjax.llm.model.config import LlamaConfig, get_preset
 from tests.conftest import REPO
 
 CFG = get_preset("test-tiny")
@@ -164,7 +167,7 @@ def _eqns_with_scan_lengths(jaxpr, lengths=()):
 def test_teacher_forward_runs_once_per_batch_not_per_student():
   """In the step's jaxpr the teacher's body runs once per batch and its LM head (the only matmul
   contracting its width 48 into the vocabulary) once per chunk of positions, with no student axis
-  and outside the loop over the students (kdjax.llm.head_kd: lax.map over the N students inside
+  and outside the loop over the students (kdjax.llm.train.head_kd: lax.map over the N students inside
   each chunk), while every student's head is inside that loop."""
   n, mesh = 4, _mesh1()
   spec = _spec(n, "fkl")
@@ -299,7 +302,7 @@ def test_train_runs_and_exports_each_student(tmp_path, onpolicy):
 
 _SCRIPT = """
 import json, sys
-from kdjax.llm import train
+from kdjax.llm.train import loop as train
 kw = json.loads(sys.argv[1])
 for k in ("train_data", "teacher_temperatures", "prompt"):
   kw[k] = tuple(kw.get(k, ()))

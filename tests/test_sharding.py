@@ -8,8 +8,8 @@ from jax.sharding import PartitionSpec as P
 
 from kdjax import sharding
 from kdjax.cli import UserError
-from kdjax.llm import train
-from kdjax.llm.config import get_preset
+from kdjax.llm.train import loop as train
+from kdjax.llm.model.config import get_preset
 
 CFG = get_preset("test-tiny")
 

@@ -1,4 +1,4 @@
-"""kdjax.llm.train_eval: validation on the first N sequences (--eval_sequences) and students
+"""kdjax.llm.train.eval: validation on the first N sequences (--eval_sequences) and students
 validated and selected each on its own validation set (--val_data one dir per student)."""
 
 import dataclasses
@@ -12,9 +12,11 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.cli import UserError
 from kdjax.llm import data as data_lib
-from kdjax.llm import evaluate, model, train
-from kdjax.llm.config import get_preset
-from kdjax.llm.train_eval import Evaluator, update_best
+from kdjax.llm.model import evaluate
+from kdjax.llm.model import llama as model
+from kdjax.llm.train import loop as train
+from kdjax.llm.model.config import get_preset
+from kdjax.llm.train.eval import Evaluator, update_best
 
 CFG = get_preset("test-tiny")
 

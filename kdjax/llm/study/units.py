@@ -24,8 +24,8 @@ import zlib
 from typing import Optional
 
 from kdjax import cli
-from kdjax.llm.embeddings import EMBEDDING
-from kdjax.llm.plan import ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig
+from kdjax.llm.model.embeddings import EMBEDDING
+from kdjax.llm.study.plan import ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig
 
 KEY = "KEY.json"
 DONE = "DONE.json"

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from kdjax import compiled as compiled_lib
 from kdjax import sharding as sharding_lib
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.model.config import LlamaConfig
 
 
 def _abstract(tree, shardings):
@@ -44,8 +44,8 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
 
   num_students: N students vmapped (the study's students stage), each on its own batch [N, B, T]
   (or on one shared batch with shared_batch and a teacher: the token-level KD kinds)."""
-  from kdjax.llm import train_state
-  from kdjax.llm.train_step import StepSpec, compile_train_step
+  from kdjax.llm.train import state as train_state
+  from kdjax.llm.train.step import StepSpec, compile_train_step
   spec = StepSpec(model=config, total_steps=1000, num_students=num_students, teacher=teacher,
                   tempered_teacher=teacher is not None, shared_batch=shared_batch,
                   grad_accum=grad_accum)
@@ -59,7 +59,7 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
   args = [_abstract(state, shardings), tokens, None]
   tsh = None
   if teacher is not None:
-    from kdjax.llm import model
+    from kdjax.llm.model import llama as model
     tsh = sharding_lib.param_shardings(teacher, mesh)
     args[2] = _abstract(jax.eval_shape(lambda: model.init_params(teacher, jax.random.PRNGKey(0))),
                         tsh)
@@ -71,7 +71,7 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
 
 def _abstract_params(config: LlamaConfig, sharding):
   """The model's parameters as abstract arrays, every leaf with `sharding`."""
-  from kdjax.llm import model
+  from kdjax.llm.model import llama as model
   tree = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
@@ -80,7 +80,7 @@ def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_toke
   """The sampler as pipeline.sample_dataset runs it (sampling._sample_jit): params replicated on
   the mesh's devices, the batch split over its `data` axis."""
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from kdjax.llm import sampling
+  from kdjax.llm.model import sampling
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -96,7 +96,7 @@ def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_toke
 def scorer(config: LlamaConfig, mesh, batch: int, seq_len: int) -> dict:
   """One scoring batch as pipeline.mean_loglik runs it (evaluate._sums_jit, data-parallel)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from kdjax.llm import evaluate
+  from kdjax.llm.model import evaluate
   rows = NamedSharding(mesh, P("data"))
   arr = lambda dtype: jax.ShapeDtypeStruct((batch, seq_len), dtype, sharding=rows)
   started = time.perf_counter()

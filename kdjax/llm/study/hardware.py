@@ -7,21 +7,21 @@ names count 2 cores per chip), v6e-16 (16 chips). Without a size the chips are t
 (data=-1: one host's).
 
 Time, per stage (every assumption is printed with the figures):
-  training   its FLOPs (kdjax.llm.plan) / (chips x peak bf16 FLOP/s x MFU), the teacher's
+  training   its FLOPs (kdjax.llm.study.plan) / (chips x peak bf16 FLOP/s x MFU), the teacher's
              validation passes added as forward FLOPs.
   decoding   memory-bound: each step reads the weights (compute dtype: the sampler's decode
              layout), the whole KV cache (the sampler attends over all max_len slots) and the f32
              logits (LOGIT_PASSES passes) for the rows one chip holds, over HBM bandwidth x MBU
              (the FLOPs / (peak x MFU) when larger), plus a fixed cost per layer and step.
   scoring    forward FLOPs / (chips x peak x MFU).
-Where the work runs follows kdjax/llm/pipeline.py: training on the --mesh (`data` replicates
+Where the work runs follows kdjax/llm/study/pipeline.py: training on the --mesh (`data` replicates
 parameters and splits the batch, `fsdp` shards both, `tensor` shards heads, MLP and vocabulary);
 sampling and scoring on each process's own chips (pipeline.data_parallel: parameters replicated,
 the batch split over them, or one chip when they do not divide it), dataset shards and scoring
 batches dealt round-robin to the processes, one process per host.
 
 Memory: each stage's programs compiled from abstract arrays for its mesh on fake CPU devices
-(nothing allocated): the train step by kdjax.llm.footprint (remat none and layer), the sampler
+(nothing allocated): the train step by kdjax.llm.train.footprint (remat none and layer), the sampler
 (sampling._sample_jit) and the scorer (evaluate._sums_jit) as the pipeline places them. The
 per-device figure is XLA's (arguments + outputs + temporaries - donated). The programs are
 compiled for the real mesh, however many chips: XLA partitions one program per device, so the
@@ -40,8 +40,8 @@ import time
 from typing import Optional
 
 from kdjax.cli import UserError, require
-from kdjax.llm import plan as planlib
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.study import plan as planlib
+from kdjax.llm.model.config import LlamaConfig
 
 LOGIT_PASSES = 3        # the f32 [B, V] logits: written by the head, read by max/exp-sum and block sums
 USABLE_HBM = 0.9        # a program fits when it needs at most this fraction of a chip's HBM
@@ -202,19 +202,19 @@ def ensure_cpu_devices(n: int) -> None:
 def sampler_memory(c: LlamaConfig, batch: int, prompt_len: int, max_new_tokens: int,
                    chips: int) -> dict:
   """footprint.sampler on `chips` fake CPU devices (params replicated, the batch split)."""
-  from kdjax.llm import footprint
+  from kdjax.llm.train import footprint
   return footprint.sampler(c, _cpu_mesh(chips, 1, 1), batch, prompt_len, max_new_tokens)
 
 
 def scorer_memory(c: LlamaConfig, batch: int, seq_len: int, chips: int) -> dict:
   """footprint.scorer on `chips` fake CPU devices."""
-  from kdjax.llm import footprint
+  from kdjax.llm.train import footprint
   return footprint.scorer(c, _cpu_mesh(chips, 1, 1), batch, seq_len)
 
 
 def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> dict:
   """footprint.train_step on the training mesh (kw: num_students, teacher, shared_batch)."""
-  from kdjax.llm import footprint
+  from kdjax.llm.train import footprint
   return footprint.train_step(c, _cpu_mesh(*mesh_shape), batch, seq_len, **kw)
 
 
@@ -224,7 +224,7 @@ def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> 
 def _configs(cfg, ground_truth_preset: str) -> dict:
   """{ground_truth, teacher, student: LlamaConfig} in the study's compute dtype and attention (as
   plan.dry_run_plan describes them; cudnn attention compiles as dot_product off a GPU)."""
-  from kdjax.llm.config import get_preset
+  from kdjax.llm.model.config import get_preset
 
   def desc(spec):
     try:

@@ -27,8 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kdjax.llm import targets
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.model import targets
+from kdjax.llm.model.config import LlamaConfig
 from kdjax.sharding import constrain
 
 _ACT = ("batch", "length", "act_embed")  # the residual stream's logical axes [B, T, D]
@@ -258,7 +258,7 @@ class Block(nn.Module):
 class Llama(nn.Module):
   """Causal LM. __call__(tokens, positions, attention_mask, cache) -> (logits_BxTxV f32, cache);
   with head=False the final-normed hidden states [B, T, D] instead of the logits (for a loss that
-  applies the head itself: kdjax.llm.head_nll)."""
+  applies the head itself: kdjax.llm.train.head_nll)."""
   config: LlamaConfig
   head: bool = True
 
@@ -360,7 +360,7 @@ def head_weight(config: LlamaConfig, params) -> tuple[jax.Array, str]:
 def token_logprobs(config: LlamaConfig, params, input_ids_BxT, attention_mask_BxT=None,
                    target_mask_BxT=None):
   """log p(token_{t+1} | tokens_<=t) for t in [0, T-1): [B, T-1], zero where token t+1 is not a
-  target (kdjax.llm.targets: padding, predicted from padding, or a prompt token). target_mask_BxT:
+  target (kdjax.llm.model.targets: padding, predicted from padding, or a prompt token). target_mask_BxT:
   `targets.target_mask(attention_mask, prompt_len)`; None: prompt length 1 (every real token after
   a row's first one is a target)."""
   if attention_mask_BxT is None:

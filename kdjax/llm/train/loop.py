@@ -2,18 +2,18 @@
 
 `train(cfg, workdir)` is the loop; each concern lives in its own module and is importable alone:
 
-  * kdjax.llm.train_config: TrainConfig (the run), validate / preflight (one-line errors), the
+  * kdjax.llm.train.config: TrainConfig (the run), validate / preflight (one-line errors), the
     models and datasets it names, the workdir's identity.
-  * kdjax.llm.train_step: StepSpec and the pure step (state, batch, teacher, temperatures) ->
+  * kdjax.llm.train.step: StepSpec and the pure step (state, batch, teacher, temperatures) ->
     (state, metrics): next-token cross-entropy or a token-level KD objective (both models tempered
     by kd_temperature, or the teacher alone by one temperature per student), gradient accumulation,
     clipping, AdamW with a WSD schedule; N students vmapped, on their own batches or one shared.
-  * kdjax.llm.train_state: the state {step, params, opt_state, rng} born sharded, its shardings,
+  * kdjax.llm.train.state: the state {step, params, opt_state, rng} born sharded, its shardings,
     the restore target, start-or-resume, checksums.
-  * kdjax.llm.batches: the batch source (dataset iterators at explicit positions, or the
+  * kdjax.llm.train.batches: the batch source (dataset iterators at explicit positions, or the
     students' own samples keyed by (seed, step, student)).
-  * kdjax.llm.train_eval: validation perplexity, best-model selection and export.
-  * kdjax.llm.train_log: metrics read one step late, the non-finite stop, TensorBoard, progress.
+  * kdjax.llm.train.eval: validation perplexity, best-model selection and export.
+  * kdjax.llm.train.log: metrics read one step late, the non-finite stop, TensorBoard, progress.
 
 The names the repository uses from here (StepSpec, TrainConfig, init_state, compile_train_step,
 loss_and_grads, ...) are re-exported below.
@@ -35,15 +35,15 @@ from kdjax import distributed
 from kdjax import sharding as sharding_lib
 from kdjax.cli import atomic_write_json, require
 from kdjax.llm import data as data_lib
-from kdjax.llm.batches import DatasetBatches, OnPolicyBatches
-from kdjax.llm.train_config import (  # noqa: F401 (re-exported)
+from kdjax.llm.train.batches import DatasetBatches, OnPolicyBatches
+from kdjax.llm.train.config import (  # noqa: F401 (re-exported)
     TrainConfig, _initial_model, _prepare, load_spec, preflight, resolve_dataset, validate)
-from kdjax.llm.train_eval import Evaluator, Exporter, update_best
-from kdjax.llm.train_log import MetricsLog
-from kdjax.llm.train_state import (  # noqa: F401 (re-exported)
+from kdjax.llm.train.eval import Evaluator, Exporter, update_best
+from kdjax.llm.train.log import MetricsLog
+from kdjax.llm.train.state import (  # noqa: F401 (re-exported)
     _init_fn, _student_checksums, abstract_state, init_state, params_checksum, start_or_resume,
     state_shardings)
-from kdjax.llm.train_step import (  # noqa: F401 (re-exported)
+from kdjax.llm.train.step import (  # noqa: F401 (re-exported)
     StepSpec, _eval_sums, _loss_sums, _next_token_targets, _token_nll, compile_train_step,
     loss_and_grads, make_optimizer, shared_loss_and_grads, train_step, wsd_schedule)
 

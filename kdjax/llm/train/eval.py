@@ -22,12 +22,12 @@ import numpy as np
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding as sharding_lib
 from kdjax.llm import data as data_lib
-from kdjax.llm.train_step import StepSpec, _eval_sums
+from kdjax.llm.train.step import StepSpec, _eval_sums
 
 
 def _own_eval_sums(params, batch, spec: StepSpec):
   """(sum of target log-probs, target count), [N] each: student i on batch row-block i."""
-  from kdjax.llm import evaluate
+  from kdjax.llm.model import evaluate
   fn = jax.vmap(functools.partial(evaluate.loglik_sums, spec.model))
   return fn(params, batch["input_ids"], batch["attention_mask"].astype(bool), batch["target_mask"])
 
@@ -43,7 +43,7 @@ def _stacked_batches(sets, batch_size: int, seq_len: int, pad_id: int, limit: in
 
 
 class Evaluator:
-  """Per-token validation perplexity (kdjax.llm.targets' targets) of each model: on every row of
+  """Per-token validation perplexity (kdjax.llm.model.targets' targets) of each model: on every row of
   `val_rows` (one set, shared by all students), or student i on `val_rows[i]` (a list: one set per
   student). limit > 0: only the first `limit` rows of each set (a fixed subset)."""
 

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.model.config import LlamaConfig
 
 _MASKED = -1e30
 _BLOCK = 256  # inverse-CDF block size (vocabulary entries)

@@ -1,11 +1,11 @@
 """Weights in and out: HF (config.json + safetensors) <-> (LlamaConfig, params); GGUF files are read
-into the same HF layout by kdjax.llm.gguf_io.
+into the same HF layout by kdjax.llm.weights.gguf_io.
 
 Every reader first builds a function `get(hf_name) -> np.ndarray` that returns a tensor in
 transformers' LlamaForCausalLM layout ([out, in] matrices, HF's rotate-half rotary convention);
-`_params_from_hf_tensors` then fills the canonical stacked tree of kdjax.llm.model (one layer at a
+`_params_from_hf_tensors` then fills the canonical stacked tree of kdjax.llm.model.llama (one layer at a
 time into preallocated [L, ...] arrays, so peak memory is about one copy of the model).
-Params come back as float32 numpy arrays; `kdjax.llm.loading.load_model` puts them on device.
+Params come back as float32 numpy arrays; `kdjax.llm.weights.loading.load_model` puts them on device.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from kdjax.cli import UserError, atomic_write_json
-from kdjax.llm.config import LlamaConfig
+from kdjax.llm.model.config import LlamaConfig
 
 Getter = Callable[[str], np.ndarray]
 

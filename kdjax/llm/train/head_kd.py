@@ -1,4 +1,4 @@
-"""The LM heads and a teacher-tempered token-level KD loss fused, for training (kdjax.llm.head_nll's
+"""The LM heads and a teacher-tempered token-level KD loss fused, for training (kdjax.llm.train.head_nll's
 counterpart for the study's token-level and on-policy students).
 
   kd_sum = sum_t w_t * D_name(softmax(tx_t Wt / T) || softmax(x_t W))   (D: objectives.fused_tokens)
@@ -26,8 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from kdjax.llm import head_nll
-from kdjax.llm.head_nll import _logits, _split, _target_rows, _unsplit
+from kdjax.llm.train import head_nll
+from kdjax.llm.train.head_nll import _logits, _split, _target_rows, _unsplit
 from kdjax.objectives import fused_tokens
 
 # Rows (batch x positions) per chunk: each chunk holds about six [rows, V] float32 arrays (two

@@ -11,7 +11,7 @@
      same target. Each kind's students (one per T) train together, vmapped -> seed_S/students/KIND
   5. sample each student (T=1) and score: precision = mean per-token log p*(student samples),
      recall = mean per-token log p''(p* validation samples) -> seed_S/scores/NAME/DONE.json; the
-     samples' embeddings by p* come from precision's forward pass (kdjax.llm.embeddings) ->
+     samples' embeddings by p* come from precision's forward pass (kdjax.llm.model.embeddings) ->
      seed_S/scores/NAME/embeddings.npy, and p*'s reference samples' -> embeddings/pstar_val
   6. results.json (these flags, rows with the sample-based measures of kdjax.sample_metrics,
      summary: mean and standard error over seeds), results.csv, figures, embedding_map.png.
@@ -22,7 +22,7 @@ nothing else: no model is selected on it). Students are not selected at all: eac
 parameters. Before any stage runs, `preflight` checks every input the stages will meet (specs,
 tokenizer, each training run's mesh, batch sizes and distillation settings).
 
-The workdir is a cache (kdjax.llm.stages): every unit of work records the key of what it depends on,
+The workdir is a cache (kdjax.llm.study.units): every unit of work records the key of what it depends on,
 writes its outputs, then an atomic DONE.json; a rerun skips units done for their current key,
 resumes units of the same key (datasets shard by shard, training from its last checkpoint) and
 redoes stale ones. Randomness is derived from the seed by fold_in (per dataset, per shard, indices
@@ -44,11 +44,13 @@ from absl import logging
 
 from kdjax import cli
 from kdjax.cli import require
-from kdjax.llm import embeddings, plots, stages
-from kdjax.llm.plan import (TOKEN_KINDS, StudyConfig, check_inputs,
+from kdjax.llm.model import embeddings
+from kdjax.llm.study import plots
+from kdjax.llm.study import units as stages
+from kdjax.llm.study.plan import (TOKEN_KINDS, StudyConfig, check_inputs,
                             load_tokenizer, prompt_ids, resolve_spec, train_config, validate)
 # the work of one unit; DONE and data_parallel re-exported (callers name them through the pipeline)
-from kdjax.llm.stage_work import (DONE, data_parallel, is_done, load_dataset,  # noqa: F401
+from kdjax.llm.study.work import (DONE, data_parallel, is_done, load_dataset,  # noqa: F401
                                   loglik_and_embeddings, mark_done, mean_loglik, read_done,
                                   sample_dataset, seed_key, stage, train_models)
 
@@ -70,7 +72,7 @@ class Study:
   """Shared state of one run: the config, workdir, tokenizer, prompt, and a one-model cache."""
 
   def __init__(self, cfg: StudyConfig, workdir: str):
-    from kdjax.llm import loading
+    from kdjax.llm.weights import loading
     validate(cfg)
     self.cfg, self.workdir = cfg, os.path.abspath(workdir)
     self.keys = stages.StudyKeys(cfg)
@@ -88,7 +90,7 @@ class Study:
   def model(self, spec: str):
     """(config, params) of a spec for sampling and scoring (for_inference), keeping the two last
     used (p* and one student while scoring)."""
-    from kdjax.llm import loading
+    from kdjax.llm.weights import loading
     if spec not in self._models:
       while len(self._models) >= 2:
         self._models.pop(next(iter(self._models)))
@@ -102,7 +104,7 @@ class Study:
                      temperature=temperature, cfg=self.cfg, eos_id=self.eos_id, desc=desc)
 
   def run(self, name: str, units: list, fn) -> None:
-    """Run fn(*unit.args) for the units not done for their key (kdjax.llm.stages: a stale unit is
+    """Run fn(*unit.args) for the units not done for their key (kdjax.llm.study.units: a stale unit is
     removed first, a partial one of the same key resumed), timed as stage `name`."""
     from kdjax import distributed
     todo = [u for u in units if not stages.is_current(u.out, u.key)]
@@ -157,7 +159,7 @@ def check_prompt_lens(st: Study) -> None:
 
 
 class Unit(NamedTuple):
-  """One unit of work: its directory, its key (kdjax.llm.stages), what the key digests, and the
+  """One unit of work: its directory, its key (kdjax.llm.study.units), what the key digests, and the
   arguments its stage function takes after the directory."""
   out: str
   key: str
@@ -259,9 +261,9 @@ def training_runs(st: Study, teacher_spec: Optional[str] = None) -> dict[str, li
 def preflight(cfg: StudyConfig, workdir: str) -> Study:
   """Every input the stages will meet, checked before any runs (and before the workdir is touched):
   the models as their loaders will find them, vocabularies, tokenizer, prompt and lengths
-  (plan.check_inputs), then each training run's own checks (kdjax.llm.train.preflight: mesh,
+  (plan.check_inputs), then each training run's own checks (kdjax.llm.train.loop.preflight: mesh,
   batch sizes, specs, distillation settings). Returns the Study."""
-  from kdjax.llm import train as trainlib
+  from kdjax.llm.train import loop as trainlib
   st = Study(cfg, workdir)
   check_inputs(cfg, st.tokenizer)
   for runs in training_runs(st).values():
@@ -390,7 +392,7 @@ def write_embedding_map(st: Study, rows: list[dict]) -> None:
   """embedding_map.png (--embedding_map: umap, pca; none removes a previous run's map): p*'s
   reference samples and every student's (all seeds) in one 2-D map fitted on p*'s, seeded by
   --seed; each panel's title gives the student's k-NN precision and recall (mean over seeds)."""
-  from kdjax.llm import embedding_map
+  from kdjax.llm.study import embedding_map
   path = os.path.join(st.workdir, embedding_map.FIGURE)
   cfg = st.cfg
   if cfg.embedding_map == "none":

@@ -35,11 +35,11 @@ class LlamaConfig:
   # layer's input, recompute the rest) or "dots" (keep the matmul outputs without batch dimensions,
   # recompute the elementwise work). True / False read as layer / none (older config.json files).
   remat: str = "none"
-  # How model.Attention computes softmax(q k^T) v (kdjax.llm.model.attend): "einsum" (explicit
+  # How model.Attention computes softmax(q k^T) v (kdjax.llm.model.llama.attend): "einsum" (explicit
   # [B, K, G, T, S] scores: the default, whose numbers the tests pin; on CPU "dot_product" runs at
   # about the same speed), "dot_product" (jax.nn.dot_product_attention, jax's default
   # implementation: XLA) or "cudnn" (its cuDNN flash attention: NVIDIA GPUs, bfloat16 / float16).
-  # The sampler (kdjax.llm.sampling) has its own decode path, always einsums.
+  # The sampler (kdjax.llm.model.sampling) has its own decode path, always einsums.
   attention: str = "einsum"
 
   def __post_init__(self):

@@ -5,7 +5,7 @@
     explicit (epoch, index) per iterator: one iterator gives [B, T] (one model, or students that
     share the batch), one per student gives [N, B, T].
   * OnPolicyBatches: each student's batch sampled from its CURRENT params at temperature 1
-    (kdjax.llm.sampling, KV cache): B rows of `prompt` then up to max_new_tokens tokens, stopped
+    (kdjax.llm.model.sampling, KV cache): B rows of `prompt` then up to max_new_tokens tokens, stopped
     at eos_id and padded after, prompt tokens not scored. Student i's key for optimizer step s
     (1-based) is `onpolicy_key(seed, s, i)`, a pure function of (seed, s, i) by fold_in (never a
     stateful stream), so a resumed run samples exactly the batches an uninterrupted one does. No
@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.llm import data as data_lib
-from kdjax.llm import sampling
-from kdjax.llm import targets
+from kdjax.llm.model import sampling
+from kdjax.llm.model import targets
 
 SAMPLE_STREAM = 0x5A4D  # fold_in tag: sampling keys never coincide with the init keys of a seed
 

@@ -1,4 +1,4 @@
-"""llama.cpp GGUF files -> (LlamaConfig, params), through kdjax.llm.convert's HF layout.
+"""llama.cpp GGUF files -> (LlamaConfig, params), through kdjax.llm.weights.convert's HF layout.
 
 `gguf_getter` returns each tensor HF-named and in HF layout (dequantized with gguf.quants, the q/k
 row permutation llama.cpp applies undone: `unpermute_qk`), so `convert._params_from_hf_tensors`
@@ -12,8 +12,8 @@ import os
 import numpy as np
 
 from kdjax.cli import UserError
-from kdjax.llm.config import LlamaConfig
-from kdjax.llm.convert import Getter, _layer_names, _params_from_hf_tensors
+from kdjax.llm.model.config import LlamaConfig
+from kdjax.llm.weights.convert import Getter, _layer_names, _params_from_hf_tensors
 
 
 def open_gguf(path: str):
@@ -84,7 +84,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
   llama.cpp's convert_hf_to_gguf.py applies, to Wq (n = heads) and Wk (n = kv heads),
       w.reshape(n, 2, E // 2, D).swapaxes(1, 2).reshape(n * E, D)
   so that within each head, rows (i, i + E/2) of HF's rotate-half layout become the adjacent pair
-  (2i, 2i + 1) that ggml's interleaved rope rotates together. Our rotary (kdjax.llm.model.rotary)
+  (2i, 2i + 1) that ggml's interleaved rope rotates together. Our rotary (kdjax.llm.model.llama.rotary)
   follows HF and rotates the two halves, so we swap the axes back:
       w.reshape(n, E // 2, 2, D).swapaxes(1, 2).reshape(n * E, D).
   Leaving the rows permuted gives a model that runs but whose attention is scrambled by position

@@ -2,7 +2,7 @@
 
 The paper's per-token definition (its authors' code): the sum of next-token log-probabilities over
 all targets of all sequences, divided by the number of those targets (not a mean of per-sequence
-means). Perplexity = exp(-mean log-likelihood). The targets are kdjax.llm.targets' (generated
+means). Perplexity = exp(-mean log-likelihood). The targets are kdjax.llm.model.targets' (generated
 tokens only: never padding, a token predicted from padding, or a prompt token).
 """
 
@@ -17,8 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kdjax.llm import data as data_lib
-from kdjax.llm import model
-from kdjax.llm import targets
+from kdjax.llm.model import llama as model
+from kdjax.llm.model import targets
 
 
 def loglik_sums(config, params, input_ids_BxT, attention_mask_BxT, target_mask_BxT=None):

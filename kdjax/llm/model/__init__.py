@@ -1,0 +1,1 @@
+"""Llama model: config, layers, targets, sampling, scoring, embeddings."""

@@ -1,0 +1,1 @@
+"""The SmolLM2 study: config, units, work, pipeline, cost, hardware, report."""

@@ -1,0 +1,1 @@
+"""Training: the loop, its config, step, state, evaluation, logging, batches, fused heads."""

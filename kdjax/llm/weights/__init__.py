@@ -1,0 +1,1 @@
+"""Weights in and out: GGUF / HF conversion and loading by spec."""
