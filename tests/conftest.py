@@ -17,6 +17,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+  """Tiers (README, "Tests"): `pytest -m "not slow"` is the fast tier to run while working."""
+  config.addinivalue_line("markers", "slow: an end-to-end run (a flagfile, a CLI in a subprocess)")
+  config.addinivalue_line("markers", "multiprocess: several real processes on localhost (also slow)")
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
   """Drop every compiled program after each module. XLA:CPU maps each executable's code into
