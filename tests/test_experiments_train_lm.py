@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from kdjax.llm.weights import loading
 from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
 from kdjax.llm.model.config import get_preset
@@ -42,7 +43,7 @@ def test_students_with_online_kd_on_a_mesh(tmp_path):
   assert summary["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
   assert len(summary["best_val_perplexity"]) == 2 and summary["best_step"][0] in (2, 4)
   for i in range(2):
-    config, _ = ckpt_lib.load_model_checkpoint(os.path.join(w, "best", str(i)))
+    config, _ = loading.load_model_checkpoint(os.path.join(w, "best", str(i)))
     assert config.replace(dtype="float32") == get_preset("test-tiny")
   assert glob.glob(os.path.join(w, "tb", "events.out.tfevents.*"))
   # the same workdir with another learning rate is refused, naming the flag
@@ -111,3 +112,43 @@ def test_bad_flags_give_one_line_errors(tmp_path):
     assert lines and lines[-1].startswith("error: "), (extra, err[-2000:])
     assert expected in lines[-1], (extra, lines[-1])
     assert "Traceback" not in err, extra
+
+
+def _bad_datasets(base):
+  """(dataset dir, what stderr's last line must hold; None: trains) for each bad dataset."""
+  seqs = data_lib.synthetic_sequences(16, 256, 0)
+  zero = data_lib.ShardWriter(str(base / "zero"))
+  zero.write(seqs[:8])
+  zero.write([])
+  zero.write(seqs[8:])
+  data_lib.ShardWriter(str(base / "one")).write([[5]] * 16)
+  neg, big = [s.copy() for s in seqs], [s.copy() for s in seqs]
+  neg[7][3], big[9][2] = -4, 300
+  data_lib.ShardWriter(str(base / "neg")).write(neg)
+  data_lib.ShardWriter(str(base / "big")).write(big)
+  return [(base / "zero", None), (base / "one", "row 0 has nothing to predict"),
+          (base / "neg", "row 7 holds token id -4,"), (base / "big", "row 9 holds token id 300,")]
+
+
+@pytest.mark.slow
+def test_bad_datasets_one_line_before_training(tmp_path):
+  """A zero-row shard is skipped (one warning line); rows with nothing to predict and token ids
+  outside the vocabulary are refused in one line naming the dataset, the row and the value, before
+  the workdir is touched."""
+  cases = _bad_datasets(tmp_path)
+  procs = [subprocess.Popen(_cmd(f"--workdir={tmp_path / f'w{i}'}", f"--train_data={d}",
+                                 "--batch_size=8", "--seq_len=24", "--steps=1"),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for i, (d, _) in enumerate(cases)]
+  for i, ((d, expected), p) in enumerate(zip(cases, procs)):
+    out, err = p.communicate(timeout=600)
+    assert "Traceback" not in err, (d, err[-3000:])
+    if expected is None:
+      assert p.returncode == 0, err[-3000:]
+      assert f"dataset directory {d}: shard-00001 holds no rows, skipped" in err
+      assert json.loads(out.strip().splitlines()[-1])["steps"] == 1
+      continue
+    last = err.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith(f"error: dataset {d}: "), (d, err[-2000:])
+    assert expected in last, (d, last)
+    assert not os.path.exists(tmp_path / f"w{i}" / "config.json")

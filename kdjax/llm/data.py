@@ -15,6 +15,7 @@ that its devices hold; `global_batch` assembles them into one global jax.Array.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ from typing import Iterable, Optional, Sequence
 
 import jax
 import numpy as np
+from absl import logging
 
 from kdjax.cli import UserError
 from kdjax.llm.model import targets
@@ -107,33 +109,95 @@ class ShardWriter:
     return final
 
 
-def load_dataset_dir(directory: str):
-  """All complete shards of `directory`, concatenated in order, as one datasets.Dataset."""
+def shard_data_files(shard: str) -> list[str]:
+  """The arrow files of one shard, as its state.json lists them (none: a shard of zero rows,
+  which `datasets` writes without a data file and cannot load). OSError / ValueError when the
+  shard's state.json is missing or unreadable."""
+  with open(os.path.join(shard, "state.json")) as f:
+    files = json.load(f)["_data_files"]
+  return [os.path.join(shard, entry["filename"]) for entry in files]
+
+
+def _load_shard(directory: str, path: str):
+  """One shard as a datasets.Dataset, None when it holds no rows; UserError when unreadable."""
+  import datasets
+  try:
+    if not shard_data_files(path):
+      return None
+    part = datasets.load_from_disk(path)
+  except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    raise UserError(f"dataset directory {directory}: unreadable shard {os.path.basename(path)}: "
+                    f"{' '.join(str(e).split())[:200]}") from None
+  if not isinstance(part, datasets.Dataset) or "input_ids" not in part.column_names:
+    raise UserError(f"dataset shard {path} has no input_ids column")
+  return part if len(part) else None
+
+
+def load_dataset_dir(directory: str, vocab_size: Optional[int] = None,
+                     seq_len: Optional[int] = None):
+  """All complete shards of `directory`, concatenated in order, as one datasets.Dataset. Shards of
+  zero rows are skipped (one warning line). With vocab_size: rows a model of that vocabulary
+  cannot train on are refused (check_token_rows), before anything trains."""
   import datasets
   paths = shard_dirs(directory)
   if not paths:
     what = "does not exist" if not os.path.exists(directory) else "holds no dataset shards"
     raise UserError(f"dataset directory {directory} {what} (expected shard-00000, ...)")
-  try:
-    parts = [datasets.load_from_disk(p) for p in paths]
-  except (FileNotFoundError, ValueError) as e:
-    raise UserError(f"dataset directory {directory}: unreadable shard: "
-                    f"{' '.join(str(e).split())[:200]}") from None
-  for p, part in zip(paths, parts):
-    if not isinstance(part, datasets.Dataset) or "input_ids" not in part.column_names:
-      raise UserError(f"dataset shard {p} has no input_ids column")
-  ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-  if len(ds) == 0:
+  parts = []
+  for p in paths:
+    part = _load_shard(directory, p)
+    if part is None:
+      logging.warning("dataset directory %s: %s holds no rows, skipped", directory,
+                      os.path.basename(p))
+    else:
+      parts.append(part)
+  if not parts:
     raise UserError(f"dataset directory {directory} is empty (0 sequences)")
+  ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+  if vocab_size is not None:
+    check_token_rows(ds, directory, vocab_size, seq_len)
   return ds
+
+
+def check_token_rows(dataset, name: str, vocab_size: int, seq_len: Optional[int] = None) -> None:
+  """UserError naming `name`, the (0-based) row and the value when a row has a token id outside
+  [0, vocab_size) or nothing to predict (no target: kdjax.llm.model.targets; within its first
+  seq_len tokens when given). Vectorised over the arrow columns: a min / max per chunk, and the
+  offending row located only when there is one."""
+  table = dataset.flatten_indices().data if getattr(dataset, "_indices", None) else dataset.data
+  prompt = (table.column("prompt_len").to_numpy() if "prompt_len" in table.column_names
+            else np.ones(table.num_rows, np.int64))
+  start = 0
+  for chunk in table.column("input_ids").chunks:
+    offsets = chunk.offsets.to_numpy()
+    values = chunk.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+    if len(values) and (values.min() < 0 or values.max() >= vocab_size):
+      k = int(np.flatnonzero((values < 0) | (values >= vocab_size))[0])
+      row = start + int(np.searchsorted(offsets, offsets[0] + k, side="right")) - 1
+      raise UserError(f"dataset {name}: row {row} holds token id {int(values[k])}, outside the "
+                      f"model's vocabulary [0, {vocab_size})")
+    lengths = np.diff(offsets)
+    if seq_len is not None:
+      lengths = np.minimum(lengths, seq_len)
+    firsts = np.maximum(prompt[start:start + len(lengths)], 1)
+    empty = np.flatnonzero(lengths <= firsts)
+    if len(empty):
+      j = int(empty[0])
+      within = f" within its first {seq_len} tokens" if seq_len is not None else ""
+      raise UserError(f"dataset {name}: row {start + j} has nothing to predict{within} "
+                      f"({int(np.diff(offsets)[j])} tokens, prompt length {int(firsts[j])})")
+    start += len(lengths)
 
 
 def has_prompt_lens(directory: str) -> bool:
   """Whether a dataset's rows record their prompt length (the prompt_len column; without it every
-  row reads as prompt length 1). True for a directory without shards yet."""
-  import datasets
-  paths = shard_dirs(directory)
-  return not paths or "prompt_len" in datasets.load_from_disk(paths[0]).column_names
+  row reads as prompt length 1). True for a directory without shards yet, or of zero-row shards
+  only; UserError naming the shard when it is unreadable."""
+  for p in shard_dirs(directory):
+    part = _load_shard(directory, p)
+    if part is not None:
+      return "prompt_len" in part.column_names
+  return True
 
 
 class TokenRows:

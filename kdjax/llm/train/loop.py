@@ -67,11 +67,13 @@ def _datasets(cfg: TrainConfig, workdir: str, vocab_size: int):
   per student)."""
   dirs = [resolve_dataset(s, workdir, vocab_size, cfg.seed + 1000 * i, f"train{i}")
           for i, s in enumerate(cfg.train_data)]
-  iters = [data_lib.BatchIterator(data_lib.load_dataset_dir(d), cfg.batch_size, cfg.seq_len,
-                                  seed=cfg.seed + i, pad_id=cfg.pad_id, name=f"--train_data {d}")
+  iters = [data_lib.BatchIterator(data_lib.load_dataset_dir(d, vocab_size, cfg.seq_len),
+                                  cfg.batch_size, cfg.seq_len, seed=cfg.seed + i,
+                                  pad_id=cfg.pad_id, name=f"--train_data {d}")
            for i, d in enumerate(dirs)]
   val_rows = [data_lib.TokenRows(data_lib.load_dataset_dir(resolve_dataset(
-      s, workdir, vocab_size, cfg.seed + 999_999 + 1000 * i, f"val{i or ''}")))
+      s, workdir, vocab_size, cfg.seed + 999_999 + 1000 * i, f"val{i or ''}"),
+      vocab_size, cfg.seq_len))
       for i, s in enumerate(cfg.val_dirs)]
   for d, rows in zip(cfg.val_dirs, val_rows):
     require(cfg.eval_sequences <= len(rows), f"--eval_sequences={cfg.eval_sequences}: --val_data "
