@@ -111,6 +111,8 @@ def main(argv):
                  _fmt(a["spearman_recall"]))
   print(f"compile_seconds={timing['compile_seconds']:.2f} sweep_seconds="
         f"{timing['sweep_seconds']:.2f} configs={timing['configs']} -> {_WORKDIR.value}")
+  dead = report.all_non_finite(rows)
+  cli.require(dead is None, dead)
 
 
 if __name__ == "__main__":

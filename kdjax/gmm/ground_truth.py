@@ -11,6 +11,15 @@ or, instead of "variances",
 Every problem (unreadable file, bad JSON, missing or unknown key, wrong shape, non-finite
 number, weights not summing to 1, a covariance not symmetric positive definite) is one `error:`
 line naming the file and what is wrong.
+
+The study runs in float32, so a file is also checked as float32 sees it (`check_float32`): a
+matrix positive definite in float64 can be singular once rounded (a correlation of 0.99999999
+rounds to 1), and a variance of 1e-50 or 1e40 is 0 or inf. Refused: a variance (a covariance's
+diagonal) outside float32's normal range; a full covariance whose correlation matrix has a
+condition number above 1 / float32's epsilon (~8.4e6: its smallest eigenvalue is then below the
+rounding of its largest, and float32 Cholesky / solves lose every digit; the correlation matrix,
+because Cholesky's accuracy does not depend on the variables' scales); any parameter of the
+float32 mixture (log weights, means, the Cholesky factors' logs) that is not finite.
 """
 
 from __future__ import annotations
@@ -83,8 +92,39 @@ def validate(doc, where: str) -> Mixture:
       require(np.allclose(c, c.T, rtol=1e-6, atol=1e-9),
               f"{where}: covariance {i} is not symmetric")
       require(np.linalg.eigvalsh(c).min() > 0, f"{where}: covariance {i} is not positive definite")
-  return mx.from_moments(jnp.asarray(w, jnp.float32), jnp.asarray(means, jnp.float32),
-                         jnp.asarray(cov, jnp.float32))
+  check_float32(cov, where)
+  with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused below
+    w32, means32, cov32 = (np.asarray(a, np.float32) for a in (w, means, cov))
+  m = mx.from_moments(jnp.asarray(w32), jnp.asarray(means32), jnp.asarray(cov32))
+  for name, a in (*zip(("log weights", "means", "covariance factors"), m),
+                  ("variances", mx.variances(m))):
+    require(bool(np.all(np.isfinite(np.asarray(a)))),
+            f"{where}: the {name} are not finite in float32 (the study runs in float32)")
+  return m
+
+
+F32 = np.finfo(np.float32)
+MAX_CONDITION = 1.0 / float(F32.eps)  # of a correlation matrix, in float32
+
+
+def check_float32(cov: np.ndarray, where: str) -> None:
+  """UserError unless the covariances are usable in float32 (see the module docstring): `cov` is
+  the file's variances [K, D] or covariances [K, D, D] in float64."""
+  var = cov if cov.ndim == 2 else np.diagonal(cov, axis1=-2, axis2=-1)
+  for i, v_D in enumerate(var):
+    bad = [float(v) for v in v_D if not F32.tiny <= v <= F32.max]
+    if bad:
+      raise UserError(f"{where}: component {i} has variance {bad[0]:.3g}, outside float32's "
+                      f"range [{F32.tiny:.3g}, {F32.max:.3g}] (the study runs in float32)")
+  if cov.ndim == 3:
+    for i, c in enumerate(cov.astype(np.float32).astype(np.float64)):
+      sd = np.sqrt(np.diagonal(c))
+      eig = np.linalg.eigvalsh(c / sd[:, None] / sd[None, :])
+      cond = eig.max() / eig.min() if eig.min() > 0 else np.inf
+      require(cond <= MAX_CONDITION,
+              f"{where}: covariance {i} is singular in float32 (condition number of its "
+              f"correlation matrix {cond:.3g} once rounded to float32, above {MAX_CONDITION:.3g}; "
+              "the study runs in float32)")
 
 
 def from_json(path: str) -> Mixture:

@@ -127,9 +127,12 @@ def plot_precision_recall(rows, path: str) -> None:
   _save(fig, path)
 
 
-def _log_density_2d(m: Mixture, xy_Nx2: np.ndarray) -> np.ndarray:
-  """log density of the mixture's marginal over its first two dimensions, in numpy (no compiles)."""
-  m = jax.tree.map(np.asarray, m)
+def _log_density_2d(m: Mixture, xy_NxE: np.ndarray) -> np.ndarray:
+  """log density of the mixture's marginal over its first E = xy_NxE.shape[1] dimensions (2, or 1
+  for a 1-D mixture), in float64 numpy (no compiles); NaN everywhere when a marginal covariance is
+  not finite or is singular (a diverged student), where numpy's inverse would raise."""
+  m = jax.tree.map(lambda a: np.asarray(a, np.float64), m)
+  e = xy_NxE.shape[1]
   w_K = np.exp(m.logits - m.logits.max())
   w_K = w_K / w_K.sum()
   if m.scales.ndim == m.means.ndim:
@@ -137,42 +140,79 @@ def _log_density_2d(m: Mixture, xy_Nx2: np.ndarray) -> np.ndarray:
   else:
     diag = np.exp(np.diagonal(m.scales, axis1=-2, axis2=-1))
     tril = np.tril(m.scales, -1) + diag[:, :, None] * np.eye(m.means.shape[-1])
-  cov_Kx2x2 = (tril @ np.swapaxes(tril, -1, -2))[:, :2, :2]
-  diff_KxNx2 = xy_Nx2[None] - m.means[:, None, :2]
-  prec_Kx2x2 = np.linalg.inv(cov_Kx2x2)
-  quad_KxN = np.einsum("knd,kde,kne->kn", diff_KxNx2, prec_Kx2x2, diff_KxNx2)
-  logdet_K = np.linalg.slogdet(cov_Kx2x2)[1]
-  comp_KxN = -0.5 * (quad_KxN + logdet_K[:, None] + 2 * np.log(2 * np.pi))
+  cov_KxExE = (tril @ np.swapaxes(tril, -1, -2))[:, :e, :e]
+  with np.errstate(all="ignore"):
+    sign_K, logdet_K = np.linalg.slogdet(cov_KxExE)
+  if not (np.all(np.isfinite(cov_KxExE)) and np.all(sign_K > 0) and np.all(np.isfinite(logdet_K))):
+    return np.full(xy_NxE.shape[:1], np.nan)
+  diff_KxNxE = xy_NxE[None] - m.means[:, None, :e]
+  prec_KxExE = np.linalg.inv(cov_KxExE)
+  quad_KxN = np.einsum("knd,kde,kne->kn", diff_KxNxE, prec_KxExE, diff_KxNxE)
+  comp_KxN = -0.5 * (quad_KxN + logdet_K[:, None] + e * np.log(2 * np.pi))
   joint_KxN = comp_KxN + np.log(np.maximum(w_K, 1e-300))[:, None]
   top_N = joint_KxN.max(axis=0)
   return top_N + np.log(np.exp(joint_KxN - top_N[None]).sum(axis=0))
 
 
+def _curve_1d(ax, m: Mixture, x_N: np.ndarray) -> bool:
+  """A 1-D mixture's density as a curve on `ax`; False (nothing drawn) when it is not finite."""
+  with np.errstate(all="ignore"):
+    dens = np.exp(_log_density_2d(m, x_N[:, None]))
+  if not np.all(np.isfinite(dens)):
+    return False
+  ax.fill_between(x_N, dens, color="tab:purple", alpha=0.35, lw=0)
+  ax.plot(x_N, dens, color="tab:purple", lw=1.2)
+  return True
+
+
+def _extent_1d(m: Mixture, extent: float) -> tuple[float, float]:
+  """The x range of 1-D panels: p*'s component means +- 4 standard deviations (at least
+  +-extent around 0 when they are not finite)."""
+  mu_K = np.asarray(m.means, np.float64)[:, 0]
+  sd_K = np.exp(np.asarray(m.scales, np.float64).reshape(len(mu_K), -1)[:, 0])
+  lo, hi = float(np.min(mu_K - 4 * sd_K)), float(np.max(mu_K + 4 * sd_K))
+  return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) and hi > lo else (-extent, extent)
+
+
 def plot_densities(panels: list[tuple[str, Mixture]], path: str, points=None,
                    extent: float = 2.0, n: int = 160) -> None:
-  """Filled density contours of each mixture (first two dimensions) in a row of panels; `points`
-  (e.g. the training samples) are drawn on the first panel."""
-  grid = np.linspace(-extent, extent, n, dtype=np.float32)
-  xx, yy = np.meshgrid(grid, grid)
-  xy_Nx2 = np.stack([xx.ravel(), yy.ravel()], axis=-1).astype(np.float64)
+  """Each mixture's density in a row of panels: filled contours of the first two dimensions, or
+  for a 1-D study (D = 1) a curve over the range of the first panel's mixture (p*); `points` (e.g.
+  the training samples) are drawn on the first panel (a rug in 1-D)."""
+  one_d = panels[0][1].means.shape[-1] == 1
+  if one_d:
+    x_N = np.linspace(*_extent_1d(panels[0][1], extent), 4 * n)
+  else:
+    grid = np.linspace(-extent, extent, n, dtype=np.float32)
+    xx, yy = np.meshgrid(grid, grid)
+    xy_Nx2 = np.stack([xx.ravel(), yy.ravel()], axis=-1).astype(np.float64)
   cols = min(4, len(panels))
   rows_n = -(-len(panels) // cols)
   fig, axes = plt.subplots(rows_n, cols, figsize=(3.0 * cols, 3.0 * rows_n), squeeze=False)
   for ax in axes.ravel():
     ax.set_axis_off()
   for ax, (title, m) in zip(axes.ravel(), panels):
-    dens = np.exp(_log_density_2d(m, xy_Nx2)).reshape(n, n)
+    ax.set_axis_on()
+    ax.set_yticks([])
+    if one_d:
+      if not _curve_1d(ax, m, x_N):
+        title = f"{title} (non-finite)"
+      ax.set_title(title, fontsize=9)
+      continue
+    with np.errstate(all="ignore"):
+      dens = np.exp(_log_density_2d(m, xy_Nx2)).reshape(n, n)
     if not np.all(np.isfinite(dens)):
       title, dens = f"{title} (non-finite)", np.where(np.isfinite(dens), dens, 0.0)
-    ax.set_axis_on()
     ax.contourf(xx, yy, dens, levels=20, cmap="magma")
     ax.set_title(title, fontsize=9)
     ax.set_xticks([])
-    ax.set_yticks([])
     ax.set_aspect("equal")
   if points is not None:
     pts = np.asarray(points)
-    axes[0, 0].scatter(pts[:, 0], pts[:, 1], s=3, color="cyan", alpha=0.7)
+    if one_d:
+      axes[0, 0].plot(pts[:, 0], np.zeros(len(pts)), "|", color="tab:cyan", ms=8, alpha=0.7)
+    else:
+      axes[0, 0].scatter(pts[:, 0], pts[:, 1], s=3, color="cyan", alpha=0.7)
   _save(fig, path)
 
 

@@ -93,6 +93,18 @@ def problems(rows: list[dict]) -> list[str]:
   return lines
 
 
+def all_non_finite(rows: list[dict]) -> str | None:
+  """One line naming the objectives none of whose rows is finite (the study produced nothing for
+  them: a run that must not end as a success), or None."""
+  dead = [m for m in dict.fromkeys(r["objective"] for r in rows)
+          if all(r["status"] == "non_finite" for r in rows if r["objective"] == m)]
+  if not dead:
+    return None
+  return (f"every row of {', '.join(dead)} is non-finite (NaN or inf precision or recall; rows "
+          "written, see their notes): the study produced no result for "
+          f"{'it' if len(dead) == 1 else 'them'}")
+
+
 def summarize(rows: list[dict]) -> dict:
   """Mean and standard error over seeds of precision / recall per objective at the smallest and
   largest beta (direct: over its beta-free rows), from `ok` rows only; `n` rows used, `left_out`
