@@ -1,11 +1,18 @@
 """Datasets a model cannot train on are refused in one line; zero-row shards are skipped; damaged
 shards are named, never a traceback (kdjax.llm.data)."""
 
+import json
+import shutil
+import time
+
+import datasets
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from kdjax.cli import UserError
 from kdjax.llm import data as data_lib
+from kdjax.llm import dataset_record
 
 
 def _refusal(directory, vocab_size=256, seq_len=None) -> str:
@@ -83,9 +90,6 @@ def test_truncated_shard_is_one_line(tmp_path):
 
 def test_check_is_vectorised():
   """1M rows of 32 tokens are checked in well under a second (a Python loop per row is not)."""
-  import time
-  import datasets
-  import pyarrow as pa
   n, t = 1_000_000, 32
   values = np.random.default_rng(0).integers(0, 1000, n * t, dtype=np.int32)
   ids = pa.ListArray.from_arrays(pa.array(np.arange(0, n * t + 1, t, dtype=np.int32)),
@@ -94,3 +98,96 @@ def test_check_is_vectorised():
   start = time.perf_counter()
   data_lib.check_token_rows(ds, "big", 1000, 128)
   assert time.perf_counter() - start < 1.0
+
+
+# ----------------------------------------------------------------------------- dataset records
+
+
+def _recorded(tmp_path, shards=4, per=8):
+  d = tmp_path / "ds"
+  w = data_lib.ShardWriter(str(d))
+  seqs = data_lib.synthetic_sequences(shards * per, 256, 0)
+  for i in range(shards):
+    w.write(seqs[i * per:(i + 1) * per])
+  record = dataset_record.verify_dataset_dir(str(d))
+  assert dataset_record.check_dataset_dir(str(d), record) is None
+  return d, record
+
+
+def _arrow(d, index):
+  (path,) = (d / data_lib.shard_name(index)).glob("*.arrow")
+  return path
+
+
+def test_record_counts_rows_and_survives_a_copy_and_json(tmp_path):
+  d, record = _recorded(tmp_path)
+  assert record.shards == (0, 1, 2, 3) and record.rows == (8, 8, 8, 8) and record.num_rows == 32
+  assert len(set(record.digests)) == 4
+  shutil.copytree(d, tmp_path / "moved")  # names shards only: a copy matches
+  again = dataset_record.DatasetRecord.from_json(json.loads(json.dumps(record.to_json())))
+  assert again == record
+  assert dataset_record.check_dataset_dir(str(tmp_path / "moved"), again) is None
+  with pytest.raises(ValueError, match="not a dataset record"):
+    dataset_record.DatasetRecord.from_json({"shards": [0], "rows": [1]})
+  # the same rows written again digest alike; other rows do not
+  data_lib.ShardWriter(str(tmp_path / "same")).write(data_lib.synthetic_sequences(32, 256, 0)[:8])
+  assert dataset_record.verify_dataset_dir(str(tmp_path / "same")).digests[0] == record.digests[0]
+  zero = data_lib.ShardWriter(str(tmp_path / "zero"))
+  zero.write([])
+  assert dataset_record.verify_dataset_dir(str(tmp_path / "zero")).rows == (0,)
+
+
+def test_deleted_shard(tmp_path):
+  d, record = _recorded(tmp_path)
+  shutil.rmtree(d / "shard-00003")
+  assert dataset_record.check_dataset_dir(str(d), record) == "shard 3 missing"
+  shutil.rmtree(d)
+  assert dataset_record.check_dataset_dir(str(d), record) == "directory missing"
+
+
+def test_extra_shard(tmp_path):
+  d, record = _recorded(tmp_path)
+  data_lib.ShardWriter(str(d)).write([[1, 2]])
+  assert dataset_record.check_dataset_dir(str(d), record) == "shard 4 not in the record"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.0])
+def test_truncated_arrow_file(tmp_path, keep):
+  d, record = _recorded(tmp_path)
+  path = _arrow(d, 1)
+  path.write_bytes(path.read_bytes()[:int(path.stat().st_size * keep)])
+  assert (dataset_record.check_dataset_dir(str(d), record)
+          == "shard 1 truncated (unreadable arrow file)")
+  with pytest.raises(UserError, match="shard 1 truncated"):
+    dataset_record.verify_dataset_dir(str(d))
+
+
+def test_shard_of_fewer_rows(tmp_path):
+  """A shard rewritten with fewer rows (a whole, readable file) is named by its row count."""
+  d, record = _recorded(tmp_path)
+  shutil.rmtree(d / "shard-00002")
+  data_lib.ShardWriter(str(d)).write(data_lib.synthetic_sequences(6, 256, 5), index=2)
+  assert dataset_record.check_dataset_dir(str(d), record) == "shard 2: rows 6, recorded 8"
+
+
+def test_edited_arrow_file(tmp_path):
+  """One token changed in place: same size, same rows, still readable; the digest differs."""
+  d, record = _recorded(tmp_path)
+  path = _arrow(d, 0)
+  raw = bytearray(path.read_bytes())
+  needle = np.asarray(data_lib.synthetic_sequences(32, 256, 0)[3][:4], "<i4").tobytes()
+  at = bytes(raw).index(needle)
+  raw[at] ^= 1
+  path.write_bytes(bytes(raw))
+  assert len(data_lib.load_dataset_dir(str(d))) == 32  # still a loadable dataset
+  assert dataset_record.check_dataset_dir(str(d), record) == "shard 0: content digest differs"
+
+
+def test_damaged_state_json_and_missing_arrow(tmp_path):
+  d, record = _recorded(tmp_path)
+  (d / "shard-00002" / "state.json").write_text("")
+  assert (dataset_record.check_dataset_dir(str(d), record)
+          == "shard 2 damaged (unreadable state.json)")
+  d, record = _recorded(tmp_path / "b")
+  _arrow(d, 3).unlink()
+  assert dataset_record.check_dataset_dir(str(d), record).startswith("shard 3: arrow file ")
