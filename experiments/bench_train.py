@@ -31,9 +31,17 @@ from __future__ import annotations
 import json
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import flags
 
-from kdjax import cli
+from kdjax import cli, sharding
+from kdjax.llm.model import llama as model
+from kdjax.llm.model import partition
+from kdjax.llm.model.config import get_preset
+from kdjax.llm.train import footprint
+from kdjax.llm.train import loop as train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "tiny-49k", "Model preset (kdjax.llm.model.config.PRESETS).")
@@ -72,9 +80,6 @@ def _validate():
 
 def compile_only_report(config) -> dict:
   """The train step compiled for --mesh from abstract arrays: its footprint per device."""
-  import jax
-  from kdjax import sharding
-  from kdjax.llm.train import footprint
   mesh = sharding.mesh_from_text(FLAGS.mesh)
   out = {"mode": "compile_only", "preset": FLAGS.preset, "mesh": dict(mesh.shape),
          "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype, "remat": FLAGS.remat,
@@ -90,8 +95,6 @@ def compile_only_report(config) -> dict:
 
 
 def matmul_peak(n: int) -> float:
-  import jax
-  import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
   f = jax.jit(jnp.dot)
   f(a, a).block_until_ready()
@@ -105,9 +108,6 @@ def matmul_peak(n: int) -> float:
 
 class JaxSide:
   def __init__(self, config, ids):
-    import jax
-    from kdjax import sharding
-    from kdjax.llm.train import loop as train
     self.jax = jax
     spec = train.StepSpec(model=config, total_steps=10_000, lr=5e-4, warmup_frac=0.0, clip=1.0)
     mesh = sharding.make_mesh()
@@ -131,18 +131,13 @@ class TemperedKDSide:
   one student (n_students=None) at one temperature."""
 
   def __init__(self, config, teacher_config, ids, n_students):
-    import jax
-    import jax.numpy as jnp
-    from kdjax import sharding
-    from kdjax.llm.model import llama as model
-    from kdjax.llm.train import loop as train
     self.jax = jax
     spec = train.StepSpec(model=config, total_steps=10_000, lr=5e-4, warmup_frac=0.0, clip=1.0,
                           teacher=teacher_config, objective="fkl", tempered_teacher=True,
                           num_students=n_students, shared_batch=n_students is not None)
     mesh = sharding.make_mesh()
     self.state, sh = train.init_state(spec, mesh, seed=0)
-    tsh = sharding.param_shardings(teacher_config, mesh)
+    tsh = partition.param_shardings(teacher_config, mesh)
     self.teacher = jax.device_put(model.init_params(teacher_config, jax.random.PRNGKey(1)), tsh)
     bsh = sharding.batch_sharding(mesh)
     self.batch = jax.device_put({"input_ids": ids, "attention_mask": ids >= 0}, bsh)
@@ -174,7 +169,6 @@ def _best_of_rounds(sides: dict) -> dict:
 
 def tempered_kd_benchmark(config, ids) -> dict:
   """N vmapped temperatures vs N one-by-one runs of the same steps (best of --rounds each)."""
-  from kdjax.llm.model.config import get_preset
   n = FLAGS.kd_temperatures
   teacher = get_preset(FLAGS.teacher)
   sides = {"vmapped": TemperedKDSide(config, teacher, ids, n),
@@ -225,9 +219,6 @@ class TorchSide:
 def main(argv):
   cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
   _validate()
-  import jax
-  import numpy as np
-  from kdjax.llm.model.config import get_preset
 
   config = get_preset(FLAGS.preset).replace(dtype=FLAGS.dtype, remat=FLAGS.remat)
   if FLAGS.compile_only:

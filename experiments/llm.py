@@ -13,14 +13,16 @@ its flags leave unchanged, resumes what a killed run left half done, and runs th
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 
+import datasets
+import jax
 from absl import flags, logging
 
-from kdjax import cli
-from kdjax.llm.study import plan as planlib
-from kdjax.llm.study.plan import StudyConfig
+from kdjax import cli, distributed
+from kdjax.llm.study import cost, hardware, pipeline, plots
+from kdjax.llm.study.config import EMBEDDING_MAPS, StudyConfig, validate
 
 _D = StudyConfig()
 FLAGS = flags.FLAGS
@@ -93,7 +95,7 @@ flags.DEFINE_integer("eval_sequences", _D.eval_sequences, "Validate (select the 
                      "on the first N sequences of each validation set only; 0 = all of them.")
 flags.DEFINE_enum("dtype", _D.dtype, ["float32", "bfloat16"], "Compute dtype for training.")
 flags.DEFINE_string("mesh", _D.mesh, "Device mesh, e.g. data=1,fsdp=8,tensor=1 (default: all data).")
-flags.DEFINE_enum("embedding_map", _D.embedding_map, list(planlib.EMBEDDING_MAPS),
+flags.DEFINE_enum("embedding_map", _D.embedding_map, list(EMBEDDING_MAPS),
                   "embedding_map.png: p*'s samples (embedded by p*) mapped to 2-D by UMAP "
                   "(umap-learn) or PCA (numpy alone), every student's samples placed in that map; "
                   "none: no map.")
@@ -109,47 +111,40 @@ flags.DEFINE_enum("attention", _D.attention, ["einsum", "dot_product", "cudnn"],
 
 
 def config_from_flags() -> StudyConfig:
-  names = [f.name for f in planlib.dataclasses.fields(StudyConfig)]
+  names = [f.name for f in dataclasses.fields(StudyConfig)]
   values = {n: FLAGS[n].value for n in names}
   values["temperatures"] = tuple(cli.parse_float_list("temperatures", FLAGS.temperatures))
   values["students"] = tuple(k.strip() for k in FLAGS.students.split(",") if k.strip())
   return StudyConfig(**values)
 
 
-def auto_sample_batch(cfg: StudyConfig) -> int:
-  """--sample_batch_size=0: sized for p* (the largest model sampled) from each device's memory
-  (the --hardware chip's HBM in a dry run; the device's reported memory in a run, none on CPU)
-  over the devices of a process (a host), kdjax.llm.study.plan.auto_sample_batch."""
-  from kdjax.cli import UserError
-  from kdjax.llm.weights import loading
-  from kdjax.llm.model.config import get_preset
-  try:
-    gt = loading.describe_spec(planlib.resolve_spec(cfg.ground_truth))[0]
-  except UserError:
-    if not FLAGS.ground_truth_preset:
-      raise
-    gt = get_preset(FLAGS.ground_truth_preset)
-  try:
-    prompt_len = len(planlib.prompt_ids(cfg, planlib.load_tokenizer(cfg)))
-  except UserError:
-    prompt_len = 1
-  if FLAGS.dry_run:
-    device_bytes, devices = None, 1
-    if FLAGS.hardware:
-      from kdjax.llm.study import hardware
-      chip, chips = hardware.parse(FLAGS.hardware)
-      mesh_chips = math.prod(hardware.resolve_mesh(cfg.mesh, chip, chips))
-      device_bytes, devices = chip.hbm_bytes, hardware.hosts(chip, mesh_chips)[1]
-  else:
-    import jax
+def sample_batch_from_devices(cfg: StudyConfig) -> int:
+  """--sample_batch_size=0: the --hardware chip's memory in a dry run, the device's reported
+  memory in a run (none on CPU), over the devices of one host (kdjax.llm.study.cost)."""
+  device_bytes, devices = None, 1
+  if FLAGS.dry_run and FLAGS.hardware:
+    chip, chips = hardware.parse(FLAGS.hardware)
+    mesh_chips = math.prod(hardware.resolve_mesh(cfg.mesh, chip, chips))
+    device_bytes, devices = chip.hbm_bytes, hardware.hosts(chip, mesh_chips)[1]
+  elif not FLAGS.dry_run:
     stats = jax.local_devices()[0].memory_stats() or {}
     device_bytes, devices = stats.get("bytes_limit"), jax.local_device_count()
-  b = planlib.auto_sample_batch(gt.replace(dtype=cfg.dtype), prompt_len + cfg.max_new_tokens,
-                                device_bytes, devices)
+  b = cost.study_sample_batch(cfg, device_bytes, devices, FLAGS.ground_truth_preset)
   logging.warning("--sample_batch_size=0: sampling %d sequences per batch (%s)", b,
                   f"{device_bytes / 1e9:.0f} GB per device, {devices} per host" if device_bytes
                   else "no device memory reported: the CPU default")
   return b
+
+
+def dry_run(cfg: StudyConfig) -> None:
+  plan = cost.dry_run_plan(cfg, FLAGS.ground_truth_preset)
+  print(cost.format_plan(plan), flush=True)
+  if FLAGS.hardware:
+    print(hardware.format_estimate(hardware.estimate(
+        cfg, plan, FLAGS.hardware, FLAGS.ground_truth_preset, FLAGS.mfu, FLAGS.mbu,
+        FLAGS.memory_analysis)))
+  if FLAGS.workdir:
+    print(pipeline.cache_report(cfg, FLAGS.workdir))
 
 
 def main(argv):
@@ -157,47 +152,25 @@ def main(argv):
   cfg = config_from_flags()
   auto_batch = cfg.sample_batch_size == 0
   if auto_batch:  # sized below, once the devices (or the --hardware chip) are known
-    cfg = planlib.dataclasses.replace(cfg, sample_batch_size=1)
-  planlib.validate(cfg)
+    cfg = dataclasses.replace(cfg, sample_batch_size=1)
+  validate(cfg)
   if FLAGS.hardware:
     cli.require(FLAGS.dry_run, "--hardware: only with --dry_run")
-    from kdjax.llm.study import hardware
     hardware.prepare(cfg, FLAGS.hardware, FLAGS.memory_analysis)  # before a JAX backend starts
   if not FLAGS.dry_run:
     # before anything starts a JAX backend: join the other processes of a pod / SLURM / local.sh
     # launch (one process: nothing to join). Every stage then runs on every process.
-    from kdjax import distributed
     distributed.initialize()
   if auto_batch:
-    cfg = planlib.dataclasses.replace(cfg, sample_batch_size=auto_sample_batch(cfg))
-  from kdjax.llm.study import pipeline
-  import datasets
+    cfg = dataclasses.replace(cfg, sample_batch_size=sample_batch_from_devices(cfg))
   datasets.disable_progress_bars()  # one bar per stage (ours), not one per saved shard
   if FLAGS.dry_run:
-    plan = planlib.dry_run_plan(cfg, FLAGS.ground_truth_preset)
-    print(planlib.format_plan(plan), flush=True)
-    if FLAGS.hardware:
-      print(hardware.format_estimate(hardware.estimate(
-          cfg, plan, FLAGS.hardware, FLAGS.ground_truth_preset, FLAGS.mfu, FLAGS.mbu,
-          FLAGS.memory_analysis)))
-    if FLAGS.workdir:
-      print(pipeline.cache_report(cfg, FLAGS.workdir))
-    return
+    return dry_run(cfg)
   cli.require(bool(FLAGS.workdir), "--workdir is required")
-  import jax
-  pipeline.preflight(cfg, FLAGS.workdir)  # every input the stages will meet, before any runs
-  existed = os.path.exists(os.path.join(FLAGS.workdir, cli.CONFIG_NAME))
-  distributed.sync("kdjax_study_start")  # every process has looked before the workdir changes
+  st = pipeline.preflight(cfg, FLAGS.workdir)  # every input the stages will meet, before any runs
+  pipeline.prepare_workdir(cfg, FLAGS.workdir, FLAGS.overwrite)
+  rows = pipeline.run_study(cfg, FLAGS.workdir, st)
   if jax.process_index() == 0:
-    if existed and FLAGS.overwrite:
-      pipeline.clear_outputs(FLAGS.workdir)
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-    cli.atomic_write_json(os.path.join(FLAGS.workdir, cli.CONFIG_NAME), cfg.to_dict())  # last run's
-  distributed.sync("kdjax_study_workdir")
-  logging.info("%s %s", "reusing" if existed and not FLAGS.overwrite else "starting", FLAGS.workdir)
-  rows = pipeline.run_study(cfg, FLAGS.workdir)
-  if jax.process_index() == 0:
-    from kdjax.llm.study import plots
     print(plots.format_table(rows))
 
 

@@ -8,9 +8,10 @@ checkpoint intact and the next start ignores (and cleans up) the partial one. Ev
 save/restore (the array writes are collective: each process writes the shards it owns); JSON is
 written by process 0.
 
-A standalone model checkpoint is a directory holding `model_config.json` (LlamaConfig.to_dict()),
-`params/` (an orbax PyTree) and optional `meta.json`; `load_model_checkpoint(dir)` reads it back
-(it is what `kdjax.llm.load_model('ckpt:DIR')` calls). Exports replace an existing directory by
+A standalone model checkpoint is a directory holding `model_config.json` (the model config's
+to_dict()), `params/` (an orbax PyTree) and optional `meta.json`; this module knows no model:
+kdjax.llm.weights.loading.load_model_checkpoint reads one back as a Llama (it is what
+`kdjax.llm.load_model('ckpt:DIR')` calls). Exports replace an existing directory by
 rename, so a reader sees the old export or the new one, never a mix.
 """
 
@@ -22,8 +23,8 @@ from typing import Any, Optional
 
 import jax
 import orbax.checkpoint as ocp
-from kdjax import distributed
 
+from kdjax import distributed
 from kdjax.cli import UserError, atomic_write_json, read_json
 
 MODEL_CONFIG = "model_config.json"
@@ -104,11 +105,10 @@ def is_model_checkpoint(directory: str) -> bool:
           and os.path.isdir(os.path.join(directory, "params")))
 
 
-def check_model_checkpoint(directory: str, config) -> None:
+def check_model_checkpoint(directory: str, want_params) -> None:
   """Refuse a model export whose saved parameter tree (orbax metadata: names and shapes, no
-  weights read) is not the one `config` implies: what load_model_checkpoint would find."""
-  from kdjax.llm.model import llama as model
-  want = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  weights read) is not `want_params` (a tree of ShapeDtypeStructs: what the model's config
+  implies, e.g. jax.eval_shape of its init)."""
   try:
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(os.path.join(directory, "params"))
@@ -118,7 +118,7 @@ def check_model_checkpoint(directory: str, config) -> None:
   except (ValueError, FileNotFoundError, KeyError, OSError, AttributeError) as e:
     msg = " ".join(str(e).split())[:200]
     raise UserError(f"ckpt:{directory}: unreadable parameters in params/ ({msg})") from None
-  for k, a in jax.tree_util.tree_leaves_with_path(want):
+  for k, a in jax.tree_util.tree_leaves_with_path(want_params):
     name = jax.tree_util.keystr(k)
     if got.get(name) != tuple(a.shape):
       raise UserError(f"ckpt:{directory}: parameter {name} is "
@@ -126,15 +126,9 @@ def check_model_checkpoint(directory: str, config) -> None:
                       f"{MODEL_CONFIG} implies {tuple(a.shape)}")
 
 
-def load_model_checkpoint(directory: str, sharding=None):
-  """(LlamaConfig, params) from a standalone model checkpoint written by `export_model`.
-
-  Params land on `sharding` (a pytree of shardings, or one sharding for all leaves); by default on
-  the first local device.
-  """
-  from kdjax.llm.model import llama as model
-  from kdjax.llm.model.config import LlamaConfig
-
+def require_model_checkpoint(directory: str) -> dict:
+  """The config dict (model_config.json) of a standalone model checkpoint; a one-line error
+  when `directory` is not one."""
   if not is_model_checkpoint(directory):
     hint = ""
     if is_model_checkpoint(os.path.join(directory, "best")):
@@ -142,20 +136,27 @@ def load_model_checkpoint(directory: str, sharding=None):
     raise UserError(f"ckpt:{directory} is not a kdjax model checkpoint (needs {MODEL_CONFIG} and "
                     f"params/){hint}")
   try:
-    config = LlamaConfig.from_dict(read_json(os.path.join(directory, MODEL_CONFIG)))
-  except (ValueError, TypeError) as e:
+    d = read_json(os.path.join(directory, MODEL_CONFIG))
+  except (OSError, ValueError) as e:
     raise UserError(f"ckpt:{directory}: unreadable {MODEL_CONFIG}: {e}") from None
-  abstract = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
+  if not isinstance(d, dict):
+    raise UserError(f"ckpt:{directory}: unreadable {MODEL_CONFIG}: not a JSON object")
+  return d
+
+
+def restore_params(directory: str, abstract_params, sharding=None):
+  """A standalone model checkpoint's params onto `abstract_params` (ShapeDtypeStructs), placed on
+  `sharding` (a pytree of shardings, or one sharding for all leaves; default the first local
+  device)."""
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if isinstance(sharding, jax.sharding.Sharding):
-    sharding = jax.tree.map(lambda _: sharding, abstract)
+    sharding = jax.tree.map(lambda _: sharding, abstract_params)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        abstract, sharding)
+                        abstract_params, sharding)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(os.path.join(directory, "params"), target)
+      return ckptr.restore(os.path.join(directory, "params"), target)
   except (ValueError, FileNotFoundError, KeyError) as e:
     msg = " ".join(str(e).split())[:300]
     raise UserError(f"ckpt:{directory}: parameters do not match {MODEL_CONFIG}: {msg}") from None
-  return config, params

@@ -15,15 +15,41 @@ Collective bytes are those a device sends under the ring algorithm over a group 
   all-to-all       R (n-1)/n
   collective-permute  R
 
-Instructions inside a while loop count once per iteration (XLA's known_trip_count; a loop with an
-unknown count counts once and is reported in `unknown_trip_counts`).
+Instructions inside a while loop count once per iteration (XLA's known_trip_count, or, where the
+compiler prints none (the TPU compiler), the constant its condition compares the counter with; a loop
+with an unknown count counts once and is reported in `unknown_trip_counts`).
+
+  cost(compiled, trips)         FLOPs and bytes accessed per device per call, loops included
+
+XLA's own `cost_analysis()` counts each while loop's body ONCE (the TPU compiler's and XLA:CPU's
+alike: a scan over 30 layers is priced as one layer, a 511-step decode loop as one step). `cost`
+runs XLA's HloCostAnalysis on the compiled module (the program as compiled, e.g. by the TPU
+compiler) and on each loop body alone, and weights every body by its trip count. Loops whose count
+depends on the data (a sampler that stops when every row has ended) take theirs from `trips`, in
+the order the program runs them.
+
+  tpu_compiler()                libtpu's version, or None: can the TPU compiler run here?
+  tpu_devices(generation, n)    n devices of a TPU topology (v5p, v5e, v6e, v4) to compile for
+
+With libtpu installed (setup.py's `tpu` extra) the TPU compiler compiles for a topology on any
+machine, CPU only included (`jax.experimental.topologies`; jax.devices() stays the CPU): a program
+lowered with shardings over those devices compiles to the TPU executable, with the TPU compiler's
+memory analysis and HLO, and nothing runs.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import re
-from typing import Optional
+from importlib import metadata
+from typing import Optional, Sequence
+
+import jax
+from jax.experimental import topologies
+from jaxlib import _jax
+from jaxlib import _hlo
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
@@ -118,6 +144,28 @@ def _parse(hlo_text: str):
   return comps, entry
 
 
+_CONDITION = re.compile(r"\bcondition=%?([\w.\-]+)")
+_CONSTANT = re.compile(r"^%?([\w.\-]+) = s32\[\]\S* constant\((-?\d+)\)")
+_COMPARE_LT = re.compile(r"^ROOT %?[\w.\-]+ = pred\[\]\S* compare\(%?[\w.\-]+, %?([\w.\-]+)\), "
+                         r"direction=LT")
+
+
+def _trip_count(while_line: str, comps: dict) -> Optional[int]:
+  """A while loop's trip count: XLA's known_trip_count, else the s32 constant N of a condition
+  that is exactly `counter < N` (jax's scan and fori_loop count from 0 by 1); None if neither."""
+  t = _TRIP.search(while_line)
+  if t:
+    return int(t.group(1))
+  cond = _CONDITION.search(while_line)
+  lines = comps.get(cond.group(1), ()) if cond else ()
+  constants = dict(m.groups() for m in map(_CONSTANT.match, lines) if m)
+  for line in lines:
+    m = _COMPARE_LT.match(line)
+    if m and m.group(1) in constants:
+      return int(constants[m.group(1)])
+  return None
+
+
 def _multipliers(comps: dict, entry: str) -> tuple[dict, int]:
   """How many times each computation runs per call of the entry; loops without a known count."""
   mult, unknown = {entry: 1}, 0
@@ -133,11 +181,9 @@ def _multipliers(comps: dict, entry: str) -> tuple[dict, int]:
         continue
       trip = 1
       if " while(" in line:
-        t = _TRIP.search(line)
-        if t:
-          trip = int(t.group(1))
-        else:
-          unknown += 1
+        trip = _trip_count(line, comps)
+        if trip is None:
+          trip, unknown = 1, unknown + 1
       for role, callee in called:
         if role == "to_apply" or callee not in comps:
           continue  # reductions' combiners hold no collectives
@@ -192,7 +238,6 @@ def collectives(hlo_text: str, num_devices: int) -> dict:
 def report(compiled, num_devices: Optional[int] = None) -> dict:
   """memory() and collectives() of a compiled jax function, in GB (1e9 bytes)."""
   if num_devices is None:
-    import jax
     num_devices = jax.device_count()
   mem = memory(compiled)
   coll = collectives(compiled.as_text(), num_devices)
@@ -203,3 +248,102 @@ def report(compiled, num_devices: Optional[int] = None) -> dict:
           "collectives_gb": {k: gb(coll[k]["bytes"]) for k in KINDS if coll[k]["count"]},
           "collective_counts": {k: coll[k]["count"] for k in KINDS if coll[k]["count"]},
           "unknown_trip_counts": coll["unknown_trip_counts"]}
+
+
+# ----------------------------------------------------------------------------- FLOPs and bytes
+
+_WHILE = re.compile(r"\bwhile\(.*\bbody=%?([\w.\-]+)")
+_STACK_FRAME = re.compile(r",? ?stack_frame_id=\d+")  # ids into tables a one-computation module lacks
+
+
+def _with_entry(hlo_text: str, name: str) -> str:
+  """The module text with computation `name` as its entry (so XLA's cost analysis prices it)."""
+  body = hlo_text.split("\n", 1)[1]
+  body = re.sub(r"^ENTRY ", "", body, flags=re.M)
+  body = re.sub(rf"^(%?{re.escape(name)} )", r"ENTRY \1", body, count=1, flags=re.M)
+  return "HloModule cost\n" + _STACK_FRAME.sub("", body)
+
+
+def _xla_cost(hlo_text: str, name: str) -> tuple[float, float]:
+  """(flops, bytes accessed) of XLA's HloCostAnalysis of computation `name`, loops counted once."""
+  module = _hlo.hlo_module_from_text(_with_entry(hlo_text, name))
+  c = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
+  return float(c.get("flops", 0.0)), float(c.get("bytes accessed", 0.0))
+
+
+def cost(compiled, trips: Sequence[int] = ()) -> dict:
+  """FLOPs and bytes accessed per device per call of a compiled jax function, every while loop's
+  body weighted by its trip count (XLA's cost analysis counts a body once).
+
+  trips: the counts of the loops whose count the program does not fix (data-dependent exits), in
+  the order the program runs them; beyond those, such a loop counts once.
+  {"flops", "bytes", "xla_flops", "xla_bytes" (XLA's own, bodies once), "loops": [{"trip", "source"
+  (program, given, unknown: once), "flops", "bytes" (one iteration, nested loops weighted)}] in the
+  order they run (a loop's nested loops after it), "unknown_trip_counts"}"""
+  text = compiled.as_text()
+  comps, entry = _parse(text)
+  given, loops = list(trips), []
+
+  def weighted(name: str) -> tuple[float, float]:
+    flops, bytes_ = _xla_cost(text, name)
+    for line in comps[name]:
+      m = _WHILE.search(line) if " while(" in line else None
+      if not m:
+        continue
+      n, source = _trip_count(line, comps), "program"
+      if n is None:
+        n, source = (given.pop(0), "given") if given else (1, "unknown: once")
+      loop = {"trip": n, "source": source}
+      loops.append(loop)
+      once, inner = _xla_cost(text, m.group(1)), weighted(m.group(1))
+      loop.update(flops=inner[0], bytes=inner[1])
+      flops += n * inner[0] - once[0]
+      bytes_ += n * inner[1] - once[1]
+    return flops, bytes_
+
+  flops, bytes_ = weighted(entry)
+  xla = compiled.cost_analysis()
+  xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+  return {"flops": flops, "bytes": bytes_, "xla_flops": float(xla.get("flops", 0.0)),
+          "xla_bytes": float(xla.get("bytes accessed", 0.0)), "loops": loops,
+          "unknown_trip_counts": sum(loop["source"].startswith("unknown") for loop in loops)}
+
+
+# ----------------------------------------------------------------------------- TPU topologies
+
+
+def tpu_compiler() -> Optional[str]:
+  """libtpu's version if it is installed (the TPU compiler can then compile here), else None."""
+  try:
+    return metadata.version("libtpu")
+  except metadata.PackageNotFoundError:
+    return None
+
+
+_TOPOLOGY_3D = ("v4", "v5p")   # chips in an x*y*z torus; v5e and v6e in an x*y grid
+
+
+def tpu_topology(generation: str, chips: int) -> str:
+  """The smallest standard slice of at least `chips` chips (and at least one host's 4):
+  ('v5p', 32) -> 'v5p:2x4x4', ('v5e', 16) -> 'v5e:4x4'."""
+  n = max(4, 1 << max(chips - 1, 0).bit_length())
+  dims = [1, 1, 1] if generation in _TOPOLOGY_3D else [1, 1]
+  while math.prod(dims) < n:
+    dims[dims.index(min(dims))] *= 2
+  dims = sorted(d for d in dims if d > 1) + [d for d in dims if d == 1]  # 2x2x1, 2x4x4
+  return f"{generation}:{'x'.join(map(str, dims))}"
+
+
+@functools.lru_cache(maxsize=None)
+def _topology_devices(name: str) -> tuple:
+  # Compiling needs no chip, but libtpu takes a lockfile (/tmp/libtpu_lockfile) when it loads and
+  # refuses to load while another local process holds it (any JAX process started without
+  # JAX_PLATFORMS=cpu probes for a TPU and keeps the lock).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  return tuple(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+
+
+def tpu_devices(generation: str, chips: int) -> tuple[str, list]:
+  """(topology name, `chips` of its TPU devices) to compile for with the TPU compiler."""
+  name = tpu_topology(generation, chips)
+  return name, list(_topology_devices(name)[:chips])

@@ -28,7 +28,10 @@ import dataclasses
 import os
 from typing import Mapping
 
+import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from kdjax.cli import UserError
 
@@ -151,7 +154,6 @@ def initialize(env: Mapping[str, str] | None = None) -> ProcessInfo:
   global _info
   if _info is not None:
     return _info
-  import jax  # imported here so that `plan` stays importable without side effects
   from jax._src import xla_bridge
 
   p = plan(env)
@@ -182,15 +184,12 @@ def initialize(env: Mapping[str, str] | None = None) -> ProcessInfo:
 
 def is_primary() -> bool:
   """True on process 0, the one that writes results, plots, summaries and TensorBoard."""
-  import jax
   return jax.process_index() == 0
 
 
 def sync(name: str) -> None:
   """Barrier: every process waits here until all arrive (a no-op for one process)."""
-  import jax
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -198,12 +197,9 @@ def sum_over_processes(values) -> "np.ndarray":
   """The elementwise sum over processes of a host vector (float64; the vector itself for one
   process). Each float64 travels as two float32 (high part and remainder), since JAX without x64
   would round it to float32: partial totals of log-likelihoods add up to the last digits."""
-  import jax
-  import numpy as np
   x = np.asarray(values, np.float64)
   if jax.process_count() == 1:
     return x
-  from jax.experimental import multihost_utils
   hi = x.astype(np.float32)
   lo = (x - hi.astype(np.float64)).astype(np.float32)
   both = np.asarray(multihost_utils.process_allgather(np.stack([hi, lo])), np.float64)

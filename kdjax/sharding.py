@@ -23,7 +23,9 @@ from typing import Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kdjax.cli import UserError
 
@@ -78,7 +80,6 @@ def device_grid(shape: tuple[int, int, int], devices, dcn: int = 1) -> np.ndarra
   * elsewhere: process-major order, so each process's devices, and a process's batch rows, are
     one contiguous block.
   """
-  from jax.experimental import mesh_utils
   if dcn > 1:
     granule = "slice_index" if getattr(devices[0], "slice_index", None) is not None else None
     ici = (shape[0] // dcn, shape[1], shape[2])
@@ -169,18 +170,6 @@ def tree_shardings(logical_tree, abstract_tree, mesh: Mesh):
     return NamedSharding(mesh, logical_to_mesh(tuple(spec), abstract.shape, mesh,
                                                jax.tree_util.keystr(path)))
   return jax.tree_util.tree_map_with_path(one, logical_tree, abstract_tree, is_leaf=_is_spec)
-
-
-def param_shardings(config, mesh: Mesh, num_students: Optional[int] = None):
-  """NamedShardings of the model's parameters (with a leading student axis if num_students)."""
-  from kdjax.llm.model import llama as model
-  logical = model.logical_axes(config)
-  abstract = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
-  if num_students is not None:
-    logical = jax.tree.map(lambda s: P("students", *s), logical, is_leaf=_is_spec)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct((num_students,) + a.shape, a.dtype), abstract)
-  return tree_shardings(logical, abstract, mesh)
 
 
 def constrain(x: jax.Array, logical: Sequence[Optional[str]]) -> jax.Array:

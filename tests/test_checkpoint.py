@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kdjax.llm.weights import loading
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.cli import UserError
@@ -59,13 +60,13 @@ def test_export_and_load_model_checkpoint(tmp_path):
   d = str(tmp_path / "best")
   ckpt_lib.export_model(d, CFG, params, {"step": 7})
   assert ckpt_lib.is_model_checkpoint(d)
-  config, loaded = ckpt_lib.load_model_checkpoint(d)
+  config, loaded = loading.load_model_checkpoint(d)
   assert config == CFG
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   params2 = jax.tree.map(lambda x: x * 2, params)  # replacing an export
   ckpt_lib.export_model(d, CFG, params2)
-  _, loaded2 = ckpt_lib.load_model_checkpoint(d)
+  _, loaded2 = loading.load_model_checkpoint(d)
   np.testing.assert_array_equal(np.asarray(jax.tree.leaves(loaded2)[0]),
                                 np.asarray(jax.tree.leaves(params2)[0]))
   assert sorted(os.listdir(tmp_path)) == ["best"]  # no temporary leftovers
@@ -73,8 +74,8 @@ def test_export_and_load_model_checkpoint(tmp_path):
 
 def test_load_model_checkpoint_errors(tmp_path):
   with pytest.raises(UserError, match="is not a kdjax model checkpoint"):
-    ckpt_lib.load_model_checkpoint(str(tmp_path / "nothing"))
+    loading.load_model_checkpoint(str(tmp_path / "nothing"))
   ckpt_lib.export_model(str(tmp_path / "run" / "best"), CFG,
                         model.init_params(CFG, jax.random.PRNGKey(0)))
   with pytest.raises(UserError, match="did you mean ckpt:.*best"):
-    ckpt_lib.load_model_checkpoint(str(tmp_path / "run"))
+    loading.load_model_checkpoint(str(tmp_path / "run"))

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from kdjax.llm.weights import loading
 from kdjax import distributed
 from kdjax.cli import UserError, read_json
 from tests.conftest import REPO
@@ -191,7 +192,7 @@ def test_multihost_smoke_matches_one_process(tmp_path):
     assert s["steps"] == 6 and s["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
   assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["3", "6"]
   np.testing.assert_allclose(summaries[0]["final_loss"], summaries[1]["final_loss"], rtol=1e-5)
-  (_, p_multi), (_, p_single) = (checkpoint.load_model_checkpoint(os.path.join(d, "best"))
+  (_, p_multi), (_, p_single) = (loading.load_model_checkpoint(os.path.join(d, "best"))
                                  for d in (multi, single))
   leaves_multi, leaves_single = jax.tree.leaves(p_multi), jax.tree.leaves(p_single)
   assert len(leaves_multi) == len(leaves_single) > 0

@@ -219,7 +219,7 @@ def test_damaged_dataset_is_one_line(env, reference, tmp_path):
 def _flagfile_config(name):
   """The StudyConfig of a flagfile's --name=value lines (the rest at their defaults)."""
   import dataclasses
-  from kdjax.llm.study.plan import StudyConfig
+  from kdjax.llm.study.config import StudyConfig
   defaults = StudyConfig()
   values = {}
   for line in open(os.path.join(REPO, "experiments", "flags", name)):
@@ -239,8 +239,8 @@ def test_family_flagfile_reuses_the_smoke_studys_stages():
   """llm_family_smoke.flags run after llm_smoke.flags in one workdir samples no p* sequence and
   trains no teacher: every p* and teacher key is the smoke study's, and so are seed 0's direct
   student and the teacher's samples at the family's temperatures (a subset of the smoke study's)."""
-  from kdjax.llm.study.units import StudyKeys
-  smoke, family = (StudyKeys(_flagfile_config(f"llm_{n}.flags")) for n in ("smoke", "family_smoke"))
+  from kdjax.llm.study.units import StudyUnits
+  smoke, family = (StudyUnits(_flagfile_config(f"llm_{n}.flags")) for n in ("smoke", "family_smoke"))
   for split in ("train", "val", "select"):
     assert family.pstar(split) == smoke.pstar(split)
   assert family.teacher() == smoke.teacher()

@@ -11,7 +11,7 @@ import pytest
 from kdjax.cli import UserError
 from kdjax.llm.study import hardware
 from kdjax.llm.model.config import LlamaConfig, get_preset
-from kdjax.llm.study.plan import StudyConfig
+from kdjax.llm.study.config import StudyConfig
 from tests.conftest import REPO
 
 # vocab 100, hidden 8, MLP 16, 2 layers, 2 heads of 4, 1 kv head, tied, bf16.

@@ -19,9 +19,10 @@ import pytest
 from kdjax.cli import UserError
 from kdjax.llm.study import pipeline
 from kdjax.llm.study import plots
-from kdjax.llm.study import plan as plan_lib
+from kdjax.llm.study import cost, inputs, units, work
 from kdjax.llm.model.config import get_preset
-from kdjax.llm.study.plan import StudyConfig, format_plan, make_plan, validate
+from kdjax.llm.study.config import StudyConfig, validate
+from kdjax.llm.study.cost import format_plan, make_plan
 
 TINY = StudyConfig(  # the teacher spec carries a seed: preset:NAME@SEED works through the study
     ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny@5",
@@ -92,16 +93,16 @@ def test_dry_run_loads_no_weights(monkeypatch):
   def refuse(spec):
     raise AssertionError(f"dry run loaded {spec}")
   monkeypatch.setattr(loading, "load_model", refuse)
-  plan = plan_lib.dry_run_plan(TINY)
+  plan = cost.dry_run_plan(TINY)
   assert plan["models"]["ground_truth"]["vocab"] == 256
   # a ground truth absent from this machine is planned from the named preset, with a note
   cfg = dataclasses.replace(TINY, ground_truth="hf:/nonexistent/SmolLM2-1.7B", tokenizer="bytes",
                             teacher="preset:smollm2-360m", student="preset:smollm2-135m")
-  plan = plan_lib.dry_run_plan(cfg, ground_truth_preset="smollm2-1.7b")
+  plan = cost.dry_run_plan(cfg, ground_truth_preset="smollm2-1.7b")
   assert plan["models"]["ground_truth"]["params"] == get_preset("smollm2-1.7b").num_params()
   assert any("nonexistent" in n for n in plan["notes"])
   with pytest.raises(UserError, match="nonexistent"):
-    plan_lib.dry_run_plan(cfg)
+    cost.dry_run_plan(cfg)
 
 
 ROWS = [
@@ -141,32 +142,32 @@ def test_csv_figures_and_summary(tmp_path):
 
 
 def _dataset_rows(path):
-  ds = pipeline.load_dataset(path)
+  ds = work.load_dataset(path)
   return [list(r) for r in ds["input_ids"]], list(ds["text"]), list(ds["length"])
 
 
 def test_sample_dataset_resumes_exactly(tmp_path):
   from kdjax.llm.weights import loading
   config, params = loading.load_model(TINY.ground_truth)
-  tok, prompt = plan_lib.ByteTokenizer(), [84, 104, 101]
+  tok, prompt = inputs.ByteTokenizer(), [84, 104, 101]
   kw = dict(num=20, temperature=1.0, cfg=TINY, eos_id=-1)  # no EOS: every row full length
-  key = pipeline.seed_key(0, 0, 0)
+  key = work.seed_key(0, 0, 0)
   full = str(tmp_path / "full")
-  pipeline.sample_dataset(full, config, params, prompt, tok, key, desc="", **kw)
+  work.sample_dataset(full, config, params, prompt, tok, key, desc="", **kw)
   ids, texts, lengths = _dataset_rows(full)
   assert len(ids) == 20 and all(r[:3] == prompt and len(r) == 3 + 8 for r in ids)
   assert lengths == [len(r) for r in ids] and texts[0] == tok.decode(ids[0])
-  assert pipeline.read_done(full)["shards"] == 3
+  assert units.read_record(full)["shards"] == 3
   # a run killed after two shards (the third never renamed into place) resumes to the same rows
   part = str(tmp_path / "part")
   shutil.copytree(full, part)
   shutil.rmtree(os.path.join(part, "shard-00002"))
-  os.remove(os.path.join(part, pipeline.DONE))
-  pipeline.sample_dataset(part, config, params, prompt, tok, key, desc="", **kw)
+  os.remove(os.path.join(part, work.DONE))
+  work.sample_dataset(part, config, params, prompt, tok, key, desc="", **kw)
   assert _dataset_rows(part) == (ids, texts, lengths)
   # and another key gives other samples
   other = str(tmp_path / "other")
-  pipeline.sample_dataset(other, config, params, prompt, tok, pipeline.seed_key(1, 0, 0), desc="",
+  work.sample_dataset(other, config, params, prompt, tok, work.seed_key(1, 0, 0), desc="",
                           **kw)
   assert _dataset_rows(other)[0] != ids
 
@@ -229,8 +230,9 @@ def test_scores_are_generated_tokens_under_the_right_model(study):
   pstar = loading.load_model(TINY.ground_truth)
   val = _dataset_rows(os.path.join(workdir, "pstar", "val"))[0]
   for k, (row, name) in enumerate(zip(rows, TINY.student_names())):
-    done = pipeline.read_done(os.path.join(workdir, "seed_0", "students", row["objective"]))
-    student = loading.load_model(done["models"][max(k - 1, 0)]["checkpoint"])
+    run = os.path.join(workdir, "seed_0", "students", row["objective"])
+    done = units.read_record(run)
+    student = loading.load_model("ckpt:" + os.path.join(run, done["models"][max(k - 1, 0)]["checkpoint"]))
     samples = _dataset_rows(os.path.join(workdir, "seed_0", "student_samples", name))[0]
     assert all(r[:3] == prompt and len(r) > 3 for r in samples)
     assert row["precision"] == pytest.approx(_generated_loglik(pstar, samples, 3), abs=1e-5)
@@ -359,9 +361,10 @@ def test_teacher_selects_on_its_own_split(study):
   for name in ("direct", "seqkd"):
     with open(os.path.join(workdir, "seed_0", "students", name, "config.json")) as f:
       assert json.load(f)["val_data"] == ""
-  kept = pipeline.read_done(os.path.join(workdir, "teacher"))["models"][0]
-  teacher = loading.load_model(kept["checkpoint"])
-  ll = {s: pipeline.mean_loglik(*teacher, pipeline.load_dataset(os.path.join(workdir, "pstar", s)),
+  kept = units.read_record(os.path.join(workdir, "teacher"))["models"][0]
+  assert not os.path.isabs(kept["checkpoint"])  # relative: a copied workdir reads its own
+  teacher = loading.load_model("ckpt:" + os.path.join(workdir, "teacher", kept["checkpoint"]))
+  ll = {s: work.mean_loglik(*teacher, work.load_dataset(os.path.join(workdir, "pstar", s)),
                                 TINY.eval_batch_size, 3 + TINY.max_new_tokens, s)
         for s in ("select", "val")}
   assert kept["val_perplexity"] == pytest.approx(np.exp(-ll["select"]), rel=1e-4)
@@ -429,7 +432,7 @@ def _record_work(monkeypatch):
   """Wrap the sampler and the trainer: the list of output dirs they actually produce."""
   from kdjax.llm.train import loop as trainlib
   ran = []
-  sample, train = pipeline.sample_dataset, trainlib.train
+  sample, train = work.sample_dataset, trainlib.train
 
   def sample_dataset(out_dir, *a, **k):
     ran.append(out_dir)
@@ -499,7 +502,8 @@ def test_token_level_and_on_policy_students_train_and_score(study, tmp_path, mon
   for r in rows:
     assert np.isfinite([r["precision"], r["recall"]]).all()
     assert r["val_perplexity"] == pytest.approx(np.exp(-r["recall"]))  # p*'s val set
-  teacher = pipeline.read_done(os.path.join(workdir, "teacher"))["models"][0]["checkpoint"]
+  teacher = "ckpt:" + os.path.join(workdir, "teacher",
+                                   units.read_record(os.path.join(workdir, "teacher"))["models"][0]["checkpoint"])
   for kind, onpolicy in (("fkl", False), ("onpolicy_rkl", True)):
     with open(os.path.join(workdir, "seed_0", "students", kind, "config.json")) as f:
       tc = json.load(f)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kdjax.llm.weights import loading
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.llm import data as data_lib
@@ -185,7 +186,7 @@ def test_train_summary_checksum_and_determinism(tmp_path):
   assert np.isfinite(saved["final_loss"])
   # the summary's checksum is the fingerprint of the final (= exported) params
   # (kdjax.llm.train.state; its definition: tests/test_train_state.py's numpy reference)
-  config, params = ckpt_lib.load_model_checkpoint(str(tmp_path / "a" / "best"))
+  config, params = loading.load_model_checkpoint(str(tmp_path / "a" / "best"))
   assert reference_checksum(params) == s1["params_checksum"]
   assert config == CFG
   s2 = train.train(cfg, str(tmp_path / "b"))  # same flags, another workdir: identical

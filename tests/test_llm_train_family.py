@@ -237,7 +237,7 @@ def test_onpolicy_batches_are_each_students_own_samples():
   eos = int(direct(p_0, 0, -1).tokens_BxN[0, 1])  # an EOS that student 0's row 0 draws second
   bsh = sharding.batch_sharding(mesh, students=True)
   source = batches.OnPolicyBatches(CFG, sh["params"], bsh, seed=seed, prompt=PROMPT,
-                                   num_students=n, batch_size=b, max_new_tokens=MAX_NEW,
+                                   streams=range(n), batch_size=b, max_new_tokens=MAX_NEW,
                                    eos_id=eos, pad_id=0)
   got = jax.device_get(source(step, params))
   assert got["input_ids"].shape == (n, b, len(PROMPT) + MAX_NEW)
@@ -259,7 +259,7 @@ def test_onpolicy_steps_train_on_fresh_samples():
   spec = _spec(n, "rkl", shared=False)
   state, sh = train.init_state(spec, mesh, seed=0)
   bsh = sharding.batch_sharding(mesh, students=True)
-  source = batches.OnPolicyBatches(CFG, sh["params"], bsh, seed=0, prompt=PROMPT, num_students=n,
+  source = batches.OnPolicyBatches(CFG, sh["params"], bsh, seed=0, prompt=PROMPT, streams=range(n),
                                    batch_size=8, max_new_tokens=MAX_NEW, eos_id=-1, pad_id=0)
   step_fn = train.compile_train_step(spec, sh, bsh)
   tparams, temps = _teacher(), jnp.asarray([0.8, 1.2], jnp.float32)

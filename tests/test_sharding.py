@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from kdjax.llm.model import partition
 from kdjax import sharding
 from kdjax.cli import UserError
 from kdjax.llm.train import loop as train
@@ -36,13 +37,13 @@ def test_parse_mesh():
 
 def test_param_shardings_follow_the_table():
   mesh = sharding.make_mesh(2, 2, 2)
-  sh = sharding.param_shardings(CFG, mesh)
+  sh = partition.param_shardings(CFG, mesh)
   assert sh["embed"]["embedding"].spec == P("tensor", "fsdp")
   assert sh["layers"]["attn"]["q"]["kernel"].spec == P(None, "fsdp", "tensor", None)
   assert sh["layers"]["attn"]["o"]["kernel"].spec == P(None, "tensor", None, "fsdp")
   assert sh["layers"]["mlp"]["down"]["kernel"].spec == P(None, "tensor", "fsdp")
   assert sh["final_norm"]["scale"].spec == P(None)
-  students = sharding.param_shardings(CFG, mesh, num_students=3)
+  students = partition.param_shardings(CFG, mesh, num_students=3)
   assert students["layers"]["mlp"]["up"]["kernel"].spec == P(None, None, "fsdp", "tensor")
 
 
@@ -50,7 +51,7 @@ def test_indivisible_dimension_is_replicated():
   # SmolLM2-135M: 9 heads, 3 kv heads. On tensor=2 the heads stay whole, the MLP is split.
   cfg = get_preset("smollm2-135m")
   mesh = sharding.make_mesh(2, 2, 2)
-  sh = sharding.param_shardings(cfg, mesh)
+  sh = partition.param_shardings(cfg, mesh)
   assert sh["layers"]["attn"]["q"]["kernel"].spec == P(None, "fsdp", None, None)
   assert sh["layers"]["attn"]["k"]["kernel"].spec == P(None, "fsdp", None, None)
   assert sh["layers"]["mlp"]["gate"]["kernel"].spec == P(None, "fsdp", "tensor")

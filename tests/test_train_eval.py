@@ -8,6 +8,8 @@ import jax
 import numpy as np
 import pytest
 
+from kdjax.llm.model import partition
+from kdjax.llm.weights import loading
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.cli import UserError
@@ -30,7 +32,7 @@ def _ppl(params, rows):
 
 
 def _evaluator(spec, mesh, val_rows, limit=0):
-  pshard = sharding.param_shardings(CFG, mesh, spec.num_students)
+  pshard = partition.param_shardings(CFG, mesh, spec.num_students)
   return Evaluator(spec, mesh, pshard, val_rows, 8, 24, 0, limit)
 
 
@@ -76,7 +78,7 @@ def test_train_selects_each_student_on_the_first_n_of_its_own_set(tmp_path):
                           seq_len=24, steps=4, eval_every=2, lr=3e-3, progress=False)
   summary = train.train(cfg, str(tmp_path / "run"))
   for i, v in enumerate(("v0", "v1")):
-    _, best = ckpt_lib.load_model_checkpoint(os.path.join(summary["best_dir"], str(i)))
+    _, best = loading.load_model_checkpoint(os.path.join(summary["best_dir"], str(i)))
     rows = data_lib.TokenRows(data_lib.load_dataset_dir(dirs[v]))
     first = data_lib.TokenRows([rows.row(j) for j in range(10)])
     np.testing.assert_allclose(summary["best_val_perplexity"][i], _ppl(best, first), rtol=1e-5)

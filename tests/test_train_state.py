@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdjax.llm.model import partition
 from kdjax import sharding
 from kdjax.llm.model import llama as model
 from kdjax.llm.model.config import get_preset
@@ -51,7 +52,7 @@ def test_same_checksum_on_one_device_and_sharded_over_eight(params):
   one = params_checksum(jax.device_put(params, jax.devices()[0]))
   for axes in (dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)):
     mesh = sharding.make_mesh(**axes)
-    placed = jax.device_put(params, sharding.param_shardings(CFG, mesh))
+    placed = jax.device_put(params, partition.param_shardings(CFG, mesh))
     assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(placed))
     assert params_checksum(placed) == one, axes
     # computed where the shards live: partial sums reduced across devices, nothing gathered
@@ -66,5 +67,5 @@ def test_one_changed_bit_changes_it_and_students_match_their_own(params):
   assert params_checksum(flipped) != params_checksum(params)
   stacked = jax.tree.map(lambda a, b: np.stack([a, b]), params, flipped)
   mesh = sharding.make_mesh(data=1, fsdp=8)
-  stacked = jax.device_put(stacked, sharding.param_shardings(CFG, mesh, 2))
+  stacked = jax.device_put(stacked, partition.param_shardings(CFG, mesh, 2))
   assert _student_checksums(stacked, 2) == [params_checksum(params), params_checksum(flipped)]

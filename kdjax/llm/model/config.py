@@ -7,6 +7,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from kdjax.cli import UserError
+
 REMAT_POLICIES = ("none", "layer", "dots")
 
 
@@ -81,6 +83,23 @@ class LlamaConfig:
     attn = 2 * 2 * n * self.num_heads * hd * seq_len / 2  # causal: half the scores on average
     return 3.0 * (matmul + attn)
 
+  def forward_flops_per_token(self, context: int) -> float:
+    """Forward matmul FLOPs for one token attending over `context` keys (decode or scoring)."""
+    return self.flops_per_token(2 * context) / 3.0  # flops_per_token: causal (T/2 keys), x3
+
+  def dtype_bytes(self, dtype: str = "") -> int:
+    """Bytes per element of `dtype` (default: the compute dtype)."""
+    return jnp.dtype(dtype or self.dtype).itemsize
+
+  def param_bytes(self, dtype: str = "") -> int:
+    """The parameters' bytes in `dtype` (default: param_dtype)."""
+    return self.num_params() * self.dtype_bytes(dtype or self.param_dtype)
+
+  def kv_cache_bytes(self, rows: int, slots: int, dtype: str = "") -> int:
+    """A KV cache of `rows` x `slots` positions, K and V of every layer (default: compute dtype)."""
+    return (2 * self.num_layers * rows * slots * self.num_kv_heads * self.head_dim
+            * self.dtype_bytes(dtype))
+
 
 def _smollm2(**kw) -> LlamaConfig:
   return LlamaConfig(vocab_size=49152, head_dim=64, rms_norm_eps=1e-5, max_position_embeddings=8192,
@@ -121,7 +140,6 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 def get_preset(name: str) -> LlamaConfig:
-  from kdjax.cli import UserError
   if name not in PRESETS:
     raise UserError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
   return PRESETS[name]

@@ -92,4 +92,9 @@ def save(directory: str, emb_NxD: np.ndarray) -> str:
 
 
 def load(directory: str) -> np.ndarray:
-  return np.load(os.path.join(directory, FILE))
+  """DIR/embeddings.npy; a UserError naming the file when it is missing or unreadable."""
+  path = os.path.join(directory, FILE)
+  try:
+    return np.load(path)
+  except (OSError, ValueError, EOFError) as e:
+    raise cli.UserError(f"{path}: unreadable ({' '.join(str(e).split())[:80]})") from None

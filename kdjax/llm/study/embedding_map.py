@@ -16,6 +16,7 @@ import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
+from absl import logging
 
 from kdjax.cli import atomic_write_bytes
 
@@ -127,7 +128,6 @@ def write(path: str, ref_NxD: np.ndarray, panels: list[Panel], method: str, seed
           title: str = "") -> bool:
   """Fit the map on p*'s embeddings, place every panel's, write the figure; False (nothing
   written) when p* has fewer than MIN_POINTS samples or there is no panel."""
-  from absl import logging
   if len(ref_NxD) < MIN_POINTS or not panels:
     logging.warning("embedding map skipped: %d p* samples (at least %d needed), %d panels",
                     len(ref_NxD), MIN_POINTS, len(panels))

@@ -39,9 +39,14 @@ import sys
 import time
 from typing import Optional
 
+import jax
+
 from kdjax.cli import UserError, require
-from kdjax.llm.study import plan as planlib
 from kdjax.llm.model.config import LlamaConfig
+from kdjax.llm.study import inputs
+from kdjax.llm.study.kinds import KINDS
+from kdjax.llm.train import footprint
+from kdjax.sharding import make_mesh, parse_mesh
 
 LOGIT_PASSES = 3        # the f32 [B, V] logits: written by the head, read by max/exp-sum and block sums
 USABLE_HBM = 0.9        # a program fits when it needs at most this fraction of a chip's HBM
@@ -90,7 +95,6 @@ def parse(name: str) -> tuple[Chip, Optional[int]]:
 def resolve_mesh(mesh: str, chip: Chip, chips: Optional[int]) -> tuple[int, int, int]:
   """(data, fsdp, tensor) of --mesh on the hardware: data=-1 takes the chips (one host's without
   a slice size); an explicit mesh must span the slice."""
-  from kdjax.sharding import parse_mesh
   data, fsdp, tensor = parse_mesh(mesh)
   if data == -1:
     n = chips or chip.chips_per_host
@@ -111,16 +115,10 @@ def hosts(chip: Chip, chips: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- time
 
 
-def _dtype_bytes(c: LlamaConfig) -> int:
-  return 2 if c.dtype in ("bfloat16", "float16") else 4
-
-
 def decode_step_bytes(c: LlamaConfig, batch: int, max_len: int) -> dict:
   """HBM bytes one chip reads per decode step for `batch` rows: the weights (compute dtype),
   K and V of every layer over all max_len slots, and the f32 logits LOGIT_PASSES times."""
-  w = _dtype_bytes(c)
-  return {"weights": c.num_params() * w,
-          "kv_cache": 2 * c.num_layers * batch * c.num_kv_heads * max_len * c.head_dim * w,
+  return {"weights": c.param_bytes(c.dtype), "kv_cache": c.kv_cache_bytes(batch, max_len),
           "logits": batch * c.vocab_size * 4 * LOGIT_PASSES}
 
 
@@ -129,7 +127,7 @@ def decode_step_seconds(c: LlamaConfig, batch: int, max_len: int, chip: Chip, mf
   """(seconds, 'HBM' or 'FLOPs'): the larger of bytes / (bandwidth x mbu) and FLOPs / (peak x
   mfu), plus num_layers x the chip's fixed per-layer cost."""
   memory_s = sum(decode_step_bytes(c, batch, max_len).values()) / (chip.hbm_bandwidth * mbu)
-  compute_s = batch * planlib._forward_flops_per_token(c, max_len) / (chip.peak_flops * mfu)
+  compute_s = batch * c.forward_flops_per_token(max_len) / (chip.peak_flops * mfu)
   return max(memory_s, compute_s) + c.num_layers * chip.layer_step_s, (
       "HBM" if memory_s >= compute_s else "FLOPs")
 
@@ -156,7 +154,7 @@ def compute_seconds(flops: float, chips: int, chip: Chip, mfu: float) -> float:
 
 def forward_flops(c: LlamaConfig, sequences: int, seq_len: int) -> float:
   """Teacher-forced forward FLOPs of `sequences` rows of seq_len tokens (causal attention)."""
-  return sequences * seq_len * planlib._forward_flops_per_token(c, seq_len // 2)
+  return sequences * seq_len * c.forward_flops_per_token(seq_len // 2)
 
 
 def scoring_seconds(c: LlamaConfig, num: int, seq_len: int, batch: int, chip: Chip,
@@ -180,8 +178,6 @@ def teacher_validation_flops(cfg, teacher: LlamaConfig, seq_len: int) -> float:
 
 
 def _cpu_mesh(data: int, fsdp: int, tensor: int):
-  import jax
-  from kdjax.sharding import make_mesh
   n = data * fsdp * tensor
   devices = jax.devices("cpu")
   require(len(devices) >= n, f"--hardware: the memory analysis compiles for {n} devices but JAX "
@@ -192,7 +188,6 @@ def _cpu_mesh(data: int, fsdp: int, tensor: int):
 
 def ensure_cpu_devices(n: int) -> None:
   """Ask for n fake CPU devices; a no-op once a JAX backend has started (_cpu_mesh then checks)."""
-  import jax
   try:
     jax.config.update("jax_num_cpu_devices", max(n, 1))
   except RuntimeError:
@@ -202,19 +197,16 @@ def ensure_cpu_devices(n: int) -> None:
 def sampler_memory(c: LlamaConfig, batch: int, prompt_len: int, max_new_tokens: int,
                    chips: int) -> dict:
   """footprint.sampler on `chips` fake CPU devices (params replicated, the batch split)."""
-  from kdjax.llm.train import footprint
   return footprint.sampler(c, _cpu_mesh(chips, 1, 1), batch, prompt_len, max_new_tokens)
 
 
 def scorer_memory(c: LlamaConfig, batch: int, seq_len: int, chips: int) -> dict:
   """footprint.scorer on `chips` fake CPU devices."""
-  from kdjax.llm.train import footprint
   return footprint.scorer(c, _cpu_mesh(chips, 1, 1), batch, seq_len)
 
 
 def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> dict:
   """footprint.train_step on the training mesh (kw: num_students, teacher, shared_batch)."""
-  from kdjax.llm.train import footprint
   return footprint.train_step(c, _cpu_mesh(*mesh_shape), batch, seq_len, **kw)
 
 
@@ -224,15 +216,8 @@ def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> 
 def _configs(cfg, ground_truth_preset: str) -> dict:
   """{ground_truth, teacher, student: LlamaConfig} in the study's compute dtype and attention (as
   plan.dry_run_plan describes them; cudnn attention compiles as dot_product off a GPU)."""
-  from kdjax.llm.model.config import get_preset
-
   def desc(spec):
-    try:
-      return planlib.describe(spec)
-    except UserError:
-      if spec != cfg.ground_truth or not ground_truth_preset:
-        raise
-      return get_preset(ground_truth_preset)
+    return inputs.describe(spec, ground_truth_preset if spec == cfg.ground_truth else "")
 
   attention = "dot_product" if cfg.attention == "cudnn" else cfg.attention
   out = {name: desc(getattr(cfg, name)).replace(dtype=cfg.dtype)
@@ -245,12 +230,12 @@ def _configs(cfg, ground_truth_preset: str) -> dict:
 def _student_programs(cfg, models: dict) -> list[tuple[str, dict]]:
   """(label, footprint.train_step kwargs) of each distinct student training program."""
   n, out = len(cfg.temperatures), {}
-  for kind in cfg.students:
-    if kind == "direct":
-      out.setdefault("direct", {})
-    elif kind == "seqkd":
-      out.setdefault(f"seqkd x{n}", {"num_students": n})
-    elif kind in planlib.TOKEN_KINDS:
+  for kind in map(KINDS.get, cfg.students):
+    if not kind.per_temperature:
+      out.setdefault(kind.name, {})
+    elif not kind.distills_tokens:
+      out.setdefault(f"{kind.name} x{n}", {"num_students": n})
+    elif not kind.onpolicy:
       out.setdefault(f"token-level x{n} + teacher",
                      {"num_students": n, "teacher": models["teacher"], "shared_batch": True})
     else:

@@ -1,21 +1,31 @@
-"""The SmolLM2 study's workdir as a cache of stage outputs, keyed by what each output depends on.
+"""The SmolLM2 study's units of work, each with one owner: its directory, its key, its random stream.
 
-Every unit of work (a dataset, a training run, a student's scores) lives in its own directory with
-KEY.json: the digest of everything its output depends on, the keys of its inputs included (a chain,
-so a changed p* sample invalidates the teacher, its samples, the students and their scores, and a
-changed --num_eval_samples only the scores). A unit is
+A unit (a dataset, a training run, a student's scores) lives in its own directory under the workdir,
+named relative to it, with KEY.json: the digest of everything its output depends on (`what`): its
+settings, the keys of its inputs (a chain, so a changed p* sample invalidates the teacher, its
+samples, the students and their scores, and a changed --num_eval_samples only the scores), the
+random stream it draws from, and the version of what its stage computes. A unit is
   * done when it holds DONE.json and its KEY.json is the key the current flags give;
   * resumed when its KEY.json matches but DONE.json is missing (a killed run: shards, checkpoints);
   * stale otherwise (another key, or none: an older layout), and then removed before it runs again.
 So a rerun with changed --students, --num_seeds or scoring flags reuses the p* samples, the teacher
 and the teacher's samples, and runs only what changed; no --overwrite is needed.
 
-`StudyKeys` spells out the dependencies; flags that change no number (--checkpoint_every: only
-where a killed run resumes from) are not in any key.
+Identity by name: a sampling unit's stream is a fold_in chain from the seed whose indices name it
+(split, temperature, student name), and every student of a seed is trained with the seed's common
+random numbers (kdjax.llm.train.config.TrainConfig.common_random_numbers: the same initialisation
+and data order whatever its kind or temperature), so adding or reordering temperatures or kinds
+leaves every other unit as it was.
+
+VERSIONS: bump a stage's number whenever what it computes changes (a new sampler, another loss,
+another initialisation): every workdir's units of that stage (and, through the key chain, everything
+downstream) are then redone rather than reused with other semantics. Flags that change no number
+(--checkpoint_every: only where a killed run resumes from) are in no key.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,12 +33,30 @@ import shutil
 import zlib
 from typing import Optional
 
-from kdjax import cli
+from kdjax import checkpoint, cli
+from kdjax.llm.dataset_record import DatasetRecord, check_dataset_dir
+from kdjax.llm.model import embeddings
 from kdjax.llm.model.embeddings import EMBEDDING
-from kdjax.llm.study.plan import ONPOLICY_KINDS, TOKEN_KINDS, StudyConfig
+from kdjax.llm.study import inputs
+from kdjax.llm.study.config import StudyConfig
+from kdjax.llm.study.kinds import KINDS, TEACHER_SAMPLES
+from kdjax.llm.train.state import params_checksum
+from kdjax.llm.weights import digest, loading
 
 KEY = "KEY.json"
 DONE = "DONE.json"
+
+STAGES = ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_train_students",
+          "5_score_students")
+SPLITS = ("train", "val", "select")  # p*'s splits; a split's index names its random stream
+
+# What each stage computes, versioned (see the module docstring). 2: the version field itself
+# (keys before it had none); students 2: common random numbers (identity by seed, not position).
+VERSIONS = {"pstar": 2, "teacher": 2, "teacher_samples": 2, "students": 2, "student_samples": 2,
+            "pstar_embeddings": 2, "scores": 2}
+
+# fold_in tags of the sampling streams: seed_key(seed, tag, ...)
+PSTAR_STREAM, TEACHER_STREAM, STUDENT_STREAM = 0, 2, 3
 
 
 def digest(obj) -> str:
@@ -43,36 +71,26 @@ def stable_id(text: str) -> int:
   return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
-def read_key(path: str) -> Optional[dict]:
-  try:
-    return cli.read_json(os.path.join(path, KEY))
-  except (OSError, ValueError):
-    return None
+@dataclasses.dataclass(frozen=True)
+class Unit:
+  """One unit of work. `rel`: its directory relative to the workdir; `what`: everything its output
+  depends on (digested into its key); `stream`: its random stream (seed, tag, index, ...), part of
+  `what`; `args`: what its stage function takes after the directory."""
+  stage: str
+  rel: str
+  what: dict
+  args: tuple = ()
 
+  @property
+  def key(self) -> str:
+    return digest(self.what)
 
-def is_current(path: str, key: str) -> bool:
-  """The unit at `path` is done for `key`."""
-  k = read_key(path)
-  return (k is not None and k.get("key") == key and os.path.exists(os.path.join(path, DONE)))
+  @property
+  def stream(self) -> tuple:
+    return tuple(self.what.get("stream", ()))
 
-
-def status(path: str, key: str) -> str:
-  """'cached', 'resume' (same key, not done: a killed run's partial output), or 'run'."""
-  k = read_key(path)
-  if k is None or k.get("key") != key:
-    return "run"
-  return "cached" if os.path.exists(os.path.join(path, DONE)) else "resume"
-
-
-def claim(path: str, key: str, what: dict) -> None:
-  """Make `path` the unit for `key`: a directory of another key (or without one) is removed first,
-  then KEY.json records the key and what it was computed from (for people reading the workdir)."""
-  k = read_key(path)
-  if os.path.isdir(path) and (k is None or k.get("key") != key):
-    shutil.rmtree(path)
-  if k is None or k.get("key") != key:
-    os.makedirs(path, exist_ok=True)
-    cli.atomic_write_json(os.path.join(path, KEY), {"key": key, "depends_on": what})
+  def dir(self, workdir: str) -> str:
+    return os.path.join(workdir, self.rel)
 
 
 def num_reference(cfg: StudyConfig) -> int:
@@ -81,15 +99,71 @@ def num_reference(cfg: StudyConfig) -> int:
   return min(cfg.num_val, cfg.num_eval_samples)
 
 
-class StudyKeys:
-  """The key of every unit of a study configuration (pure functions of the flags)."""
+# ----------------------------------------------------------------------------- paths
 
-  def __init__(self, cfg: StudyConfig):
+
+def pstar_rel(split: str) -> str:
+  return os.path.join("pstar", split)
+
+
+def teacher_samples_rel(seed: int, t: float, split: str) -> str:
+  return os.path.join(f"seed_{seed}", f"teacher_T{t:g}", split)
+
+
+def students_rel(seed: int, kind: str) -> str:
+  return os.path.join(f"seed_{seed}", "students", kind)
+
+
+def student_samples_rel(seed: int, name: str) -> str:
+  return os.path.join(f"seed_{seed}", "student_samples", name)
+
+
+def scores_rel(seed: int, name: str) -> str:
+  return os.path.join(f"seed_{seed}", "scores", name)
+
+
+TEACHER_REL = "teacher"
+PSTAR_EMBEDDINGS_REL = os.path.join("embeddings", "pstar_val")
+
+
+def held_out_rel(seed: int, kind: str, t: Optional[float]) -> str:
+  """A student's validation set (its training distribution's held-out samples, kinds.held_out)."""
+  if KINDS[kind].held_out == TEACHER_SAMPLES:
+    return teacher_samples_rel(seed, t, "val")
+  return pstar_rel("val")
+
+
+# ----------------------------------------------------------------------------- the units
+
+
+def model_digests(cfg: StudyConfig) -> dict:
+  """The content digests (kdjax.llm.weights.digest) of the study's model files: the ground truth
+  and a tokenizer given by its own spec. A spec whose files are not on this machine (a dry run
+  planning elsewhere) stands for itself."""
+  out = {}
+  for name in ("ground_truth", "tokenizer"):
+    spec = inputs.resolve_spec(getattr(cfg, name))
+    if spec in ("", "bytes"):
+      continue
+    try:
+      out[name] = digest.spec_digest(spec)
+    except cli.UserError:
+      out[name] = spec
+  return out
+
+
+class StudyUnits:
+  """Every unit of a study configuration, from the flags and the model files' digests (no model
+  is loaded: the dry run uses this to say what is cached)."""
+
+  def __init__(self, cfg: StudyConfig, digests: Optional[dict] = None):
     self.cfg = cfg
+    self.digests = model_digests(cfg) if digests is None else digests
 
   def _sampling(self) -> dict:
     c = self.cfg
-    return {"prompt": c.prompt, "tokenizer": c.tokenizer, "max_new_tokens": c.max_new_tokens,
+    return {"prompt": c.prompt, "tokenizer": self.digests.get("tokenizer", c.tokenizer),
+            "max_new_tokens": c.max_new_tokens,
             "sample_batch_size": c.sample_batch_size, "shard_size": c.shard_size, "dtype": c.dtype}
 
   def _training(self) -> dict:
@@ -98,71 +172,207 @@ class StudyKeys:
             "warmup_fraction": c.warmup_fraction, "decay_fraction": c.decay_fraction,
             "weight_decay": c.weight_decay, "dtype": c.dtype, "mesh": c.mesh,
             "eval_batch_size": c.eval_batch_size}
-    if c.attention != "einsum":  # a later flag: in the key only when set (older keys unchanged)
+    if c.attention != "einsum":  # a later flag: in the key only when set
       what["attention"] = c.attention
     if c.remat != "none":  # likewise (recomputation may round differently)
       what["remat"] = c.remat
     return what
 
-  def _keyed(self, what: dict) -> tuple[str, dict]:
-    return digest(what), what
+  @staticmethod
+  def _unit(stage: str, rel: str, unit: str, args: tuple = (), **what) -> Unit:
+    return Unit(stage, rel, {"unit": unit, "version": VERSIONS[unit], **what}, args)
 
-  def pstar(self, split: str) -> tuple[str, dict]:
+  def pstar(self, split: str) -> Unit:
     c = self.cfg
     n = {"train": c.num_train, "val": c.num_val, "select": c.num_select}[split]
-    return self._keyed({"unit": "pstar", "ground_truth": c.ground_truth, "seed": c.seed,
-                        "split": split, "num": n, "sampling": self._sampling()})
+    return self._unit("1_sample_ground_truth", pstar_rel(split), "pstar", (n,),
+                      ground_truth=self.digests.get("ground_truth", c.ground_truth),
+                      seed=c.seed, split=split, num=n,
+                      sampling=self._sampling(),
+                      stream=[c.seed, PSTAR_STREAM, SPLITS.index(split)])
 
-  def teacher(self) -> tuple[str, dict]:
+  def teacher(self) -> Unit:
     c = self.cfg
-    what = {"unit": "teacher", "teacher": c.teacher, "seed": c.seed,
-            "epochs": c.teacher_epochs, "eval_every": c.eval_every,
-            "train": self.pstar("train")[0], "select": self.pstar("select")[0],
-            "training": self._training()}
-    if c.eval_sequences:  # a later flag: in the key only when set (older keys unchanged)
-      what["eval_sequences"] = c.eval_sequences
-    return self._keyed(what)
+    extra = {"eval_sequences": c.eval_sequences} if c.eval_sequences else {}
+    return self._unit("2_train_teacher", TEACHER_REL, "teacher", teacher=c.teacher, seed=c.seed,
+                      epochs=c.teacher_epochs, eval_every=c.eval_every,
+                      train=self.pstar("train").key, select=self.pstar("select").key,
+                      training=self._training(), **extra)
 
-  def teacher_samples(self, seed: int, t: float, split: str) -> tuple[str, dict]:
+  def teacher_samples(self, seed: int, t: float, split: str) -> Unit:
     c = self.cfg
     n = c.teacher_num_train if split == "train" else c.teacher_num_val
-    return self._keyed({"unit": "teacher_samples", "teacher": self.teacher()[0], "seed": seed,
-                        "temperature": t, "split": split, "num": n, "sampling": self._sampling()})
+    stream = [seed, TEACHER_STREAM, stable_id(f"T{t:g}"), ("train", "val").index(split)]
+    return self._unit("3_sample_teacher", teacher_samples_rel(seed, t, split), "teacher_samples",
+                      (n, t, f"teacher T={t:g} {split} seed {seed}"),
+                      teacher=self.teacher().key, seed=seed, temperature=t, split=split, num=n,
+                      sampling=self._sampling(), stream=stream)
 
-  def students(self, seed: int, kind: str) -> tuple[str, dict]:
-    """One kind's training run (all its temperatures: they train together)."""
-    c = self.cfg
-    what = {"unit": "students", "kind": kind, "student": c.student, "seed": seed,
-            "epochs": c.student_epochs, "training": self._training()}
-    if kind == "seqkd":
-      what["data"] = [self.teacher_samples(seed, t, "train")[0] for t in c.temperatures]
+  def students(self, seed: int, kind: str) -> Unit:
+    """One kind's training run of a seed (all its temperatures: they train together)."""
+    c, k = self.cfg, KINDS[kind]
+    what = {"kind": kind, "student": c.student, "seed": seed, "epochs": c.student_epochs,
+            "training": self._training()}
+    if k.data == TEACHER_SAMPLES:
+      what["data"] = [self.teacher_samples(seed, t, "train").key for t in c.temperatures]
     else:
-      what["data"] = self.pstar("train")[0]
-    if kind in TOKEN_KINDS or kind in ONPOLICY_KINDS:
-      what["teacher"] = self.teacher()[0]
+      what["data"] = self.pstar("train").key
+    if k.distills_tokens:
+      what["teacher"] = self.teacher().key
       what["temperatures"] = list(c.temperatures)
-    if kind in ONPOLICY_KINDS:
+    if k.onpolicy:
       what["sampling"] = self._sampling()
-    return self._keyed(what)
+    return self._unit("4_train_students", students_rel(seed, kind), "students", (seed, kind),
+                      **what)
 
-  def student_samples(self, seed: int, kind: str, name: str) -> tuple[str, dict]:
+  def student_samples(self, seed: int, kind: str, name: str) -> Unit:
     c = self.cfg
-    return self._keyed({"unit": "student_samples", "students": self.students(seed, kind)[0],
-                        "name": name, "num": c.num_eval_samples, "sampling": self._sampling()})
+    return self._unit("5_score_students", student_samples_rel(seed, name), "student_samples",
+                      students=self.students(seed, kind).key, name=name,
+                      num=c.num_eval_samples, sampling=self._sampling(),
+                      stream=[seed, STUDENT_STREAM, stable_id(name)])
 
-  def pstar_embeddings(self) -> tuple[str, dict]:
+  def pstar_embeddings(self) -> Unit:
     """The embeddings of p*'s reference samples: the first num_reference(cfg) of its val split."""
     c = self.cfg
-    return self._keyed({"unit": "pstar_embeddings", "val": self.pstar("val")[0],
-                        "num": num_reference(c), "eval_batch_size": c.eval_batch_size,
-                        "embedding": EMBEDDING})
+    return self._unit("5_score_students", PSTAR_EMBEDDINGS_REL, "pstar_embeddings",
+                      ("pstar_val",), val=self.pstar("val").key, num=num_reference(c),
+                      eval_batch_size=c.eval_batch_size, embedding=EMBEDDING)
 
-  def scores(self, seed: int, kind: str, name: str, t: Optional[float]) -> tuple[str, dict]:
-    """A student's precision, recall, validation perplexity and its samples' embeddings."""
+  def scores(self, seed: int, kind: str, j: int, name: str, t: Optional[float]) -> Unit:
+    """A student's precision, recall, validation perplexity and its samples' embeddings (j: its
+    index among its kind's students, whose checkpoints the training run lists in that order)."""
     c = self.cfg
-    what = {"unit": "scores", "samples": self.student_samples(seed, kind, name)[0],
-            "val": self.pstar("val")[0], "eval_batch_size": c.eval_batch_size,
-            "embedding": EMBEDDING}
-    if kind == "seqkd":
-      what["own_val"] = self.teacher_samples(seed, t, "val")[0]
-    return self._keyed(what)
+    what = {"samples": self.student_samples(seed, kind, name).key, "val": self.pstar("val").key,
+            "eval_batch_size": c.eval_batch_size, "embedding": EMBEDDING}
+    if KINDS[kind].held_out == TEACHER_SAMPLES:
+      what["own_val"] = self.teacher_samples(seed, t, "val").key
+    return self._unit("5_score_students", scores_rel(seed, name), "scores",
+                      ("student", seed, kind, j, name, t), **what)
+
+  def by_stage(self) -> dict[str, list[Unit]]:
+    """Every unit of every stage, in the order the stages run them."""
+    c = self.cfg
+    out = {name: [] for name in STAGES}
+    out["1_sample_ground_truth"] = [self.pstar(split) for split in SPLITS]
+    out["2_train_teacher"] = [self.teacher()]
+    out["5_score_students"].append(self.pstar_embeddings())
+    seqkd = any(KINDS[k].data == TEACHER_SAMPLES for k in c.students)
+    for seed in c.seeds:
+      for t in (c.temperatures if seqkd else ()):  # seqkd's data only
+        out["3_sample_teacher"] += [self.teacher_samples(seed, t, s) for s in ("train", "val")]
+      for kind, group in c.student_groups():
+        out["4_train_students"].append(self.students(seed, kind))
+        out["5_score_students"] += [self.scores(seed, kind, j, name, t)
+                                    for j, (name, t) in enumerate(group)]
+    return out
+
+
+# ----------------------------------------------------------------------------- on disk
+
+
+def read_key(path: str) -> Optional[dict]:
+  try:
+    return cli.read_json(os.path.join(path, KEY))
+  except (OSError, ValueError):
+    return None
+
+
+def read_record(path: str) -> dict:
+  """A done unit's DONE.json (a UserError naming it when unreadable)."""
+  try:
+    record = cli.read_json(os.path.join(path, DONE))
+  except (OSError, ValueError) as e:
+    raise cli.UserError(f"{os.path.join(path, DONE)}: unreadable ({' '.join(str(e).split())[:80]})")
+  if not isinstance(record, dict):
+    raise cli.UserError(f"{os.path.join(path, DONE)}: not a JSON object")
+  return record
+
+
+def _check_dataset(path: str, record: dict) -> Optional[str]:
+  if "dataset" not in record:
+    return "no dataset record in DONE.json"
+  want = DatasetRecord.from_json(record["dataset"])
+  if want.num_rows != record.get("sequences"):
+    return f"DONE.json says {record.get('sequences')} sequences, its record {want.num_rows}"
+  return check_dataset_dir(path, want)
+
+
+def _check_training(path: str, record: dict) -> Optional[str]:
+  models = record.get("models")
+  if not isinstance(models, list) or not models:
+    return "no models in DONE.json"
+  for j, m in enumerate(models):
+    ckpt = os.path.join(path, str(m.get("checkpoint", "")))
+    if os.path.isabs(str(m.get("checkpoint", ""))) or not checkpoint.is_model_checkpoint(ckpt):
+      return f"model {j}: checkpoint {m.get('checkpoint')!r} missing"
+    try:
+      got = params_checksum(loading.load_model_checkpoint(ckpt)[1])
+    except cli.UserError as e:
+      return f"model {j}: {e}"
+    if got != m.get("params_checksum"):
+      return f"model {j}: params checksum {got}, recorded {m.get('params_checksum')}"
+  return None
+
+
+def _check_embeddings(path: str, rows: Optional[int]) -> Optional[str]:
+  try:
+    emb = embeddings.load(path)
+  except cli.UserError as e:
+    return str(e)
+  if emb.ndim != 2 or (rows is not None and emb.shape[0] != rows):
+    return f"embeddings.npy holds {emb.shape}, expected {rows} rows"
+  return None
+
+
+def _check_scores(path: str, record: dict) -> Optional[str]:
+  for field in ("precision", "recall", "val_perplexity"):
+    if not isinstance(record.get(field), (int, float)):
+      return f"DONE.json has no {field}"
+  return _check_embeddings(path, record.get("rows"))
+
+
+_CHECKS = {"pstar": _check_dataset, "teacher_samples": _check_dataset,
+           "student_samples": _check_dataset, "teacher": _check_training,
+           "students": _check_training, "scores": _check_scores,
+           "pstar_embeddings": lambda path, r: _check_embeddings(path, r.get("sequences"))}
+
+
+def check_outputs(unit: Unit, workdir: str) -> Optional[str]:
+  """None when a done unit's outputs are what its DONE.json records (datasets: shards, rows and
+  content digests; training runs: each checkpoint present with its recorded params checksum;
+  scores: the numbers and the embeddings' rows), else the reason, in a few words."""
+  path = unit.dir(workdir)
+  try:
+    record = read_record(path)
+  except cli.UserError:
+    return "DONE.json unreadable"
+  return _CHECKS[unit.what["unit"]](path, record)
+
+
+def status(unit: Unit, workdir: str) -> tuple[str, str]:
+  """(verdict, reason): 'cached' (done for its key, its outputs checked), 'resume' (same key,
+  not done: a killed run's partial output), 'run' (no unit or another key: stale) or 'redo' (done
+  for its key, but its outputs are not what its record says: the reason names what is wrong)."""
+  path = unit.dir(workdir)
+  k = read_key(path)
+  if k is None or k.get("key") != unit.key:
+    return "run", ""
+  if not os.path.exists(os.path.join(path, DONE)):
+    return "resume", ""
+  reason = check_outputs(unit, workdir)
+  return ("redo", reason) if reason else ("cached", "")
+
+
+def claim(unit: Unit, workdir: str, redo: bool = False) -> None:
+  """Make the unit's directory the unit's: a directory of another key (or without one, or with
+  `redo`: outputs that failed their check) is removed first, then KEY.json records the key and
+  what it was computed from (for people reading the workdir)."""
+  path = unit.dir(workdir)
+  k = read_key(path)
+  if k is not None and k.get("key") == unit.key and not redo:
+    return
+  if os.path.isdir(path):
+    shutil.rmtree(path)
+  os.makedirs(path, exist_ok=True)
+  cli.atomic_write_json(os.path.join(path, KEY), {"key": unit.key, "depends_on": unit.what})

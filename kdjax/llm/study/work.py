@@ -17,24 +17,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
 
-from kdjax import cli
+from kdjax import cli, distributed
 from kdjax.cli import UserError
-from kdjax.llm.model import embeddings
-from kdjax.llm.study.plan import StudyConfig
-
-DONE = "DONE.json"
-
+from kdjax.llm import data
+from kdjax.llm.model import embeddings, evaluate
+from kdjax.llm.model.sampling import sample
+from kdjax.llm.study.config import StudyConfig
+from kdjax.llm.study.units import DONE
+from kdjax.llm.dataset_record import verify_dataset_dir
+from kdjax.llm.train import loop as trainlib
+from kdjax.llm.train.state import params_checksum
+from kdjax.llm.weights import loading
 
 # ----------------------------------------------------------------------------- bookkeeping
 
 
 def is_done(path: str) -> bool:
   return os.path.exists(os.path.join(path, DONE))
-
-
-def read_done(path: str) -> dict:
-  return cli.read_json(os.path.join(path, DONE))
 
 
 def mark_done(path: str, info: dict) -> None:
@@ -78,7 +81,6 @@ def data_parallel(params, batch: int):
   devices = jax.local_devices()
   if len(devices) == 1 or batch % len(devices):
     return params, None
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
   mesh = Mesh(np.array(devices), ("data",))
   return jax.device_put(params, NamedSharding(mesh, P())), NamedSharding(mesh, P("data"))
 
@@ -89,15 +91,12 @@ def _put(x, sharding):
 
 def load_dataset(path: str):
   """A dataset directory as one datasets.Dataset (UserError naming it when missing or empty)."""
-  from kdjax.llm import data
   return data.load_dataset_dir(path)
 
 
 def _device_batches(ds, batch: int, seq_len: int, shard, desc: str, me: int = 0, procs: int = 1):
   """The scoring batches of a dataset that process `me` of `procs` takes (batch i when
   i % procs == me), placed on its devices, behind a progress bar."""
-  from kdjax.llm import data
-  from tqdm import tqdm
   mine = (b for i, b in enumerate(data.eval_batches(ds, batch, seq_len)) if i % procs == me)
   total = len(range(me, math.ceil(len(ds) / batch), procs))
   return tqdm(({k: _put(v, shard) for k, v in b.items()} for b in mine), total=total, desc=desc,
@@ -110,8 +109,6 @@ def mean_loglik(config, params, ds, batch: int, seq_len: int, desc: str) -> floa
 
   With several processes, batch i is scored by process i % P on its own devices and the totals are
   summed over processes (in float64: the same figure, to rounding, whatever the process count)."""
-  from kdjax import distributed
-  from kdjax.llm.model import evaluate
   params, shard = data_parallel(params, batch)
   batches = _device_batches(ds, batch, seq_len, shard, desc, jax.process_index(),
                             jax.process_count())
@@ -148,10 +145,6 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
   from the shards already complete; marks out_dir done when all are written. Every batch has the
   same shape (the last one is cut after sampling), so one compiled program serves all.
   """
-  from kdjax import distributed
-  from kdjax.llm import data
-  from kdjax.llm.model.sampling import sample
-  from tqdm import tqdm
   if is_done(out_dir):
     return
   shards = math.ceil(num / cfg.shard_size)
@@ -185,30 +178,33 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
                  prompt_lens=[len(prompt)] * len(ids_rows), index=shard)
   bar.close()
   distributed.sync("kdjax_sample_done")  # every shard written before the directory is done
-  mark_done(out_dir, {"sequences": num, "shards": shards, "temperature": temperature})
+  record = verify_dataset_dir(out_dir) if me == 0 else None
+  mark_done(out_dir, {"sequences": num, "shards": shards, "temperature": temperature,
+                      "dataset": record and record.to_json()})
 
 
 # ----------------------------------------------------------------------------- training
 
 
 def train_models(out_dir: str, tc) -> None:
-  """Run the training run `tc` (plan.train_config: one model per train dir, several vmapped
-  together); DONE.json lists the `ckpt:` spec of each model's best (or, without validation data,
-  final) parameters."""
-  from kdjax.llm.train import loop as trainlib
+  """Run the training run `tc` (runs.train_config: one model per train dir, several vmapped
+  together); DONE.json lists each model's best (or, without validation data, final) checkpoint,
+  relative to out_dir (a copied or moved workdir reads its own)."""
   if is_done(out_dir):
     return
   for d in list(tc.train_data) + ([tc.val_data] if tc.val_data else []):
     load_dataset(d)  # a clear error for an empty or missing dataset before any compile
   summary = trainlib.train(tc, out_dir, overwrite=True)  # its key matched: resume, or start over
   # when only a flag no number depends on changed (e.g. --checkpoint_every)
-  best = summary["best_dir"]
-  if summary.get("num_students") is None:
-    models = [{"checkpoint": "ckpt:" + best, "best_step": summary["best_step"],
-               "val_perplexity": summary["best_val_perplexity"]}]
-  else:
-    models = [{"checkpoint": "ckpt:" + os.path.join(best, str(i))}
-              for i in range(summary["num_students"])]
+  best = os.path.relpath(summary["best_dir"], out_dir)
+  if summary.get("num_students") is None:  # the best checkpoint may not be the final parameters
+    models = [{"checkpoint": best, "best_step": summary["best_step"],
+               "val_perplexity": summary["best_val_perplexity"],
+               "params_checksum": params_checksum(
+                   loading.load_model_checkpoint(summary["best_dir"])[1])}]
+  else:  # without validation data each student's kept checkpoint is its final parameters
+    models = [{"checkpoint": os.path.join(best, str(i)), "params_checksum": c}
+              for i, c in enumerate(summary["student_checksums"])]
   mark_done(out_dir, {"models": models, "steps": summary["steps"],
                       "final_loss": summary["final_loss"],
                       "params_checksum": summary["params_checksum"]})

@@ -82,11 +82,12 @@ def sample_batch(config, params, prompt_P, key, *, batch_size: int, max_new_toke
   return rows_from_samples(prompt_P, out.tokens_BxN, out.lengths_B, pad_id)
 
 
-def sample_students(config, params_N, step, *, seed: int, prompt: tuple, num_students: int,
+def sample_students(config, params_N, step, *, seed: int, prompt: tuple, streams: tuple,
                     **kw) -> dict:
-  """Every student's on-policy batch [N, B, T] for optimizer step `step` (vmapped sampler)."""
+  """Every student's on-policy batch [N, B, T] for optimizer step `step` (vmapped sampler;
+  student i samples with its stream streams[i])."""
   prompt_P = jnp.asarray(prompt, jnp.int32)
-  keys_N = jax.vmap(lambda i: onpolicy_key(seed, step, i))(jnp.arange(num_students))
+  keys_N = jax.vmap(lambda i: onpolicy_key(seed, step, i))(jnp.asarray(streams, jnp.int32))
   one = functools.partial(sample_batch, config, prompt_P=prompt_P, **kw)
   return jax.vmap(lambda p, k: one(p, key=k))(params_N, keys_N)
 
@@ -95,10 +96,10 @@ class OnPolicyBatches:
   """`source(step, params_N)`: the students' own samples, jitted once (params in, batch out
   sharded like a [N, B, T] training batch)."""
 
-  def __init__(self, config, params_sharding, bsharding, *, seed, prompt, num_students,
+  def __init__(self, config, params_sharding, bsharding, *, seed, prompt, streams,
                batch_size, max_new_tokens, eos_id, pad_id):
     fn = functools.partial(sample_students, config, seed=seed, prompt=tuple(prompt),
-                           num_students=num_students, batch_size=batch_size,
+                           streams=tuple(streams), batch_size=batch_size,
                            max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
     self._fn = jax.jit(fn, in_shardings=(params_sharding, None), out_shardings=bsharding)
 

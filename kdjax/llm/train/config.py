@@ -21,18 +21,22 @@ import shutil
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from kdjax import distributed
 from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, prepare_workdir, require
 from kdjax.llm import data as data_lib
-from kdjax.llm.weights import loading
+from kdjax.llm.model import partition
 from kdjax.llm.model.config import ATTENTION_IMPLS, REMAT_POLICIES
+from kdjax.llm.weights import loading
+from kdjax.objectives import tokens
 
 # fields added after workdirs existed: left out of a run's identity while at their defaults, so
 # an older run's config.json still matches (and resumes)
 _NEW_FIELDS = {"teacher_temperatures": (), "onpolicy": False, "prompt": (), "max_new_tokens": 0,
-               "eos_id": -1, "eval_sequences": 0, "attention": "einsum", "remat": "none"}
+               "eos_id": -1, "eval_sequences": 0, "attention": "einsum", "remat": "none",
+               "common_random_numbers": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,17 @@ class TrainConfig:
   prompt: tuple = ()
   max_new_tokens: int = 0
   eos_id: int = -1
+  # Student i's random streams (initialisation, data order, on-policy sampling keys) are stream i
+  # of the seed; with common_random_numbers every student of the axis uses stream 0, the one a
+  # single model uses: students that differ only in data or temperature start from the same
+  # parameters and read their data in the same order (the study: identity by seed, never by a
+  # student's position; paired comparisons between them carry less noise).
+  common_random_numbers: bool = False
+
+  def stream_ids(self) -> tuple:
+    """The random stream of each student of the axis (one model: (0,))."""
+    n = self.num_students or 1
+    return (0,) * n if self.common_random_numbers else tuple(range(n))
 
   @property
   def num_students(self):
@@ -175,7 +190,6 @@ def validate(cfg: TrainConfig) -> None:
   require(cfg.attention != "cudnn" or cfg.dtype != "float32",
           "--attention=cudnn: cuDNN flash attention needs --dtype=bfloat16 or float16")
   if cfg.teacher:
-    from kdjax.objectives import tokens
     tokens.by_name(cfg.objective)  # one-line error for an unknown objective
   _validate_tempered(cfg)
 
@@ -195,7 +209,7 @@ def _initial_model(spec: str, seed: int, mesh):
     config, preset_seed = loading.parse_preset(spec)
     if preset_seed is None:
       return config, None
-    shardings = sharding_lib.param_shardings(config, mesh)
+    shardings = partition.param_shardings(config, mesh)
     return config, loading.init_preset(config, preset_seed, shardings)
   config, params = load_spec(spec, seed)
   return config, jax.device_get(params)
@@ -258,6 +272,5 @@ def _prepare(cfg: TrainConfig, workdir: str, overwrite: bool) -> bool:
         elif os.path.exists(path):
           os.unlink(path)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     same = int(multihost_utils.broadcast_one_to_all(np.int32(same)))
   return bool(same)

@@ -22,12 +22,12 @@ import numpy as np
 from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding as sharding_lib
 from kdjax.llm import data as data_lib
+from kdjax.llm.model import evaluate, partition
 from kdjax.llm.train.step import StepSpec, _eval_sums
 
 
 def _own_eval_sums(params, batch, spec: StepSpec):
   """(sum of target log-probs, target count), [N] each: student i on batch row-block i."""
-  from kdjax.llm.model import evaluate
   fn = jax.vmap(functools.partial(evaluate.loglik_sums, spec.model))
   return fn(params, batch["input_ids"], batch["attention_mask"].astype(bool), batch["target_mask"])
 
@@ -91,7 +91,7 @@ class Exporter:
   def __init__(self, workdir: str, config, mesh, students: bool):
     self.workdir, self.config, self.students = workdir, config, students
     self.take = jax.jit(lambda p, i: jax.tree.map(lambda x: x[i], p),
-                        out_shardings=sharding_lib.param_shardings(config, mesh))
+                        out_shardings=partition.param_shardings(config, mesh))
 
   def export(self, params, i: int, step: int, ppl) -> None:
     if self.students:

@@ -19,10 +19,17 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from kdjax import compiled as compiled_lib
 from kdjax import sharding as sharding_lib
+from kdjax.llm.model import evaluate
+from kdjax.llm.model import llama as model
+from kdjax.llm.model import partition, sampling
 from kdjax.llm.model.config import LlamaConfig
+from kdjax.llm.train import state as train_state
+from kdjax.llm.train.step import StepSpec, compile_train_step
 
 
 def _abstract(tree, shardings):
@@ -44,8 +51,6 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
 
   num_students: N students vmapped (the study's students stage), each on its own batch [N, B, T]
   (or on one shared batch with shared_batch and a teacher: the token-level KD kinds)."""
-  from kdjax.llm.train import state as train_state
-  from kdjax.llm.train.step import StepSpec, compile_train_step
   spec = StepSpec(model=config, total_steps=1000, num_students=num_students, teacher=teacher,
                   tempered_teacher=teacher is not None, shared_batch=shared_batch,
                   grad_accum=grad_accum)
@@ -59,8 +64,7 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
   args = [_abstract(state, shardings), tokens, None]
   tsh = None
   if teacher is not None:
-    from kdjax.llm.model import llama as model
-    tsh = sharding_lib.param_shardings(teacher, mesh)
+    tsh = partition.param_shardings(teacher, mesh)
     args[2] = _abstract(jax.eval_shape(lambda: model.init_params(teacher, jax.random.PRNGKey(0))),
                         tsh)
     temps = (num_students,) if num_students is not None else ()
@@ -71,7 +75,6 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
 
 def _abstract_params(config: LlamaConfig, sharding):
   """The model's parameters as abstract arrays, every leaf with `sharding`."""
-  from kdjax.llm.model import llama as model
   tree = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
@@ -79,8 +82,6 @@ def _abstract_params(config: LlamaConfig, sharding):
 def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
   """The sampler as pipeline.sample_dataset runs it (sampling._sample_jit): params replicated on
   the mesh's devices, the batch split over its `data` axis."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from kdjax.llm.model import sampling
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -95,8 +96,6 @@ def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_toke
 
 def scorer(config: LlamaConfig, mesh, batch: int, seq_len: int) -> dict:
   """One scoring batch as pipeline.mean_loglik runs it (evaluate._sums_jit, data-parallel)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from kdjax.llm.model import evaluate
   rows = NamedSharding(mesh, P("data"))
   arr = lambda dtype: jax.ShapeDtypeStruct((batch, seq_len), dtype, sharding=rows)
   started = time.perf_counter()

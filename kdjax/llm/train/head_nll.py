@@ -23,6 +23,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from kdjax import sharding as sharding_lib
 
 # Rows (batch x positions) per chunk: enough for the matmuls to run near full speed, few enough
 # that a chunk's float32 logits (rows x V x 4 bytes: 50 MB at V = 49152) stay close to the cache.
@@ -163,9 +166,7 @@ def over_batch_shards(fn, args: tuple, batch_dims: tuple):
   devices once per call (the transpose of `pcast` to varying), not once per chunk as XLA's
   partitioner does with the batch-sharded chunks of a global loop. Elsewhere: fn(*args).
   """
-  from jax.sharding import PartitionSpec as P
 
-  from kdjax import sharding as sharding_lib
   mesh = jax.sharding.get_abstract_mesh()
   axes = () if mesh.empty else sharding_lib.batch_axes(mesh)
   if not axes:

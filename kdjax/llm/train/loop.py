@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from kdjax.llm.model import partition
 from kdjax import checkpoint as ckpt_lib
 from kdjax import distributed
 from kdjax import sharding as sharding_lib
@@ -67,10 +68,11 @@ def _datasets(cfg: TrainConfig, workdir: str, vocab_size: int):
   per student)."""
   dirs = [resolve_dataset(s, workdir, vocab_size, cfg.seed + 1000 * i, f"train{i}")
           for i, s in enumerate(cfg.train_data)]
+  streams = cfg.stream_ids() if len(dirs) > 1 else (0,)
   iters = [data_lib.BatchIterator(data_lib.load_dataset_dir(d, vocab_size, cfg.seq_len),
-                                  cfg.batch_size, cfg.seq_len, seed=cfg.seed + i,
-                                  pad_id=cfg.pad_id, name=f"--train_data {d}")
-           for i, d in enumerate(dirs)]
+                                  cfg.batch_size, cfg.seq_len,
+                                  seed=cfg.seed + s, pad_id=cfg.pad_id, name=f"--train_data {d}")
+           for s, d in zip(streams, dirs)]
   val_rows = [data_lib.TokenRows(data_lib.load_dataset_dir(resolve_dataset(
       s, workdir, vocab_size, cfg.seed + 999_999 + 1000 * i, f"val{i or ''}"),
       vocab_size, cfg.seq_len))
@@ -90,7 +92,8 @@ def step_spec(cfg: TrainConfig, config, teacher_config, total: int) -> StepSpec:
                   grad_accum=cfg.grad_accum, num_students=cfg.num_students,
                   teacher=teacher_config, objective=cfg.objective,
                   kd_temperature=cfg.kd_temperature, tempered_teacher=tempered,
-                  shared_batch=tempered and not cfg.onpolicy)
+                  shared_batch=tempered and not cfg.onpolicy,
+                  common_streams=cfg.common_random_numbers)
 
 
 def batch_source(cfg: TrainConfig, spec: StepSpec, mesh, shardings, iters, positions):
@@ -101,7 +104,7 @@ def batch_source(cfg: TrainConfig, spec: StepSpec, mesh, shardings, iters, posit
   gshape = (spec.num_students, cfg.batch_size, t) if stacked else (cfg.batch_size, t)
   if cfg.onpolicy:
     return OnPolicyBatches(spec.model, shardings["params"], bsharding, seed=cfg.seed,
-                           prompt=cfg.prompt, num_students=spec.num_students,
+                           prompt=cfg.prompt, streams=cfg.stream_ids(),
                            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
                            eos_id=cfg.eos_id, pad_id=cfg.pad_id), bsharding
   return DatasetBatches(iters, stacked, positions, bsharding, gshape), bsharding
@@ -111,7 +114,7 @@ def _place_teacher(teacher_config, teacher_params, mesh):
   """(teacher params on the mesh, their shardings); (None, None) without a teacher."""
   if teacher_config is None:
     return None, None
-  tshard = sharding_lib.param_shardings(teacher_config, mesh)
+  tshard = partition.param_shardings(teacher_config, mesh)
   return jax.device_put(teacher_params, tshard), tshard
 
 

@@ -15,27 +15,30 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdjax.llm.model import partition
 from kdjax import sharding as sharding_lib
 from kdjax.llm.model import llama as model
 from kdjax.llm.train.step import StepSpec, make_optimizer
 
 
 def _init_fn(spec: StepSpec, key, params=None):
-  """The initial state from a PRNG key (random init: student i from fold_in(key, i)) or params."""
+  """The initial state from a PRNG key (random init: student i from fold_in(key, i), or every
+  student from fold_in(key, 0) with spec.common_streams) or params."""
   tx = make_optimizer(spec)
   n = spec.num_students
+  streams = jnp.zeros((n or 1,), jnp.int32) if spec.common_streams else jnp.arange(n or 1)
   if params is None:
     if n is None:
       params = model.init_params(spec.model, jax.random.fold_in(key, 0))
     else:
-      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+      keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(streams)
       params = jax.vmap(lambda k: model.init_params(spec.model, k))(keys)
   elif n is not None:
     params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), params)
   opt_state = tx.init(params) if n is None else jax.vmap(tx.init)(params)
   rng = jax.random.fold_in(key, 1 << 20)  # raw uint32[2] key: plain data in checkpoints
   if n is not None:
-    rng = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(n))
+    rng = jax.vmap(lambda i: jax.random.fold_in(rng, i))(streams)
   return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": rng}
 
 
@@ -46,7 +49,7 @@ def _path_key(path) -> tuple:
 def state_shardings(spec: StepSpec, mesh, abstract_state):
   """Shardings of the whole state: params by the logical-axis table, optimizer moments like the
   parameter they belong to (matched by tree path and shape), everything else replicated."""
-  pshard = sharding_lib.param_shardings(spec.model, mesh, spec.num_students)
+  pshard = partition.param_shardings(spec.model, mesh, spec.num_students)
   by_path = {}
   for (path, s), a in zip(jax.tree_util.tree_flatten_with_path(pshard)[0],
                           jax.tree.leaves(abstract_state["params"])):

@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import optax
 
 from kdjax import sharding as sharding_lib
-from kdjax.llm.train import head_nll
+from kdjax.llm.model import evaluate
 from kdjax.llm.model import llama as model
 from kdjax.llm.model import targets
 from kdjax.llm.model.config import LlamaConfig
+from kdjax.llm.train import head_kd, head_nll
+from kdjax.objectives import tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +53,8 @@ class StepSpec:
   kd_temperature: float = 1.0       # tempers both models (unless tempered_teacher)
   tempered_teacher: bool = False    # target softmax(z_teacher / T), T = the step's temperatures
   shared_batch: bool = False        # one [B, T] batch for all students, teacher once per batch
+  common_streams: bool = False      # every student initialised from stream 0 (TrainConfig's
+  #                                   common_random_numbers)
 
 
 def wsd_schedule(peak: float, total_steps: int, warmup_frac: float, decay_frac: float):
@@ -130,7 +134,6 @@ def teacher_head_inputs(spec: StepSpec, teacher_params, batch):
 def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
   """The objective's mean over target tokens, both models tempered by spec.kd_temperature
   (train_lm's --kd_temperature; the teacher-only tempered kinds take the fused path below)."""
-  from kdjax.objectives import tokens
   return tokens.by_name(spec.objective)(logits_BxTxV, teacher_BxTxV, tmask_BxT,
                                         spec.kd_temperature)
 
@@ -138,7 +141,6 @@ def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
 def _head_kd(spec: StepSpec, x_NxBxTxD, w_N, teacher, inv_temps_N, targets_BxT, tmask_BxT):
   """kdjax.llm.train.head_kd.head_kd_sums of N students' hidden states and head weights against the
   teacher's (hidden states, head weight), on each device's own rows (head_nll.over_batch_shards)."""
-  from kdjax.llm.train import head_kd
   layouts = (_layout(spec.model), _layout(spec.teacher))
   fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts)
   return head_nll.over_batch_shards(
@@ -310,7 +312,6 @@ def compile_train_step(spec: StepSpec, shardings, batch_sharding, teacher_shardi
 
 def _eval_sums(params, batch, spec: StepSpec):
   """(sum of target log-probs, target count) of a validation batch ([N] each with students)."""
-  from kdjax.llm.model import evaluate
   fn = functools.partial(evaluate.loglik_sums, spec.model)
   if spec.num_students is not None:
     fn = jax.vmap(fn, in_axes=(0, None, None, None))

@@ -27,10 +27,12 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from kdjax import checkpoint
 from kdjax.cli import UserError, read_json
-from kdjax.llm.weights import convert
-from kdjax.llm.weights import gguf_io
+from kdjax.llm.model import llama
 from kdjax.llm.model.config import LlamaConfig, get_preset
+from kdjax.llm.model.llama import init_params
+from kdjax.llm.weights import convert, gguf_io
 
 SCHEMES = ("gguf", "hf", "ckpt", "preset")
 _SPEC_HELP = "expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME[@SEED]"
@@ -66,7 +68,6 @@ def parse_preset(spec: str) -> tuple[LlamaConfig, Optional[int]]:
 def init_preset(config: LlamaConfig, seed: int, shardings=None):
   """The random init `preset:NAME@SEED` names, everywhere: init_params from jax.random.key(seed);
   born sharded on `shardings` when given (the same values: threefry keys are partitionable)."""
-  from kdjax.llm.model.llama import init_params
   init = jax.jit(init_params, static_argnums=0, out_shardings=shardings)
   return init(config, jax.random.key(seed))
 
@@ -92,12 +93,28 @@ def load_model(spec: str, default_seed: int = 0) -> tuple[LlamaConfig, Any]:
   elif scheme == "hf":
     config, params = convert.load_hf(_require_dir(rest, spec))
   elif scheme == "ckpt":
-    from kdjax.checkpoint import load_model_checkpoint
     return load_model_checkpoint(_require_dir(rest, spec))
   else:
     config, seed = parse_preset(spec)
     return config, init_preset(config, default_seed if seed is None else seed)
   return config, jax.tree.map(jnp.asarray, params)
+
+
+def abstract_params(config: LlamaConfig):
+  """The parameter tree a config implies, as ShapeDtypeStructs (no memory)."""
+  return jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+
+
+def load_model_checkpoint(directory: str, sharding=None) -> tuple[LlamaConfig, Any]:
+  """(LlamaConfig, params) from a standalone model checkpoint (kdjax.checkpoint.export_model).
+  Params land on `sharding` (a pytree of shardings, or one sharding for all leaves); by default
+  on the first local device."""
+  d = checkpoint.require_model_checkpoint(directory)
+  try:
+    config = LlamaConfig.from_dict(d)
+  except (ValueError, TypeError) as e:
+    raise UserError(f"ckpt:{directory}: unreadable {checkpoint.MODEL_CONFIG}: {e}") from None
+  return config, checkpoint.restore_params(directory, abstract_params(config), sharding)
 
 
 def describe_spec(spec: str) -> tuple[LlamaConfig, dict]:
@@ -144,8 +161,7 @@ def validate_spec(spec: str) -> LlamaConfig:
   elif scheme == "hf":
     shapes = {name: shape for name, (shape, _) in convert.hf_tensor_table(rest).items()}
   elif scheme == "ckpt":
-    from kdjax.checkpoint import check_model_checkpoint
-    check_model_checkpoint(rest, config)
+    checkpoint.check_model_checkpoint(rest, abstract_params(config))
     return config
   else:
     return config
@@ -155,7 +171,6 @@ def validate_spec(spec: str) -> LlamaConfig:
 
 def _ckpt_config(folder: str) -> LlamaConfig:
   """The config of a kdjax.checkpoint model export (model_config.json), without its params."""
-  from kdjax import checkpoint
   path = os.path.join(folder, checkpoint.MODEL_CONFIG)
   if not checkpoint.is_model_checkpoint(folder):
     raise UserError(f"ckpt:{folder} is not a kdjax model checkpoint (needs {checkpoint.MODEL_CONFIG} "

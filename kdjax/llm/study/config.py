@@ -1,0 +1,139 @@
+"""The SmolLM2 study's configuration: every knob of the pipeline (kdjax/llm/study/pipeline.py) and
+the range of each. Student kinds are kdjax/llm/study/kinds.py's table."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+from kdjax.cli import require
+from kdjax.llm.model.config import ATTENTION_IMPLS, REMAT_POLICIES
+from kdjax.llm.study import kinds as kindlib
+from kdjax.llm.study.kinds import student_name
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+  """One run of the study. Field names are the flag names of experiments/llm.py."""
+  ground_truth: str = "gguf:default"     # p*: gguf:PATH|default, hf:DIR, ckpt:DIR, preset:...
+  tokenizer: str = ""                    # "" = the ground truth's; "bytes" = byte-level (tests)
+  prompt: str = "The"
+  teacher: str = "preset:tiny-49k"       # p' from scratch: preset:NAME[@SEED] (default: --seed)
+  student: str = "preset:micro-49k"      # p'' from scratch: preset:NAME[@SEED] (default: each seed)
+  temperatures: tuple = (0.8, 0.875, 0.95, 1.0)
+  students: tuple = ("direct", "seqkd")  # student kinds (KINDS); all but direct at every T
+  num_seeds: int = 1
+  seed: int = 0
+  num_train: int = 4096                  # p* training sequences
+  num_val: int = 512                     # p* validation sequences: recall's test set, nothing else
+  num_select: int = 512                  # p* sequences held out to select the teacher's checkpoint
+  teacher_num_train: int = 4096          # teacher samples per temperature (KD training set)
+  teacher_num_val: int = 256             # teacher samples per temperature (KD validation set)
+  num_eval_samples: int = 512            # student samples per student (precision's test set)
+  max_new_tokens: int = 32
+  sample_batch_size: int = 64
+  shard_size: int = 512
+  teacher_epochs: int = 1
+  student_epochs: int = 1
+  batch_size: int = 32
+  learning_rate: float = 5e-4
+  warmup_fraction: float = 0.01
+  decay_fraction: float = 0.2
+  weight_decay: float = 0.1
+  eval_every: int = 0                    # teacher validation (best checkpoint) every N steps; 0 = per epoch
+  checkpoint_every: int = 50             # training checkpoints (resume after a kill) every N steps
+  eval_batch_size: int = 64
+  eval_sequences: int = 0                # validate (select checkpoints) on the first N only; 0 = all
+  dtype: str = "float32"
+  mesh: str = ""                         # e.g. "data=1,fsdp=8,tensor=1"; "" = all devices on data
+  embedding_map: str = "umap"            # embedding_map.png: umap (umap-learn), pca, or none
+  knn_k: int = 3                         # the k of the k-NN precision / recall
+  attention: str = "einsum"              # LlamaConfig.attention in training: einsum, dot_product, cudnn
+  remat: str = "none"                    # LlamaConfig.remat of trained models: none, layer, dots
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["temperatures"] = list(self.temperatures)
+    d["students"] = list(self.students)
+    return d
+
+  @property
+  def seeds(self) -> list[int]:
+    return [self.seed + i for i in range(self.num_seeds)]
+
+  def student_groups(self) -> list[tuple[str, list[tuple[str, Optional[float]]]]]:
+    """[(kind, [(name, T)])]: one training run per kind (its students vmapped over the
+    temperatures), in --students order; direct has the one student ('direct', None)."""
+    return [(kind, kindlib.get(kind).names(self.temperatures)) for kind in self.students]
+
+  def student_names(self) -> list[str]:
+    """Every student's name: 'direct' and '<kind>_T<t>' per kind and temperature, in flag order."""
+    return [name for _, group in self.student_groups() for name, _ in group]
+
+
+EMBEDDING_MAPS = ("umap", "pca", "none")
+
+
+def kd_name(temperature: float) -> str:
+  """The sequence-level KD student's name at a temperature."""
+  return student_name("seqkd", temperature)
+
+
+def validate(cfg: StudyConfig) -> None:
+  """Every flag's range, with a one-line error naming the flag."""
+  require(len(cfg.temperatures) > 0, "--temperatures: give at least one temperature")
+  for t in cfg.temperatures:
+    require(math.isfinite(t) and t > 0, f"--temperatures: {t:g} is not a positive temperature")
+  require(len(set(kd_name(t) for t in cfg.temperatures)) == len(cfg.temperatures),
+          "--temperatures: a temperature is repeated")
+  require(len(cfg.students) > 0, "--students: give at least one student kind")
+  for kind in cfg.students:
+    kindlib.get(kind)  # a one-line error naming the known kinds
+  require(len(set(cfg.students)) == len(cfg.students), "--students: a kind is repeated")
+  for name in ("num_seeds", "num_train", "num_val", "num_select", "teacher_num_train",
+               "teacher_num_val", "num_eval_samples", "max_new_tokens", "sample_batch_size",
+               "shard_size", "batch_size", "eval_batch_size"):
+    require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
+  require(cfg.seed >= 0, f"--seed={cfg.seed}: must be >= 0")
+  for name in ("eval_every", "checkpoint_every"):
+    require(getattr(cfg, name) >= 0, f"--{name}={getattr(cfg, name)}: must be >= 0")
+  for name in ("teacher_epochs", "student_epochs"):
+    require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
+  require(cfg.num_train >= cfg.batch_size and cfg.teacher_num_train >= cfg.batch_size,
+          f"--batch_size={cfg.batch_size}: more than --num_train or --teacher_num_train sequences")
+  for name in ("learning_rate",):
+    v = getattr(cfg, name)
+    require(math.isfinite(v) and v > 0, f"--{name}={v}: must be a positive number")
+  require(0 <= cfg.warmup_fraction < 1, f"--warmup_fraction={cfg.warmup_fraction}: must be in [0, 1)")
+  require(0 <= cfg.decay_fraction <= 1, f"--decay_fraction={cfg.decay_fraction}: must be in [0, 1]")
+  require(cfg.warmup_fraction + cfg.decay_fraction <= 1,
+          "--warmup_fraction + --decay_fraction must be <= 1")
+  require(cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay}: must be >= 0")
+  require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
+  require(cfg.embedding_map in EMBEDDING_MAPS,
+          f"--embedding_map={cfg.embedding_map!r}: one of {', '.join(EMBEDDING_MAPS)}")
+  require(cfg.knn_k >= 1, f"--knn_k={cfg.knn_k}: must be >= 1")
+  require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences}: must be >= 0 (0: all)")
+  require(cfg.eval_sequences <= cfg.num_select, f"--eval_sequences={cfg.eval_sequences}: more "
+          f"than the {cfg.num_select} --num_select sequences the teacher is selected on")
+  require(cfg.remat in REMAT_POLICIES, f"--remat={cfg.remat!r}: expected "
+          f"{', '.join(REMAT_POLICIES)}")
+  require(cfg.attention in ATTENTION_IMPLS,
+          f"--attention={cfg.attention!r}: expected {', '.join(ATTENTION_IMPLS)}")
+  require(bool(cfg.prompt), "--prompt: must not be empty")
+  for name in ("ground_truth", "teacher", "student"):
+    spec = getattr(cfg, name)
+    require(":" in spec,
+            f"--{name}={spec!r}: expected gguf:PATH, hf:DIR, ckpt:DIR or preset:NAME[@SEED]")
+  for name in ("teacher", "student"):
+    require(getattr(cfg, name).startswith("preset:"),
+            f"--{name}={getattr(cfg, name)!r}: the study trains from scratch; give "
+            "preset:NAME[@SEED]")
+
+
+def config_from_dict(d: dict[str, Any]) -> StudyConfig:
+  d = dict(d)
+  d["temperatures"] = tuple(d.get("temperatures", StudyConfig.temperatures))
+  d["students"] = tuple(d.get("students", StudyConfig.students))
+  return StudyConfig(**d)

@@ -1,0 +1,77 @@
+"""The student kinds of the SmolLM2 study, as one table every other module reads.
+
+A kind says where a student's training sequences come from, what it is trained to match, how many
+students it has per seed, what its training costs beyond its own forward and backward pass, and
+which held-out set measures its fit. The pipeline, the cache keys, the plan and the hardware
+estimate all read `KINDS` instead of branching on names.
+
+  direct         p*'s training samples, next-token NLL: the baseline (one student per seed)
+  seqkd          the teacher's samples at T, next-token NLL: the paper's sequence-level KD
+  fkl ... tvd    p*'s training sequences; at every position the target softmax(teacher logits / T)
+                 (student untempered; kdjax.objectives.tokens): token-level KD
+  onpolicy_*     the student's own samples (T = 1, from the prompt) each step, the same target
+                 (GKD with student-data fraction 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kdjax.cli import UserError
+
+# where a kind's training sequences come from
+PSTAR, TEACHER_SAMPLES, OWN_SAMPLES = "pstar", "teacher_samples", "own_samples"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudentKind:
+  name: str
+  data: str                 # PSTAR, TEACHER_SAMPLES (at each T) or OWN_SAMPLES (each step)
+  objective: str            # "nll" (maximum likelihood on the data) or a token-level KD loss
+  per_temperature: bool     # one student per teacher temperature (all but direct)
+  teacher_forwards: int     # teacher forward passes per training batch: 0, 1 (one serves every T)
+  #                           or -1 (one per student: each student's own sequences)
+
+  @property
+  def distills_tokens(self) -> bool:
+    """Trained against the teacher's next-token distributions (reads the teacher's weights)."""
+    return self.objective != "nll"
+
+  @property
+  def onpolicy(self) -> bool:
+    return self.data == OWN_SAMPLES
+
+  @property
+  def held_out(self) -> str:
+    """The held-out samples of its training distribution (validation perplexity): the teacher's
+    at T for seqkd; p*'s validation set for every other kind (an on-policy student's data have no
+    held-out set: p*'s stands in)."""
+    return TEACHER_SAMPLES if self.data == TEACHER_SAMPLES else PSTAR
+
+  def names(self, temperatures) -> list[tuple[str, float | None]]:
+    """[(student name, T)]: ('direct', None) for direct, ('<kind>_T<t>', t) per T otherwise."""
+    if not self.per_temperature:
+      return [(self.name, None)]
+    return [(student_name(self.name, t), t) for t in temperatures]
+
+
+TOKEN_LOSSES = ("fkl", "rkl", "jsd", "skl", "tvd")
+
+KINDS: dict[str, StudentKind] = {k.name: k for k in (
+    StudentKind("direct", PSTAR, "nll", per_temperature=False, teacher_forwards=0),
+    StudentKind("seqkd", TEACHER_SAMPLES, "nll", per_temperature=True, teacher_forwards=0),
+    *(StudentKind(loss, PSTAR, loss, per_temperature=True, teacher_forwards=1)
+      for loss in TOKEN_LOSSES),
+    *(StudentKind(f"onpolicy_{loss}", OWN_SAMPLES, loss, per_temperature=True, teacher_forwards=-1)
+      for loss in ("fkl", "rkl", "jsd")),
+)}
+
+
+def get(name: str) -> StudentKind:
+  if name not in KINDS:
+    raise UserError(f"--students: unknown kind {name!r}; known: {', '.join(KINDS)}")
+  return KINDS[name]
+
+
+def student_name(kind: str, temperature: float) -> str:
+  return f"{kind}_T{temperature:g}"

@@ -1,0 +1,79 @@
+"""The study's results: one row per seed and student from the units' scores, results.json /
+results.csv / figures (kdjax/llm/study/plots.py), and the embedding map."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from kdjax import cli, sample_metrics
+from kdjax.llm import data
+from kdjax.llm.model import embeddings
+from kdjax.llm.study import embedding_map, plots, units
+from kdjax.llm.study.config import StudyConfig
+
+
+def generated_tokens(path: str) -> list[list[int]]:
+  """Each sampled row's generated tokens (after its prompt; the EOS included when sampled)."""
+  rows = data.TokenRows(data.load_dataset_dir(path))
+  return [rows.row(i)[rows.prompt_lens[i]:].tolist() for i in range(len(rows))]
+
+
+def results_rows(cfg: StudyConfig, workdir: str) -> list[dict]:
+  """One row per seed and student: objective (the kind), temperature (None for direct), seed,
+  precision, recall, val_perplexity, and the sample-based measures of its samples
+  (kdjax.sample_metrics.sample_measures: knn_precision, knn_recall and mauve against p*'s
+  reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens)."""
+  path = lambda rel: os.path.join(workdir, rel)  # noqa: E731
+  reference = embeddings.load(path(units.PSTAR_EMBEDDINGS_REL))
+  rows = []
+  for seed in cfg.seeds:
+    for kind, group in cfg.student_groups():
+      for name, t in group:
+        scores = path(units.scores_rel(seed, name))
+        s = units.read_record(scores)
+        rows.append({"objective": kind, "temperature": t, "seed": seed,
+                     "precision": s["precision"], "recall": s["recall"],
+                     "val_perplexity": s["val_perplexity"],
+                     **sample_metrics.sample_measures(
+                         reference, embeddings.load(scores),
+                         generated_tokens(path(units.student_samples_rel(seed, name))),
+                         k=cfg.knn_k, seed=cfg.seed)})
+  return rows
+
+
+def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
+  """results.csv and figures first, results.json last. results.json holds the flags of the run that
+  wrote it, its rows, and the summary (mean and standard error over seeds per objective and T)."""
+  summary = plots.summarize(rows)
+  plots.write_csv(rows, os.path.join(workdir, "results.csv"))
+  plots.write_figures(rows, workdir, title=f"p* = {cfg.ground_truth}, teacher {cfg.teacher}, "
+                      f"students {cfg.student}")
+  cli.atomic_write_json(os.path.join(workdir, "results.json"),
+                        {"config": cfg.to_dict(), "rows": rows, "summary": summary})
+
+
+def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> None:
+  """embedding_map.png (--embedding_map: umap, pca; none removes a previous run's map): p*'s
+  reference samples and every student's (all seeds) in one 2-D map fitted on p*'s, seeded by
+  --seed; each panel's title gives the student's k-NN precision and recall (mean over seeds)."""
+  path = os.path.join(workdir, embedding_map.FIGURE)
+  if cfg.embedding_map == "none":
+    if os.path.exists(path):
+      os.remove(path)
+    return
+  panels = []
+  for e in plots.summarize(rows):
+    names = [n for kind, group in cfg.student_groups() if kind == e["objective"]
+             for n, t in group if t == e["temperature"]]
+    emb = [embeddings.load(os.path.join(workdir, units.scores_rel(seed, names[0])))
+           for seed in cfg.seeds]
+    panels.append(embedding_map.Panel(e["objective"], e["temperature"], np.concatenate(emb),
+                                      e["knn_precision_mean"], e["knn_recall_mean"]))
+  written = embedding_map.write(
+      path, embeddings.load(os.path.join(workdir, units.PSTAR_EMBEDDINGS_REL)), panels,
+      method=cfg.embedding_map, seed=cfg.seed,
+      title=f"p* = {cfg.ground_truth}; students {cfg.student}, seeds {cfg.seeds}")
+  if not written and os.path.exists(path):
+    os.remove(path)
