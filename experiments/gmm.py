@@ -2,8 +2,9 @@
 
   python -m experiments.gmm --flagfile=experiments/flags/gmm_paper.flags --workdir=DIR
 
-Writes DIR/config.json, DIR/results.json {"rows", "timing", "summary", ...}, DIR/results.csv and
-DIR/*.png (precision / recall vs beta, precision vs recall, density panels). See kdjax/gmm/study.py.
+Writes DIR/config.json, DIR/results.json {"rows", "timing", "summary", "entropy_slopes", ...},
+DIR/results.csv and DIR/*.png (precision / recall vs beta and vs the teacher's entropy per knob,
+precision vs recall, density panels). See kdjax/gmm/study.py.
 """
 
 import time
@@ -24,6 +25,13 @@ _N_EVAL = flags.DEFINE_integer("n_eval", 10000, "Monte Carlo samples per precisi
 _BETA_MIN = flags.DEFINE_float("beta_min", 1.0, "smallest teacher sharpening beta (> 0)")
 _BETA_MAX = flags.DEFINE_float("beta_max", 100.0, "largest beta (>= beta_min)")
 _NUM_BETAS = flags.DEFINE_integer("num_betas", 32, "betas, geometric from beta_min to beta_max")
+_KNOBS = flags.DEFINE_string("knobs", "beta", "how the teacher is made selective, swept in one "
+                             "call: beta (sharpening), then any of top_p (smallest set of its "
+                             "components holding mass p) and top_k (its k heaviest)")
+_TOP_P = flags.DEFINE_string("top_p_values", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                             "comma list of p in (0, 1] for --knobs=...,top_p")
+_TOP_K = flags.DEFINE_string("top_k_values", "1,2,3,4",
+                             "comma list of k >= 1 for --knobs=...,top_k")
 _NUM_SEEDS = flags.DEFINE_integer("num_seeds", 16, "seeds seed..seed+num_seeds-1")
 _SEED = flags.DEFINE_integer("seed", 0, "first seed")
 _OBJECTIVES = flags.DEFINE_string("objectives", "direct,seqkd,fkl,rkl,jsd",
@@ -63,9 +71,20 @@ def _summary_text(label: str, e: dict) -> str:
   return text + (f" ({e['left_out']} rows left out)" if e["left_out"] else "")
 
 
+def _ci(e: dict) -> str:
+  if e["lo"] is None:
+    return _fmt(e["mean"])
+  return f"{e['mean']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
+
+
+def _slope_text(e: dict) -> str:
+  return f"{_ci(e['precision'])} / {_ci(e['recall'])}"
+
+
 def main(argv):
   cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
-  from kdjax.gmm import ground_truth, plots, report, study  # after flag parsing: fast errors
+  # after flag parsing: fast errors
+  from kdjax.gmm import ground_truth, knobs, plots, report, study
   objectives = tuple(o.strip() for o in _OBJECTIVES.value.split(",") if o.strip())
   cfg = study.StudyConfig(
       n_train=_N_TRAIN.value, teacher_components=_TEACHER_K.value,
@@ -81,22 +100,31 @@ def main(argv):
   cli.require(_BETA_MIN.value > 0, f"--beta_min={_BETA_MIN.value}: must be > 0")
   cli.require(_BETA_MAX.value >= _BETA_MIN.value,
               f"--beta_max={_BETA_MAX.value}: must be >= --beta_min={_BETA_MIN.value}")
+  knob_names = tuple(k.strip() for k in _KNOBS.value.split(",") if k.strip())
+  top_p_values = cli.parse_float_list("top_p_values", _TOP_P.value)
+  top_k_values = cli.parse_float_list("top_k_values", _TOP_K.value)
+  cli.require(all(k == int(k) for k in top_k_values),
+              f"--top_k_values={_TOP_K.value}: expected whole numbers")
+  betas = study.geometric_betas(_BETA_MIN.value, _BETA_MAX.value, _NUM_BETAS.value)
+  labels, betas, truncation = knobs.grid(knob_names, betas, top_p_values, top_k_values,
+                                         cfg.teacher_components)
   p_star = ground_truth.ground_truth(_GT.value, _GT_SEED.value)
   cli.require(_WORKDIR.value, "--workdir is required")
   config = dict(cfg.to_dict(), ground_truth=_GT.value, ground_truth_seed=_GT_SEED.value,
                 beta_min=_BETA_MIN.value, beta_max=_BETA_MAX.value, num_betas=_NUM_BETAS.value,
-                num_seeds=_NUM_SEEDS.value, seed=_SEED.value)
+                num_seeds=_NUM_SEEDS.value, seed=_SEED.value, knobs=",".join(knob_names),
+                top_p_values=top_p_values if "top_p" in knob_names else None,
+                top_k_values=[int(k) for k in top_k_values] if "top_k" in knob_names else None)
   cli.prepare_workdir(_WORKDIR.value, config, _OVERWRITE.value)
 
   seeds = list(range(_SEED.value, _SEED.value + _NUM_SEEDS.value))
-  betas = study.geometric_betas(_BETA_MIN.value, _BETA_MAX.value, _NUM_BETAS.value)
-  logging.info("GMM study: %d seeds x %d betas, objectives %s", len(seeds), len(betas),
-               ",".join(cfg.methods))
-  out, timing = study.compile_and_run(cfg, p_star, seeds, betas)
+  logging.info("GMM study: %d seeds x %d teacher settings (knobs %s), objectives %s", len(seeds),
+               len(labels), ",".join(knob_names), ",".join(cfg.methods))
+  out, timing = study.compile_and_run(cfg, p_star, seeds, betas, truncation)
   logging.info("compile %.2f s, sweep %.2f s for %d configurations (%.0f configs/s)",
                timing["compile_seconds"], timing["sweep_seconds"], timing["configs"],
                timing["configs"] / timing["sweep_seconds"])
-  rows = report.rows_from_outputs(cfg.methods, out, seeds, betas)
+  rows = report.rows_from_outputs(cfg.methods, out, seeds, betas, labels)
   result = report.write_results(_WORKDIR.value, rows, timing, config)
   t0 = time.perf_counter()
   plots.write_all(_WORKDIR.value, rows, p_star, out, cfg.methods, betas, x_train=out["x_train"][0])
@@ -105,6 +133,9 @@ def main(argv):
     logging.warning("%s", line)
   for m, entry in result["summary"].items():
     logging.info("%-7s %s", m, "  ".join(_summary_text(label, e) for label, e in entry.items()))
+  for m, per_knob in result["entropy_slopes"].items():
+    logging.info("%-7s per nat of teacher entropy, precision / recall (95%% t-interval over seeds)"
+                 ": %s", m, "  ".join(f"{k} {_slope_text(e)}" for k, e in per_knob.items()))
   for m, a in result.get("knn_agreement", {}).items():
     logging.info("%-7s over %d betas, rank correlation of precision with knn precision %s, of "
                  "recall with knn recall %s", m, a["betas"], _fmt(a["spearman_precision"]),

@@ -1,4 +1,5 @@
-"""Gaussian mixtures as a pytree: density, reparameterized sampling, weight entropy, sharpening.
+"""Gaussian mixtures as a pytree: density, reparameterized sampling, entropy, sharpening and
+truncation (top-p / top-k of the components).
 
 A `Mixture` holds K Gaussians in D dimensions in unconstrained form, so the same pytree is what EM
 returns and what an optax optimizer updates:
@@ -288,6 +289,36 @@ def sharpen(m: Mixture, beta: jax.Array) -> Mixture:
   """The paper's entropy knob: weights^beta renormalised (beta=1: unchanged; beta->inf: argmax)."""
   beta = jnp.asarray(beta, m.logits.dtype)
   return m._replace(logits=beta * log_weights(m))
+
+
+def truncate(m: Mixture, top_p: jax.Array, top_k: jax.Array) -> Mixture:
+  """The mixture restricted to its heaviest components, renormalised (dropped: logit -inf).
+
+  Components are ranked by weight, heaviest first, ties by index (the lower first, as
+  jax.lax.top_k and the LLM sampler rank them). top_k keeps the first k (k >= K: all); top_p keeps
+  the smallest prefix holding mass >= p, i.e. every component whose heavier-ranked ones hold less
+  than p (p >= 1: all, whatever the rounding of the masses). Both are traced arrays (top_k an
+  integer one), so one program sweeps them; the first-ranked component is always kept, and with
+  every component kept the logits are returned unchanged, bit for bit.
+  """
+  w_K = weights(m)
+  k = w_K.shape[-1]
+  i_K = jnp.arange(k)
+  # ahead_KxK[i, j]: component j ranks before component i
+  ahead_KxK = (w_K[None, :] > w_K[:, None]) | ((w_K[None, :] == w_K[:, None])
+                                                & (i_K[None, :] < i_K[:, None]))
+  rank_K = jnp.sum(ahead_KxK, axis=-1)
+  mass_before_K = jnp.sum(jnp.where(ahead_KxK, w_K[None, :], 0.0), axis=-1)
+  top_p = jnp.asarray(top_p, w_K.dtype)
+  keep_K = (rank_K < jnp.asarray(top_k)) & ((mass_before_K < top_p) | (top_p >= 1))
+  return m._replace(logits=jnp.where(keep_K, m.logits, -jnp.inf))
+
+
+def entropy(m: Mixture, key: jax.Array, n: int) -> jax.Array:
+  """The mixture's differential entropy -E_m[log m(x)] in nats, by Monte Carlo over about n draws
+  (stratified over components by systematic sampling, antithetic: `expectation`). The same key
+  gives the same standard draws for every mixture of the same shape (common random numbers)."""
+  return expectation(m, key, n, lambda x_NxD: -log_prob(m, x_NxD), weight_gradients=False)
 
 
 def moment_match(m: Mixture, diag: bool) -> Mixture:

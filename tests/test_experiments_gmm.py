@@ -41,14 +41,23 @@ def test_results_json_rows_and_timing(smoke_run):
   assert objectives == {"direct", "seqkd", "fkl", "rkl", "jsd", "exact"}
   direct = [r for r in rows if r["objective"] == "direct"]
   assert len(direct) == 2 and all(r["beta"] is None for r in direct)  # 2 seeds, beta-free
-  seqkd = [r for r in rows if r["objective"] == "seqkd"]
+  seqkd = [r for r in rows if r["objective"] == "seqkd" and r["knob"] == "beta"]
   assert len(seqkd) == 2 * 3
   assert sorted({r["beta"] for r in seqkd}) == pytest.approx([1.0, 30 ** 0.5, 30.0], rel=1e-5)
   assert all(r["precision"] is not None and r["recall"] is not None for r in rows)
   ent = {r["beta"]: r["teacher_entropy"] for r in seqkd if r["seed"] == 0}
   assert ent[min(ent)] > ent[max(ent)]
+  ent = {r["beta"]: r["teacher_density_entropy"] for r in seqkd if r["seed"] == 0}
+  assert ent[min(ent)] > ent[max(ent)]
+  # the smoke flagfile sweeps every knob; beta rows are the by-beta rows above
+  knob_rows = [r for r in rows if r["objective"] == "seqkd" and r["knob"] != "beta"]
+  assert {r["knob"] for r in knob_rows} == {"top_p", "top_k"}
+  assert all(r["beta"] is None and r["teacher_density_entropy"] is not None for r in knob_rows)
+  slopes = result["entropy_slopes"]["seqkd"]
+  assert set(slopes) == {"beta", "top_p", "top_k"}
+  assert slopes["top_k"]["minus_beta"]["precision"]["n"] == 2
   timing = result["timing"]
-  assert timing["configs"] == 6
+  assert timing["configs"] == 2 * (3 + 2 + 2)
   assert timing["compile_seconds"] > 0 and timing["sweep_seconds"] > 0
 
 
@@ -65,9 +74,10 @@ def test_csv_has_the_same_rows(smoke_run):
   with open(os.path.join(smoke_run, "results.csv")) as f:
     table = list(csv.DictReader(f))
   assert len(table) == len(rows)
-  assert list(table[0]) == ["objective", "beta", "seed", "precision", "recall", "teacher_entropy",
-                            "status", "converged", "final_objective", "objective_change",
-                            "objective_gap", "note"]
+  assert list(table[0]) == ["objective", "knob", "knob_value", "beta", "seed", "precision",
+                            "recall", "teacher_entropy", "teacher_density_entropy", "status",
+                            "converged", "final_objective", "objective_change", "objective_gap",
+                            "note"]
   for r, t in zip(rows, table):
     assert t["objective"] == r["objective"]
     assert float(t["precision"]) == pytest.approx(r["precision"])
@@ -75,7 +85,8 @@ def test_csv_has_the_same_rows(smoke_run):
 
 def test_figures_exist_and_are_not_trivial(smoke_run):
   import matplotlib.image
-  for name in ("precision_vs_beta", "recall_vs_beta", "precision_vs_recall", "densities"):
+  for name in ("precision_vs_beta", "recall_vs_beta", "precision_vs_recall", "densities",
+               "precision_vs_entropy", "recall_vs_entropy"):
     path = os.path.join(smoke_run, name + ".png")
     assert os.path.getsize(path) > 10_000, name
     img = matplotlib.image.imread(path)
@@ -117,6 +128,11 @@ def test_other_configuration_is_refused_unless_overwrite(smoke_run):
     (["--ground_truth=json:/nonexistent.json"], "--ground_truth"),
     (["--convergence_tol=0"], "--convergence_tol"),
     (["--flagfile=/nonexistent/gmm.flags"], "gmm.flags"),
+    (["--knobs=top_p"], "--knobs"),
+    (["--knobs=beta,temperature"], "--knobs"),
+    (["--knobs=beta,top_p", "--top_p_values=0.5,1.5"], "--top_p_values"),
+    (["--knobs=beta,top_k", "--top_k_values=0,2"], "--top_k_values"),
+    (["--knobs=beta,top_k", "--top_k_values=1.5"], "--top_k_values"),
 ])
 def test_flag_errors_are_one_line(tmp_path, args, flag):
   proc = _run(f"--workdir={tmp_path}/w", *args)

@@ -1,5 +1,6 @@
 """Figures of the GMM study (matplotlib, Agg backend): metrics against beta, precision against
-recall, and density panels like the paper's."""
+recall, metrics against the teacher's entropy (one curve per knob), and density panels like the
+paper's."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import jax  # noqa: E402
 
 from kdjax import cli  # noqa: E402
 from kdjax.mixture import Mixture  # noqa: E402
+from kdjax.gmm import knobs  # noqa: E402
 from kdjax.gmm.study import EXACT  # noqa: E402
 
 COLORS = {"direct": "black", "seqkd": "tab:red", "fkl": "tab:blue", "rkl": "tab:green",
@@ -127,6 +129,59 @@ def plot_precision_recall(rows, path: str) -> None:
   _save(fig, path)
 
 
+KNOB_COLORS = {"beta": "tab:red", "top_p": "tab:blue", "top_k": "tab:green"}
+
+
+def _knob_curve(rows, m: str, knob: str, key: str):
+  """(entropy [V], mean [V], half-width [V]) over seeds for each value of the knob, sorted by
+  entropy: seed means of the teacher's entropy and of `key` (`ok` rows), 95% t-interval of the
+  latter (0 where one seed)."""
+  rs = [r for r in rows if r["objective"] == m and r.get("knob") == knob]
+  pts = []
+  for v in sorted({r["knob_value"] for r in rs}):
+    vals = np.array([_value(r, key) for r in rs if r["knob_value"] == v], float)
+    ent = np.array([_value(r, knobs.ENTROPY_KEY) for r in rs if r["knob_value"] == v], float)
+    ok = np.isfinite(vals) & np.isfinite(ent)
+    if ok.any():
+      ci = knobs.interval(vals[ok])
+      half = 0.0 if ci["hi"] is None else ci["hi"] - ci["mean"]
+      pts.append((float(ent[ok].mean()), ci["mean"], half))
+  pts.sort()
+  return tuple(np.array(c, float) for c in zip(*pts)) if pts else None
+
+
+def plot_metric_vs_entropy(rows, key: str, path: str) -> None:
+  """One panel per objective with knobs: `key` against the teacher's differential entropy, one
+  curve per knob (seed means, 95% t-interval band over seeds); direct as a dotted line."""
+  objectives = [m for m in dict.fromkeys(r["objective"] for r in rows if r.get("knob"))]
+  cols = min(3, max(1, len(objectives)))
+  n_rows = max(1, -(-len(objectives) // cols))
+  fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.4 * n_rows), squeeze=False)
+  for ax in axes.ravel()[len(objectives):]:
+    ax.set_axis_off()
+  direct = [_value(r, key) for r in rows if r["objective"] == "direct"]
+  for ax, m in zip(axes.ravel(), objectives):
+    for knob in knobs.KNOBS:
+      curve = _knob_curve(rows, m, knob, key)
+      if curve is None:
+        continue
+      x, mean, half = curve
+      ax.plot(x, mean, "-o", ms=2.5, lw=1.4, color=KNOB_COLORS[knob], label=knob)
+      ax.fill_between(x, mean - half, mean + half, color=KNOB_COLORS[knob], alpha=0.15, lw=0)
+    if direct and np.isfinite(np.nanmean(direct)):
+      ax.axhline(np.nanmean(direct), color="black", ls=":", lw=1, label="direct")
+    ax.set_title(m, fontsize=9)
+    ax.set_xlabel("teacher entropy (nats, Monte Carlo)", fontsize=8)
+    ax.set_ylabel(key, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  n_seeds = len({r["seed"] for r in rows})
+  fig.suptitle(f"{key} vs the selective teacher's entropy, one curve per knob: mean and 95% "
+               f"t-interval over {n_seeds} seeds{_left_out_text(rows)}", fontsize=9)
+  fig.tight_layout(rect=(0, 0, 1, 0.95))
+  _save(fig, path)
+
+
 def _log_density_2d(m: Mixture, xy_NxE: np.ndarray) -> np.ndarray:
   """log density of the mixture's marginal over its first E = xy_NxE.shape[1] dimensions (2, or 1
   for a 1-D mixture), in float64 numpy (no compiles); NaN everywhere when a marginal covariance is
@@ -220,12 +275,16 @@ def write_all(workdir: str, rows, p_star: Mixture, out: dict, methods, betas_B,
               seed_index: int = 0, x_train=None) -> list[str]:
   """All figures of a run; returns their paths. Density panels show seed `seed_index`."""
   paths = [f"{workdir}/precision_vs_beta.png", f"{workdir}/recall_vs_beta.png",
-           f"{workdir}/precision_vs_recall.png", f"{workdir}/densities.png"]
+           f"{workdir}/precision_vs_recall.png", f"{workdir}/densities.png",
+           f"{workdir}/precision_vs_entropy.png", f"{workdir}/recall_vs_entropy.png"]
+  by_beta = [r for r in rows if r.get("knob", "beta") in (None, "beta")]
   with warnings.catch_warnings():  # all-NaN columns (every seed left out) plot as gaps
     warnings.simplefilter("ignore", RuntimeWarning)
-    plot_metric_vs_beta(rows, "precision", paths[0])
-    plot_metric_vs_beta(rows, "recall", paths[1])
-    plot_precision_recall(rows, paths[2])
+    plot_metric_vs_beta(by_beta, "precision", paths[0])
+    plot_metric_vs_beta(by_beta, "recall", paths[1])
+    plot_precision_recall(by_beta, paths[2])
+    plot_metric_vs_entropy(rows, "precision", paths[4])
+    plot_metric_vs_entropy(rows, "recall", paths[5])
   pick = lambda tree, b: jax.tree.map(lambda a: a[seed_index, b], tree)
   betas_B = np.asarray(betas_B)
   b_last = len(betas_B) - 1

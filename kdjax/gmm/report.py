@@ -5,7 +5,9 @@ Every row says whether the study stands behind it (`status`):
   not_converged  finite, but the student's training did not converge (EM hit em_max_iter; a
                  gradient student's objective still moved more than --convergence_tol);
   non_finite     precision or recall is NaN or infinite: the value is null, `note` says which.
-Only `ok` rows enter the summary's means; the summary counts the rows it left out.
+Only `ok` rows enter the summary's means; the summary counts the rows it left out. Rows name the
+knob that made the teacher selective (beta, top_p, top_k: kdjax/gmm/knobs.py) and its value; the
+summary, k-NN agreement and by-beta figures read the beta rows, `entropy_slopes` all of them.
 With --knn_samples, rows also hold knn_precision and knn_recall (kdjax.sample_metrics), the summary
 their means, and `knn_agreement` says how they follow the likelihood measures over beta.
 """
@@ -19,10 +21,12 @@ import math
 import numpy as np
 
 from kdjax import cli
+from kdjax.gmm import knobs
 from kdjax.gmm.study import EXACT
 
-ROW_KEYS = ("objective", "beta", "seed", "precision", "recall", "teacher_entropy", "status",
-            "converged", "final_objective", "objective_change", "objective_gap", "note")
+ROW_KEYS = ("objective", "knob", "knob_value", "beta", "seed", "precision", "recall",
+            "teacher_entropy", "teacher_density_entropy", "status", "converged",
+            "final_objective", "objective_change", "objective_gap", "note")
 KNN_KEYS = ("knn_precision", "knn_recall")  # present with --knn_samples only
 
 
@@ -43,15 +47,20 @@ def _judge(row: dict, raw: dict) -> dict:
   return row
 
 
-def rows_from_outputs(methods, out: dict, seeds_S, betas_B) -> list[dict]:
-  """One row per (method, seed, beta); direct does not depend on beta: one row per seed, beta null.
+def rows_from_outputs(methods, out: dict, seeds_S, betas_B, labels=None) -> list[dict]:
+  """One row per (method, seed, configuration); direct does not depend on the teacher: one row
+  per seed, knob and beta null. `labels` names each configuration's (knob, value) (knobs.grid;
+  default: every configuration is the beta knob at betas_B); `beta` is the value for the beta
+  knob and null for the others.
 
-  teacher_entropy is the sharpened teacher's weight entropy (null for direct, which has no teacher).
+  teacher_entropy is the selective teacher's weight entropy, teacher_density_entropy its
+  differential entropy (Monte Carlo; both null for direct, which has no teacher).
   With k-NN outputs (--knn_samples), rows also hold knn_precision and knn_recall.
   """
   seeds_S = np.asarray(seeds_S)
-  betas_B = np.asarray(betas_B)
+  labels = labels or [("beta", float(b)) for b in np.asarray(betas_B)]
   entropy_SxB = np.asarray(out["teacher_entropy"])
+  density_SxB = np.asarray(out["teacher_density_entropy"])
   rows = []
   knn = [k for k in KNN_KEYS if k in out]
   for m in methods:
@@ -59,12 +68,14 @@ def rows_from_outputs(methods, out: dict, seeds_S, betas_B) -> list[dict]:
               ("precision", "recall", "converged", "final_objective", "objective_change",
                "objective_gap", *knn)}
     for s, seed in enumerate(seeds_S):
-      for b, beta in enumerate(betas_B if m != "direct" else [None]):
-        at = (s, b if beta is not None else 0)
+      for b, (knob, value) in enumerate(labels if m != "direct" else [(None, None)]):
+        at = (s, b if knob is not None else 0)
         raw = {k: float(arrays[k][at]) for k in ("precision", "recall")}
-        row = {"objective": m, "beta": None if beta is None else float(beta), "seed": int(seed),
+        row = {"objective": m, "knob": knob, "knob_value": value,
+               "beta": float(value) if knob == "beta" else None, "seed": int(seed),
                "precision": _num(raw["precision"]), "recall": _num(raw["recall"]),
-               "teacher_entropy": None if beta is None else _num(entropy_SxB[at]),
+               "teacher_entropy": None if knob is None else _num(entropy_SxB[at]),
+               "teacher_density_entropy": None if knob is None else _num(density_SxB[at]),
                "converged": bool(arrays["converged"][at]),
                "final_objective": _num(arrays["final_objective"][at]),
                "objective_change": _num(arrays["objective_change"][at]),
@@ -84,10 +95,12 @@ def problems(rows: list[dict]) -> list[str]:
       bad = [r for r in rows if r["objective"] == m and r["status"] == status]
       if not bad:
         continue
-      betas = sorted({r["beta"] for r in bad if r["beta"] is not None})
-      seeds = sorted({r["seed"] for r in bad})
-      where = (f"betas {', '.join(f'{b:g}' for b in betas)}; " if betas else "") + \
-          f"seeds {', '.join(map(str, seeds))}"
+      where = ""
+      for knob in dict.fromkeys(r["knob"] for r in bad if r.get("knob")):
+        vals = sorted({r["knob_value"] for r in bad if r["knob"] == knob})
+        name = "betas" if knob == "beta" else knob
+        where += f"{name} {', '.join(f'{v:g}' for v in vals)}; "
+      where += f"seeds {', '.join(map(str, sorted({r['seed'] for r in bad})))}"
       lines.append(f"{m}: {len(bad)} of {sum(r['objective'] == m for r in rows)} rows: {what} "
                    f"({where}); left out of the summary and figure means")
   return lines
@@ -103,6 +116,12 @@ def all_non_finite(rows: list[dict]) -> str | None:
   return (f"every row of {', '.join(dead)} is non-finite (NaN or inf precision or recall; rows "
           "written, see their notes): the study produced no result for "
           f"{'it' if len(dead) == 1 else 'them'}")
+
+
+def beta_rows(rows: list[dict]) -> list[dict]:
+  """The rows of the beta knob and the knob-free direct rows: what the by-beta summary, k-NN
+  agreement and figures read."""
+  return [r for r in rows if r.get("knob", "beta") in (None, "beta")]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -180,12 +199,14 @@ def csv_text(rows: list[dict]) -> str:
 
 def write_results(workdir: str, rows: list[dict], timing: dict, config: dict) -> dict:
   """Atomically write results.json and results.csv; returns the JSON object."""
-  result = {"rows": rows, "timing": timing, "summary": summarize(rows), "config": config,
+  by_beta = beta_rows(rows)
+  result = {"rows": rows, "timing": timing, "summary": summarize(by_beta), "config": config,
             "exact_objective": EXACT,
             "left_out": {s: sum(r["status"] == s for r in rows)
-                         for s in ("not_converged", "non_finite")}}
+                         for s in ("not_converged", "non_finite")},
+            "entropy_slopes": knobs.slopes(rows)}
   if rows and "knn_precision" in rows[0]:
-    result["knn_agreement"] = knn_agreement(rows)
+    result["knn_agreement"] = knn_agreement(by_beta)
   cli.atomic_write_json(f"{workdir}/results.json", result)
   cli.atomic_write_text(f"{workdir}/results.csv", csv_text(rows))
   return result

@@ -12,10 +12,15 @@ Data flow of `run_config` (the paper's protocol, then four more students):
     exact   (K'' = 1 only) moment matching of teacher_beta: the forward-KL optimum, i.e. seqkd's
             infinite-sample limit
   metrics: precision E_{student}[log p*], recall E_{p*}[log student] with n_eval samples each
-  (and their Monte Carlo standard errors); the teacher's weight entropy at beta; per student a
+  (and their Monte Carlo standard errors); the teacher's weight entropy at beta and its
+  differential entropy (Monte Carlo, the same draws at every knob value); per student a
   convergence report (EM's own flag; the gradient students' objective and its change); with
   knn_samples > 0, the sample-based k-NN precision and recall (kdjax.sample_metrics) between the
   first knn_samples of the student's evaluation samples and of p*'s.
+
+The teacher can also be made selective by truncation (issue 22: top_p / top_k of its components,
+mx.truncate, after the sharpening): the knob values are array arguments too, laid along the same
+axis as the betas (kdjax/gmm/knobs.py), so every knob runs in the one vmapped call.
 
 Everything random comes from jax.random.PRNGKey(seed). The same seed uses the same random numbers at
 every beta (common random numbers: curves over beta are smooth, differences are due to beta).
@@ -125,9 +130,15 @@ class StudyConfig:
 _KEY_NAMES = ("data", "teacher", "direct", "seq_x", "seq_init", "grad", "eval_star", "eval_student")
 
 
+ENTROPY_STREAM = 1_000_003  # folded into PRNGKey(seed): the teacher-entropy draws' own stream
+
+
 def _keys(seed) -> dict[str, jax.Array]:
-  """The configuration's random keys, all from jax.random.PRNGKey(seed) (none depends on beta)."""
-  return dict(zip(_KEY_NAMES, jax.random.split(jax.random.PRNGKey(seed), len(_KEY_NAMES))))
+  """The configuration's random keys, all from jax.random.PRNGKey(seed) (none depends on beta or
+  any other knob). The entropy key is folded in apart, so the split's keys are today's."""
+  root = jax.random.PRNGKey(seed)
+  return dict(zip(_KEY_NAMES, jax.random.split(root, len(_KEY_NAMES))),
+              entropy=jax.random.fold_in(root, ENTROPY_STREAM))
 
 
 def _fit_info(cfg: StudyConfig, key, x_NxD, k) -> tuple[Mixture, train.TrainInfo]:
@@ -196,10 +207,16 @@ def seed_part(cfg: StudyConfig, p_star: Mixture, seed) -> dict:
   return part
 
 
-def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta) -> dict:
-  """The rest of a configuration, given its seed_part: sharpen, the students, their scores."""
+def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta, top_p=None, top_k=None
+              ) -> dict:
+  """The rest of a configuration, given its seed_part: sharpen (beta), truncate (top_p, top_k:
+  mx.truncate; None: not at all), the students, their scores. "teacher_density_entropy" is the
+  selective teacher's differential entropy by Monte Carlo on the seed's entropy draws (the same
+  for every knob value); "teacher_entropy" stays its weights' entropy."""
   k = part["keys"]
   sharp = mx.sharpen(part["teacher"], beta)
+  if top_p is not None:
+    sharp = mx.truncate(sharp, top_p, top_k)
   students, scores, infos, knn = {}, {}, {}, {}
   for i, obj in enumerate(cfg.objectives):
     if obj == "direct":
@@ -230,6 +247,7 @@ def beta_part(cfg: StudyConfig, p_star: Mixture, part: dict, beta) -> dict:
   out = {"knn_precision": {m: p for m, (p, _) in knn.items()},
          "knn_recall": {m: r for m, (_, r) in knn.items()}} if cfg.knn else {}
   return {**out, "teacher_entropy": mx.weight_entropy(sharp),
+          "teacher_density_entropy": mx.entropy(sharp, k["entropy"], cfg.n_eval),
           "precision": {m: p for m, (p, _) in scores.items()},
           "recall": {m: r for m, (_, r) in scores.items()},
           "converged": {m: i.converged for m, i in infos.items()},
@@ -254,20 +272,28 @@ def _against_the_optimum(cfg: StudyConfig, info, teacher: Mixture, student: Mixt
   return info._replace(gap=gap, converged=info.converged & (excess <= EXACT_TOL))
 
 
-def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Array) -> dict:
-  """One (seed, beta) configuration end to end, for every objective in cfg.
+def run_config(cfg: StudyConfig, p_star: Mixture, seed: jax.Array, beta: jax.Array,
+               top_p: jax.Array | None = None, top_k: jax.Array | None = None) -> dict:
+  """One (seed, beta) configuration end to end, for every objective in cfg (with top_p and
+  top_k, the sharpened teacher truncated: beta_part).
 
   Returns {"teacher_entropy": [], "precision": {method: []}, "recall": {method: []},
   "students": {method: Mixture}, "teacher": Mixture (unsharpened), "x_train": [n_train, D]};
   with cfg.knn also "knn_precision" and "knn_recall": {method: []}.
   """
   part = seed_part(cfg, p_star, seed)
-  return dict(beta_part(cfg, p_star, part, beta), x_train=part["x_train"])
+  return dict(beta_part(cfg, p_star, part, beta, top_p, top_k), x_train=part["x_train"])
 
 
-def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax.Array) -> dict:
+def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax.Array,
+             truncation: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> dict:
   """`run_config` over every (seed, beta): the outputs gain leading [S, B] axes, except the
-  training samples, which are per seed: "x_train" [S, n_train, D].
+  training samples, which are per seed: "x_train" [S, n_train, D]. With `truncation` = (beta_T,
+  top_p_T, top_k_T int32), T more configurations follow the B betas along the same axis ([S, B+T]):
+  the teacher sharpened by beta_T[t] then truncated by top_p_T[t] and top_k_T[t] (knobs.grid).
+  The two are vmapped apart inside one call: the width of a vmap changes how XLA vectorizes the
+  Monte Carlo means (their last bits), so the betas alone keep the beta-only sweep's numbers
+  bit for bit.
 
   The seed parts of all seeds are computed first (vmapped), then a `lax.map` over chunks of seeds
   runs the beta parts of a chunk (vmapped over its seeds and all betas). The loop is also what keeps
@@ -277,7 +303,11 @@ def run_grid(cfg: StudyConfig, p_star: Mixture, seeds_S: jax.Array, betas_B: jax
   parts = jax.vmap(lambda seed: seed_part(cfg, p_star, seed))(seeds_S)
 
   def per_seed(part):
-    return jax.vmap(lambda beta: beta_part(cfg, p_star, part, beta))(betas_B)
+    out = jax.vmap(lambda beta: beta_part(cfg, p_star, part, beta))(betas_B)
+    if truncation is None:
+      return out
+    more = jax.vmap(lambda *knob: beta_part(cfg, p_star, part, *knob))(*truncation)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, more)
 
   out = jax.lax.map(per_seed, parts, batch_size=seed_batch(cfg, seeds_S.shape[0]))
   return dict(out, x_train=parts["x_train"])
@@ -314,15 +344,21 @@ def geometric_betas(beta_min: float, beta_max: float, num: int) -> jax.Array:
   return jnp.geomspace(beta_min, beta_max, num, dtype=jnp.float32)
 
 
-def compile_and_run(cfg: StudyConfig, p_star: Mixture, seeds_S, betas_B) -> tuple[dict, dict]:
+def compile_and_run(cfg: StudyConfig, p_star: Mixture, seeds_S, betas_B, truncation=None
+                    ) -> tuple[dict, dict]:
   """Compile the grid once (timed apart) and run it; returns (outputs, timing)."""
   seeds_S = jnp.asarray(seeds_S, jnp.int32)
-  betas_B = jnp.asarray(betas_B, jnp.float32)
+  args = (jnp.asarray(betas_B, jnp.float32),)
+  if truncation is not None:
+    beta_T, top_p_T, top_k_T = truncation
+    args += ((jnp.asarray(beta_T, jnp.float32), jnp.asarray(top_p_T, jnp.float32),
+              jnp.asarray(top_k_T, jnp.int32)),)
   t0 = time.perf_counter()
-  compiled = grid_fn.lower(cfg, p_star, seeds_S, betas_B).compile(compiler_options())
+  compiled = grid_fn.lower(cfg, p_star, seeds_S, *args).compile(compiler_options())
   t1 = time.perf_counter()
-  out = jax.block_until_ready(compiled(p_star, seeds_S, betas_B))
+  out = jax.block_until_ready(compiled(p_star, seeds_S, *args))
+  n_configs = args[0].shape[0] + (0 if truncation is None else len(truncation[0]))
   t2 = time.perf_counter()
-  timing = {"configs": int(seeds_S.shape[0] * betas_B.shape[0]), "compile_seconds": t1 - t0,
+  timing = {"configs": int(seeds_S.shape[0] * n_configs), "compile_seconds": t1 - t0,
             "sweep_seconds": t2 - t1}
   return out, timing
