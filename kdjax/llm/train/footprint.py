@@ -8,7 +8,14 @@ its HLO).
 
 Any device count works with fake CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=N):
 the program is the one each of N devices would run, so the figures hold for N accelerators of
-the same mesh up to the backend's own choices (fusion, collective algorithms, layouts).
+the same mesh up to the backend's own choices (fusion, collective algorithms, layouts). A mesh of
+TPU devices (kdjax.compiled.tpu_devices: a topology, with libtpu installed) is compiled by the TPU
+compiler instead, and every figure is then the TPU compiler's.
+
+Each report also gives `flops` and `bytes_accessed` per device per call (kdjax.compiled.cost: XLA's
+cost analysis with loop bodies weighted by their trip counts) and `compiler` (the platform of the
+mesh's devices). The sampler's block loops end when every row has ended, so their trip counts come
+from `steps` (tokens drawn; default all max_new_tokens: no row stops early).
 """
 
 from __future__ import annotations
@@ -37,10 +44,15 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
-def _report(lowered, mesh, started: float) -> dict:
+def _report(lowered, mesh, started: float, trips=()) -> dict:
   compiled = lowered.compile()
   out = compiled_lib.report(compiled, mesh.size)
   out["compile_seconds"] = round(time.perf_counter() - started, 2)
+  cost = compiled_lib.cost(compiled, trips)
+  out["collective_unknown_trip_counts"] = out["unknown_trip_counts"]  # their loops counted once
+  out.update(flops=cost["flops"], bytes_accessed=cost["bytes"], xla_flops=cost["xla_flops"],
+             unknown_trip_counts=cost["unknown_trip_counts"],
+             compiler=mesh.devices.flat[0].platform)
   return out
 
 
@@ -79,9 +91,23 @@ def _abstract_params(config: LlamaConfig, sharding):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
 
 
-def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_tokens: int) -> dict:
+def decode_trips(prompt_len: int, max_new_tokens: int, steps: Optional[int] = None,
+                 kv_block: int = sampling.KV_BLOCK) -> list[int]:
+  """Steps each of sampling._sample_jit's block loops runs when the longest row draws `steps`
+  tokens (default max_new_tokens): the loop of block j runs the steps i in [1, steps) whose new
+  slot prompt_len + i - 1 lies in block j."""
+  p, n = prompt_len, max_new_tokens
+  steps = n if steps is None else min(steps, n)
+  blocks = -(-(p + n - 1) // kv_block)
+  first = p // kv_block if n > 1 else blocks
+  return [sum(j * kv_block <= p + i - 1 < (j + 1) * kv_block for i in range(1, steps))
+          for j in range(first, blocks)]
+
+
+def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_tokens: int,
+            steps: Optional[int] = None) -> dict:
   """The sampler as pipeline.sample_dataset runs it (sampling._sample_jit): params replicated on
-  the mesh's devices, the batch split over its `data` axis."""
+  the mesh's devices, the batch split over its `data` axis; costs for `steps` tokens drawn."""
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
@@ -91,7 +117,7 @@ def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_toke
       arr((batch, prompt_len), jnp.int32, rows), arr((batch, prompt_len), jnp.bool_, rows),
       arr((), key.dtype, rep), arr((batch,), jnp.float32, rows), arr((batch,), jnp.float32, rows),
       arr((), jnp.int32, rep), arr((), jnp.int32, rep))
-  return _report(lowered, mesh, started)
+  return _report(lowered, mesh, started, decode_trips(prompt_len, max_new_tokens, steps))
 
 
 def scorer(config: LlamaConfig, mesh, batch: int, seq_len: int) -> dict:
