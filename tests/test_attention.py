@@ -1,6 +1,6 @@
 """LlamaConfig.attention: jax.nn.dot_product_attention against the einsum path (model.attend), in
-training (loss and gradients), in a prefill into the KV cache and in cached decoding, and how the
-choice is given (config, train_lm / the study's --attention)."""
+training (loss and gradients) and against the sampler's cached decoding, and how the choice is
+given (config, train_lm / the study's --attention)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kdjax.cli import UserError
-from kdjax.llm import KVCache, Llama, get_preset, init_params, token_logprobs
+from kdjax.llm import forward, get_preset, init_params, token_logprobs
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.model.llama import attend
 from kdjax.llm.model.sampling import decode_logits
@@ -61,30 +61,16 @@ def test_training_loss_and_gradients_match(params):
                                err_msg=jax.tree_util.keystr(path))
 
 
-def _prefill_then_decode(config, params, ids_BxP, mask_BxP, next_BxN):
-  """Logits [B, 1+N, V] of a prefill into a KV cache, then one cached decode step per next id."""
-  model = Llama(config)
-  b, p = ids_BxP.shape
-  cache = KVCache.empty(config, b, p + next_BxN.shape[1])
-  logits, cache = model.apply({"params": params}, ids_BxP, None, mask_BxP, cache)
-  out = [logits[:, -1]]
-  for i in range(next_BxN.shape[1]):
-    logits, cache = model.apply({"params": params}, next_BxN[:, i:i + 1], None,
-                                jnp.ones((b, 1), bool), cache)
-    out.append(logits[:, -1])
-  return jnp.stack(out, axis=1)
-
-
-def test_prefill_and_cached_decode_match_einsum_and_the_sampler(params):
+def test_sampler_decoding_matches_dot_product_forward(params):
+  """The sampler's prefill + cached decode (always einsum, kdjax.llm.model.sampling) gives the
+  logits of a dot_product forward over the whole sequence, left-padded prompts included."""
   ids, mask = _batch(2, t=5)
   mask = mask.at[2].set(True)                    # prompts are left-padded, never right-padded
   nxt = jax.random.randint(jax.random.key(4), (3, 2), 0, EINSUM.vocab_size)
-  run = jax.jit(_prefill_then_decode, static_argnums=0)
-  want = run(EINSUM, params, ids, mask, nxt)
-  got = run(DOT, params, ids, mask, nxt)
-  np.testing.assert_allclose(got, want, **TOL)
-  # the sampler's own prefill + decode path (kdjax.llm.model.sampling) computes the same logits
-  np.testing.assert_allclose(decode_logits(EINSUM, params, ids, mask, nxt), got, **TOL)
+  full_ids = jnp.concatenate([ids, nxt], axis=1)
+  full_mask = jnp.concatenate([mask, jnp.ones(nxt.shape, bool)], axis=1)
+  want = jax.jit(forward, static_argnums=0)(DOT, params, full_ids, full_mask)[:, 4:]
+  np.testing.assert_allclose(decode_logits(EINSUM, params, ids, mask, nxt), want, **TOL)
 
 
 def test_the_choice_is_checked_and_cudnn_is_not_silently_replaced():
@@ -113,14 +99,15 @@ def test_the_config_field_picks_the_implementation(params, monkeypatch):
 
 
 def test_train_lm_and_the_study_pass_the_choice_on(tmp_path):
-  from kdjax.llm.study import plan
+  from kdjax.llm.study import runs
+  from kdjax.llm.study.config import StudyConfig
   from kdjax.llm.train import loop as train
   cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:8",), steps=1,
                           batch_size=8, attention="dot_product")
   config, *_ = train._models(cfg, None)
   assert config.attention == "dot_product"
-  study = plan.StudyConfig(attention="dot_product", eval_sequences=5)
-  tc = plan.train_config(study, "preset:test-tiny", ["d"], "v", 1, 0, 8)
+  study = StudyConfig(attention="dot_product", eval_sequences=5)
+  tc = runs.train_config(study, "preset:test-tiny", ["d"], "v", 1, 0, 8)
   assert (tc.attention, tc.eval_sequences) == ("dot_product", 5)
   for bad, msg in ((dict(attention="flash"), "--attention='flash'"),
                    (dict(attention="cudnn"), "--attention=cudnn: cuDNN flash attention needs")):

@@ -36,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax.llm.model import llama as model
 from kdjax.llm.model.config import LlamaConfig
+from kdjax.llm.model.layers import attend_grouped, glu, lm_head, rms_norm, rope_tables, rotate
 
-_MASKED = -1e30
 _BLOCK = 256  # inverse-CDF block size (vocabulary entries)
 
 
@@ -68,57 +69,29 @@ def decode_params(config: LlamaConfig, params) -> dict:
                        o=lay["attn"]["o"]["kernel"][i].reshape(h * e, d).astype(dt),
                        mlp_norm=lay["mlp_norm"]["scale"][i], gate_up=gate_up.astype(dt),
                        down=lay["mlp"]["down"]["kernel"][i].astype(dt)))
-  out = dict(embed_VxD=params["embed"]["embedding"].astype(dt), layers=layers,
-             final_norm=params["final_norm"]["scale"])
-  if not c.tie_embeddings:
-    out["head_DxV"] = params["lm_head"]["kernel"].astype(dt)
-  return out
-
-
-def _rms(x_BxD, scale_D, eps):
-  x = x_BxD.astype(jnp.float32)
-  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return x * scale_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-
-
-def _rope_tables(positions, e, theta):
-  """cos, sin [..., 1, E/2] for rotary (HF's rotate-half convention, as model.rotary)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq.reshape((1,) * positions.ndim + (-1,))
-  return jnp.cos(angles)[..., None, :], jnp.sin(angles)[..., None, :]
-
-
-def _rotate(x_NxE, cos, sin):
-  e = x_NxE.shape[-1]
-  x1, x2 = x_NxE[..., : e // 2], x_NxE[..., e // 2:]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return dict(embed_VxD=params["embed"]["embedding"].astype(dt), layers=layers,
+              final_norm=params["final_norm"]["scale"], head=model.head_weight(c, params)[0])
 
 
 def _head(config, dp, x_BxD):
-  x = _rms(x_BxD, dp["final_norm"], config.rms_norm_eps).astype(config.compute_dtype)
-  if config.tie_embeddings:
-    logits = jnp.einsum("bd,vd->bv", x, dp["embed_VxD"], preferred_element_type=jnp.float32)
-  else:
-    logits = jnp.dot(x, dp["head_DxV"], preferred_element_type=jnp.float32)
-  return logits.astype(jnp.float32)
+  x = rms_norm(x_BxD, dp["final_norm"], config.rms_norm_eps, config.compute_dtype)
+  return lm_head(x, dp["head"], "vd" if config.tie_embeddings else "dv")
 
 
 def _mlp(config, lp, x):
+  """x + the SwiGLU MLP of its norm, on the fused gate|up kernel."""
   c = config
-  hmid = _rms(x, lp["mlp_norm"], c.rms_norm_eps).astype(c.compute_dtype)
-  gu = jnp.dot(hmid, lp["gate_up"])
+  gu = jnp.dot(rms_norm(x, lp["mlp_norm"], c.rms_norm_eps, c.compute_dtype), lp["gate_up"])
   f = c.intermediate_size
-  return x + jnp.dot(jax.nn.silu(gu[..., :f]) * gu[..., f:], lp["down"]).astype(x.dtype)
+  return x + jnp.dot(glu(gu[..., :f], gu[..., f:]), lp["down"]).astype(x.dtype)
 
 
 def _qkv(config, lp, x, cos, sin):
-  """Fused projection -> rotated q [.., H, E], rotated k [.., K, E], v [.., K, E]."""
+  """Fused projection of x's norm -> rotated q [.., H, E], rotated k [.., K, E], v [.., K, E]."""
   c = config
   h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
-  hx = _rms(x, lp["attn_norm"], c.rms_norm_eps).astype(c.compute_dtype)
-  qkv = jnp.dot(hx, lp["qkv"])
-  qk = qkv[..., : (h + k) * e].reshape(*x.shape[:-1], h + k, e)
-  qk = _rotate(qk.astype(jnp.float32), cos, sin).astype(c.compute_dtype)
+  qkv = jnp.dot(rms_norm(x, lp["attn_norm"], c.rms_norm_eps, c.compute_dtype), lp["qkv"])
+  qk = rotate(qkv[..., : (h + k) * e].reshape(*x.shape[:-1], h + k, e), cos, sin)
   v = qkv[..., (h + k) * e:].reshape(*x.shape[:-1], k, e)
   return qk[..., :h, :], qk[..., h:, :], v
 
@@ -128,23 +101,19 @@ def _prefill(config, dp, ids_BxP, mask_BxP, cache_len):
   c = config
   b, p = ids_BxP.shape
   h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
-  positions = jnp.maximum(jnp.cumsum(mask_BxP, axis=1) - 1, 0)
-  cos, sin = _rope_tables(positions, e, c.rope_theta)          # [B, P, 1, E/2]
-  # as model.Llama: real keys up to the query, and the query itself (a pad sees only itself)
-  allowed_BxPxP = ((jnp.tril(jnp.ones((p, p), bool))[None] & mask_BxP[:, None, :])
-                   | jnp.eye(p, dtype=bool)[None])
+  cos, sin = rope_tables(model.default_positions(mask_BxP), e, c.rope_theta)  # [B, P, 1, E/2]
+  allowed_BxPxP = model.allowed_keys(mask_BxP)  # as the model: the same masks
   x = dp["embed_VxD"][ids_BxP]
   caches = []
   for lp in dp["layers"]:
     q, kk, v = _qkv(c, lp, x, cos, sin)
-    q = q.reshape(b, p, k, h // k, e)
-    s = jnp.einsum("btkge,bske->bkgts", q, kk, preferred_element_type=jnp.float32) * (e ** -0.5)
-    s = jnp.where(allowed_BxPxP[:, None, None], s, _MASKED)
-    a = jnp.einsum("bkgts,bske->btkge", jax.nn.softmax(s, axis=-1).astype(c.compute_dtype), v)
+    kk, v = kk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # [B, K, P, E]
+    q = q.reshape(b, p, k, h // k, e).transpose(0, 2, 3, 1, 4)      # [B, K, G, P, E]
+    a = attend_grouped(q, [kk], [v], allowed_BxPxP).transpose(0, 3, 1, 2, 4)
     x = x + jnp.dot(a.reshape(b, p, h * e), lp["o"]).astype(x.dtype)
     x = _mlp(c, lp, x)
     pad = ((0, 0), (0, 0), (0, cache_len - p), (0, 0))
-    caches.append((jnp.pad(kk.transpose(0, 2, 1, 3), pad), jnp.pad(v.transpose(0, 2, 1, 3), pad)))
+    caches.append((jnp.pad(kk, pad), jnp.pad(v, pad)))
   last_B = p - 1 - jnp.argmax(mask_BxP[:, ::-1], axis=1)
   x_last = jnp.take_along_axis(x, last_B[:, None, None], axis=1)[:, 0]
   return _head(c, dp, x_last), caches
@@ -155,17 +124,14 @@ def _decode_step(config, dp, tok_B, pos_B, slot, caches, key_mask_BxS):
   c = config
   b = tok_B.shape[0]
   h, k, e = c.num_heads, c.num_kv_heads, c.head_dim
-  cos, sin = _rope_tables(pos_B, e, c.rope_theta)              # [B, 1, E/2]
+  cos, sin = rope_tables(pos_B, e, c.rope_theta)              # [B, 1, E/2]
   x = dp["embed_VxD"][tok_B]
   new_caches = []
   for lp, (ck, cv) in zip(dp["layers"], caches):
     q, kk, v = _qkv(c, lp, x, cos, sin)
     ck = jax.lax.dynamic_update_slice(ck, kk[:, :, None, :].astype(ck.dtype), (0, 0, slot, 0))
     cv = jax.lax.dynamic_update_slice(cv, v[:, :, None, :].astype(cv.dtype), (0, 0, slot, 0))
-    s = jnp.einsum("bkge,bkse->bkgs", q.reshape(b, k, h // k, e), ck,
-                   preferred_element_type=jnp.float32) * (e ** -0.5)
-    s = jnp.where(key_mask_BxS[:, None, None, :], s, _MASKED)
-    a = jnp.einsum("bkgs,bkse->bkge", jax.nn.softmax(s, axis=-1).astype(c.compute_dtype), cv)
+    a = attend_grouped(q.reshape(b, k, h // k, 1, e), [ck], [cv], key_mask_BxS[:, None, :])
     x = x + jnp.dot(a.reshape(b, h * e), lp["o"]).astype(x.dtype)
     x = _mlp(c, lp, x)
     new_caches.append((ck, cv))
