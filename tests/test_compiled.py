@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from kdjax.llm.model import partition
 from kdjax import compiled, sharding
 from kdjax.llm.train import footprint
 from kdjax.llm.model.config import get_preset
@@ -150,7 +151,7 @@ def test_forward_pass_activations_follow_the_batch_not_the_table():
   rows: the embedding lookup would otherwise inherit the table's fsdp sharding of D."""
   from kdjax.llm.model import llama as model
   mesh = sharding.make_mesh(1, 8, 1)
-  psh = sharding.param_shardings(CFG, mesh)
+  psh = partition.param_shardings(CFG, mesh)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         jax.eval_shape(lambda: model.init_params(CFG, jax.random.PRNGKey(0))), psh)
   ids = jax.ShapeDtypeStruct((16, 128), jnp.int32, sharding=sharding.batch_sharding(mesh))
@@ -166,13 +167,14 @@ def test_forward_pass_activations_follow_the_batch_not_the_table():
 def test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients():
   from kdjax.cli import UserError
   from kdjax.llm.model import llama as model
-  from kdjax.llm.study import plan
+  from kdjax.llm.study import runs
+  from kdjax.llm.study.config import StudyConfig
   from kdjax.llm.train import loop as train
   cfg = train.TrainConfig(model="preset:test-tiny", train_data=("synthetic:8",), steps=1,
                           batch_size=8, remat="layer")
   config, *_ = train._models(cfg, None)
   assert config.remat == "layer"
-  tc = plan.train_config(plan.StudyConfig(remat="dots"), "preset:test-tiny", ["d"], "v", 1, 0, 8)
+  tc = runs.train_config(StudyConfig(remat="dots"), "preset:test-tiny", ["d"], "v", 1, 0, 8)
   assert tc.remat == "dots"
   with pytest.raises(UserError, match="--remat='all'"):
     train.validate(train.TrainConfig(**{**cfg.__dict__, "remat": "all"}))
@@ -211,7 +213,7 @@ def test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache():
 
 def test_auto_sample_batch_fits_the_cache_in_the_device_memory():
   from kdjax.cli import UserError
-  from kdjax.llm.study import plan
+  from kdjax.llm.study import cost as plan
   # test-tiny, float32, 32 slots: a row's K and V = 2 x 2 layers x 2 kv heads x 16 x 32 x 4 B =
   # 16384 B, plus two float32 logit rows 2 x 256 x 4 = 2048 B: 18432 B per row
   weights = CFG.num_params() * 4
