@@ -41,7 +41,8 @@ from kdjax.llm.study import inputs
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.study.kinds import KINDS, TEACHER_SAMPLES
 from kdjax.llm.train.state import params_checksum
-from kdjax.llm.weights import digest, loading
+from kdjax.llm.weights import digest as weight_digest
+from kdjax.llm.weights import loading
 
 KEY = "KEY.json"
 DONE = "DONE.json"
@@ -146,7 +147,7 @@ def model_digests(cfg: StudyConfig) -> dict:
     if spec in ("", "bytes"):
       continue
     try:
-      out[name] = digest.spec_digest(spec)
+      out[name] = weight_digest.spec_digest(spec)
     except cli.UserError:
       out[name] = spec
   return out
