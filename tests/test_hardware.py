@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from kdjax.cli import UserError
-from kdjax.llm.study import hardware
+from kdjax import compiled
+from kdjax.llm.study import hardware, programs
 from kdjax.llm.model.config import LlamaConfig, get_preset
 from kdjax.llm.study.config import StudyConfig
 from tests.conftest import REPO
@@ -164,6 +165,21 @@ def test_tiny_study_priced_with_compiled_memory():
   assert sum("remat layer" in l for l in memory.splitlines()) == 2
   assert "token-level x2 + teacher" in memory and "data=1,fsdp=2,tensor=1" in memory
   assert all(h >= 0 for h in _hours(out).values()) and math.isfinite(sum(_hours(out).values()))
+  if compiled.tpu_compiler():  # the TPU compiler compiled every program, and timed the stages
+    assert all("TPU compiler (libtpu" in l for l in memory.splitlines()[2:] if l.strip()), memory
+    assert "hours from the TPU compiler's programs" in out and "TFLOP" in out
+  else:
+    assert "XLA:CPU on fake devices" in memory and "hours from datasheet formulas" in out
+
+
+def test_roofline_of_a_compiled_program():
+  """Hand-checked: 1e12 FLOPs at 459e12 x 0.5 = 4.357 ms; 1e10 bytes at 2.765e12 x 0.6 = 6.028 ms:
+  HBM-bound; at 10x the FLOPs, 43.57 ms: FLOPs-bound."""
+  v5p = hardware.CHIPS["v5p"]
+  s, bound = programs.roofline({"flops": 1e12, "bytes_accessed": 1e10}, v5p, 0.5, 0.6)
+  assert s == pytest.approx(6.028e-3, rel=1e-3) and bound == "HBM"
+  s, bound = programs.roofline({"flops": 1e13, "bytes_accessed": 1e10}, v5p, 0.5, 0.6)
+  assert s == pytest.approx(43.57e-3, rel=1e-3) and bound == "FLOPs"
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -20,8 +20,10 @@ sampling and scoring on each process's own chips (pipeline.data_parallel: parame
 the batch split over them, or one chip when they do not divide it), dataset shards and scoring
 batches dealt round-robin to the processes, one process per host.
 
-Memory: each stage's programs compiled from abstract arrays for its mesh on fake CPU devices
-(nothing allocated): the train step by kdjax.llm.train.footprint (remat none and layer), the sampler
+Memory: each stage's programs compiled from abstract arrays for its mesh (nothing allocated;
+kdjax/llm/study/programs.py: by the TPU compiler for a topology of the slice when the chip is a TPU
+and libtpu is installed, which then also times every stage from the programs' own FLOPs and bytes;
+otherwise by XLA:CPU on fake CPU devices): the train step by kdjax.llm.train.footprint (remat none and layer), the sampler
 (sampling._sample_jit) and the scorer (evaluate._sums_jit) as the pipeline places them. The
 per-device figure is XLA's (arguments + outputs + temporaries - donated). The programs are
 compiled for the real mesh, however many chips: XLA partitions one program per device, so the
@@ -45,8 +47,10 @@ from kdjax.cli import UserError, require
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.study import inputs
 from kdjax.llm.study.kinds import KINDS
-from kdjax.llm.train import footprint
-from kdjax.sharding import make_mesh, parse_mesh
+from kdjax.llm.study import programs
+from kdjax.llm.study.programs import (ensure_cpu_devices, per_chip, sampler_memory,  # noqa: F401
+                                      scorer_memory, train_memory)
+from kdjax.sharding import parse_mesh
 
 LOGIT_PASSES = 3        # the f32 [B, V] logits: written by the head, read by max/exp-sum and block sums
 USABLE_HBM = 0.9        # a program fits when it needs at most this fraction of a chip's HBM
@@ -64,15 +68,16 @@ class Chip:
   mfu: float                # default model-FLOPs utilisation (assumed, --mfu)
   layer_step_s: float       # fixed cost of one layer in one decode step (kernels, small ops; a guess)
   cores_per_chip: int = 1   # what a slice name counts: v5p-64 = 64 TensorCores = 32 chips
+  tpu: str = ""             # the TPU generation the TPU compiler compiles for (libtpu's topology)
 
 
 CHIPS = {
     "h100": Chip("H100-SXM", 989e12, 3.35e12, 80e9, 8, 0.4, 20e-6),
     "h200": Chip("H200", 989e12, 4.8e12, 141e9, 8, 0.4, 20e-6),
     "a100": Chip("A100-80GB", 312e12, 2.039e12, 80e9, 8, 0.4, 20e-6),
-    "v5e": Chip("TPU v5e", 197e12, 819e9, 16e9, 8, 0.5, 10e-6),
-    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95e9, 4, 0.5, 10e-6, cores_per_chip=2),
-    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32e9, 8, 0.5, 10e-6),
+    "v5e": Chip("TPU v5e", 197e12, 819e9, 16e9, 8, 0.5, 10e-6, tpu="v5e"),
+    "v5p": Chip("TPU v5p", 459e12, 2765e9, 95e9, 4, 0.5, 10e-6, cores_per_chip=2, tpu="v5p"),
+    "v6e": Chip("TPU v6e", 918e12, 1640e9, 32e9, 8, 0.5, 10e-6, tpu="v6e"),
 }
 _ALIASES = {"h100-sxm": "h100", "a100-80gb": "a100", "tpu-v5e": "v5e", "tpu-v5p": "v5p",
             "tpu-v6e": "v6e"}
@@ -132,16 +137,11 @@ def decode_step_seconds(c: LlamaConfig, batch: int, max_len: int, chip: Chip, mf
       "HBM" if memory_s >= compute_s else "FLOPs")
 
 
-def _per_chip(batch: int, local: int) -> tuple[int, int]:
-  """(rows per chip, chips used): pipeline.data_parallel splits a batch the chips divide."""
-  return (batch // local, local) if batch % local == 0 else (batch, 1)
-
-
 def sampling_seconds(c: LlamaConfig, num: int, seq_len: int, cfg, chip: Chip, processes: int,
                      local: int, mfu: float, mbu: float) -> float:
   """One dataset of `num` sequences: shards dealt to the processes, each shard in batches of
   --sample_batch_size, every batch --max_new_tokens steps (no row stops early at EOS)."""
-  rows, _ = _per_chip(cfg.sample_batch_size, local)
+  rows, _ = per_chip(cfg.sample_batch_size, local)
   shards = math.ceil(num / cfg.shard_size)
   batches = math.ceil(shards / processes) * math.ceil(min(cfg.shard_size, num)
                                                       / cfg.sample_batch_size)
@@ -160,7 +160,7 @@ def forward_flops(c: LlamaConfig, sequences: int, seq_len: int) -> float:
 def scoring_seconds(c: LlamaConfig, num: int, seq_len: int, batch: int, chip: Chip,
                     processes: int, local: int, mfu: float) -> float:
   """A forward pass over `num` rows padded to seq_len, in batches dealt to the processes."""
-  _, used = _per_chip(batch, local)
+  _, used = per_chip(batch, local)
   rounds = math.ceil(math.ceil(num / batch) / processes)
   return compute_seconds(rounds * forward_flops(c, batch, seq_len), used, chip, mfu)
 
@@ -172,42 +172,6 @@ def teacher_validation_flops(cfg, teacher: LlamaConfig, seq_len: int) -> float:
   every = cfg.eval_every or cfg.num_train // cfg.batch_size
   return (math.ceil(steps / every) * forward_flops(teacher, cfg.eval_sequences or cfg.num_select,
                                                      seq_len))
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-def _cpu_mesh(data: int, fsdp: int, tensor: int):
-  n = data * fsdp * tensor
-  devices = jax.devices("cpu")
-  require(len(devices) >= n, f"--hardware: the memory analysis compiles for {n} devices but JAX "
-          f"has {len(devices)} CPU devices; set XLA_FLAGS=--xla_force_host_platform_device_count="
-          f"{n} or pass --nomemory_analysis")
-  return make_mesh(data, fsdp, tensor, devices=devices[:n])
-
-
-def ensure_cpu_devices(n: int) -> None:
-  """Ask for n fake CPU devices; a no-op once a JAX backend has started (_cpu_mesh then checks)."""
-  try:
-    jax.config.update("jax_num_cpu_devices", max(n, 1))
-  except RuntimeError:
-    pass
-
-
-def sampler_memory(c: LlamaConfig, batch: int, prompt_len: int, max_new_tokens: int,
-                   chips: int) -> dict:
-  """footprint.sampler on `chips` fake CPU devices (params replicated, the batch split)."""
-  return footprint.sampler(c, _cpu_mesh(chips, 1, 1), batch, prompt_len, max_new_tokens)
-
-
-def scorer_memory(c: LlamaConfig, batch: int, seq_len: int, chips: int) -> dict:
-  """footprint.scorer on `chips` fake CPU devices."""
-  return footprint.scorer(c, _cpu_mesh(chips, 1, 1), batch, seq_len)
-
-
-def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, **kw) -> dict:
-  """footprint.train_step on the training mesh (kw: num_students, teacher, shared_batch)."""
-  return footprint.train_step(c, _cpu_mesh(*mesh_shape), batch, seq_len, **kw)
 
 
 # ----------------------------------------------------------------------------- the estimate
@@ -227,21 +191,23 @@ def _configs(cfg, ground_truth_preset: str) -> dict:
   return out
 
 
+def _student_program(cfg, name: str, models: dict) -> tuple[str, dict]:
+  """(label, footprint.train_step kwargs) of the training program of student kind `name`."""
+  n, kind = len(cfg.temperatures), KINDS[name]
+  if not kind.per_temperature:
+    return kind.name, {}
+  if not kind.distills_tokens:
+    return f"{kind.name} x{n}", {"num_students": n}
+  if not kind.onpolicy:
+    return (f"token-level x{n} + teacher",
+            {"num_students": n, "teacher": models["teacher"], "shared_batch": True})
+  return (f"on-policy x{n} + teacher (its sampler not counted)",
+          {"num_students": n, "teacher": models["teacher"]})
+
+
 def _student_programs(cfg, models: dict) -> list[tuple[str, dict]]:
   """(label, footprint.train_step kwargs) of each distinct student training program."""
-  n, out = len(cfg.temperatures), {}
-  for kind in map(KINDS.get, cfg.students):
-    if not kind.per_temperature:
-      out.setdefault(kind.name, {})
-    elif not kind.distills_tokens:
-      out.setdefault(f"{kind.name} x{n}", {"num_students": n})
-    elif not kind.onpolicy:
-      out.setdefault(f"token-level x{n} + teacher",
-                     {"num_students": n, "teacher": models["teacher"], "shared_batch": True})
-    else:
-      out.setdefault(f"on-policy x{n} + teacher (its sampler not counted)",
-                     {"num_students": n, "teacher": models["teacher"]})
-  return list(out.items())
+  return list(dict(_student_program(cfg, k, models) for k in cfg.students).items())
 
 
 def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, processes: int,
@@ -253,7 +219,7 @@ def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, p
   sample = lambda c, num: sampling_seconds(c, num, seq_len, cfg, chip, processes, local, mfu, mbu)
   score = lambda c, num: scoring_seconds(c, num, seq_len, cfg.eval_batch_size, chip, processes,
                                          local, mfu)
-  rows, _ = _per_chip(cfg.sample_batch_size, local)
+  rows, _ = per_chip(cfg.sample_batch_size, local)
 
   def step(c):
     s, bound = decode_step_seconds(c, rows, seq_len, chip, mfu, mbu)
@@ -285,46 +251,6 @@ def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, p
   return {k: (v / 3600, how) for k, (v, how) in out.items()}
 
 
-def _memory(cfg, plan: dict, models: dict, mesh_shape, local: int, progress) -> dict:
-  """{stage: [(program, mesh text, memory_per_device_gb)]}: every program compiled."""
-  seq_len, prompt_len = plan["seq_len"], plan["seq_len"] - cfg.max_new_tokens
-  b, rows_chips = cfg.sample_batch_size, _per_chip(cfg.sample_batch_size, local)[1]
-  eb, eval_chips = cfg.eval_batch_size, _per_chip(cfg.eval_batch_size, local)[1]
-  mesh_text = "data={},fsdp={},tensor={}".format(*mesh_shape)
-
-  def sampler(name):
-    c = models[name]
-    label = f"sampler {name}, batch {b} ({b // rows_chips}/chip)"
-    return (label, f"data={rows_chips}",
-            lambda: sampler_memory(c, b, prompt_len, cfg.max_new_tokens, rows_chips))
-
-  def scorer(name):
-    label = f"scorer {name}, batch {eb} x {seq_len} ({eb // eval_chips}/chip)"
-    return label, f"data={eval_chips}", lambda: scorer_memory(models[name], eb, seq_len, eval_chips)
-
-  def train(name, label, **kw):
-    return [(f"{label}, remat {r}", mesh_text,
-             lambda r=r: train_memory(models[name].replace(remat=r), mesh_shape, cfg.batch_size,
-                                      seq_len, **kw)) for r in ("none", "layer")]
-
-  todo = {"1_sample_ground_truth": [sampler("ground_truth")],
-          "2_train_teacher": train("teacher", f"train step teacher, batch {cfg.batch_size}"),
-          "3_sample_teacher": [sampler("teacher")],
-          "4_train_students": [p for label, kw in _student_programs(cfg, models)
-                               for p in train("student", f"train step {label}", **kw)],
-          "5_score_students": [sampler("student"), scorer("ground_truth"), scorer("student")]}
-  out = {}
-  for stage, programs in todo.items():
-    out[stage] = []
-    for label, mesh, fn in programs:
-      started = time.perf_counter()
-      gb = fn()["memory_per_device_gb"]
-      progress(f"compiled {stage}: {label} on {mesh}: {gb:.3g} GB per device "
-               f"({time.perf_counter() - started:.0f} s)")
-      out[stage].append((label, mesh, gb))
-  return out
-
-
 def prepare(cfg, hardware: str, memory: bool) -> None:
   """Validate --hardware against --mesh and, for the memory analysis, ask for as many fake CPU
   devices as the mesh spans: call before anything starts a JAX backend."""
@@ -347,10 +273,22 @@ def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
   models = _configs(cfg, ground_truth_preset)
   hours = _hours_and_how(cfg, plan, models, chip, mesh_chips, processes, local, mfu, mbu)
   progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-  mem = _memory(cfg, plan, models, mesh_shape, local, progress) if memory else {}
+  timed_by = "datasheet formulas (plan FLOPs, decode bytes)"
+  mem = {}
+  if memory:
+    mem = programs.compile_stages(cfg, plan, models, mesh_shape, local,
+                                  _student_programs(cfg, models), chip, progress)
+    if programs.tpu_target(chip):
+      val = compute_seconds(teacher_validation_flops(cfg, models["teacher"], plan["seq_len"]),
+                            mesh_chips, chip, mfu)
+      hours = programs.compiled_hours(cfg, mem, lambda k: _student_program(cfg, k, models)[0],
+                                      chip, processes, mfu, mbu, val)
+      timed_by = "the TPU compiler's programs (roofline of their FLOPs and bytes)"
   return {"chip": dataclasses.asdict(chip), "hardware": hardware, "chips": mesh_chips,
           "mesh": mesh_shape, "processes": processes, "chips_per_process": local, "mfu": mfu,
-          "mbu": mbu, "hours": hours, "memory": mem, "dtype": cfg.dtype,
+          "mbu": mbu, "hours": hours, "timed_by": timed_by, "dtype": cfg.dtype,
+          "memory": {stage: [(label, mesh, r["memory_per_device_gb"], r["compiled_by"])
+                             for label, mesh, r in progs] for stage, progs in mem.items()},
           "total_hours": sum(h for h, _ in hours.values())}
 
 
@@ -363,6 +301,7 @@ def format_estimate(est: dict) -> str:
   lines = [f"hardware {est['hardware']}: {est['chips']} x {c['name']} "
            f"({est['processes']} host(s) of {est['chips_per_process']}), training mesh "
            f"data={d},fsdp={f},tensor={t}",
+           f"  hours from {est.get('timed_by', 'datasheet formulas')}:",
            f"  {'stage':24s} {'hours':>9s}  how"]
   for stage, (h, how) in est["hours"].items():
     lines.append(f"  {stage:24s} {h:9.3g}  {how}")
@@ -370,13 +309,14 @@ def format_estimate(est: dict) -> str:
                f"(= {est['total_hours'] / 24:.3g} days; 6_results not counted)")
   if est["memory"]:
     cap = USABLE_HBM * c["hbm_bytes"] / 1e9
-    lines.append(f"  memory per device, compiled (XLA:CPU, abstract arrays; fits: <= {cap:.3g} GB "
+    lines.append(f"  memory per device, compiled from abstract arrays (fits: <= {cap:.3g} GB "
                  f"= {USABLE_HBM:g} x {c['hbm_bytes'] / 1e9:g} GB HBM; the plan's GiB above are "
                  "its formulas'):")
-    lines.append(f"  {'stage':24s} {'GB':>7s}  {'fits':4s}  {'mesh compiled':26s} program")
-    for stage, programs in est["memory"].items():
-      for label, mesh, gb in programs:
-        lines.append(f"  {stage:24s} {gb:7.3g}  {_fits(gb, c):4s}  {mesh:26s} {label}")
+    lines.append(f"  {'stage':24s} {'GB':>7s}  {'fits':4s}  {'mesh compiled':26s} program, "
+                 "compiled by")
+    for stage, progs in est["memory"].items():
+      for label, mesh, gb, by in progs:
+        lines.append(f"  {stage:24s} {gb:7.3g}  {_fits(gb, c):4s}  {mesh:26s} {label}, {by}")
   else:
     lines.append("  memory per device: not compiled (--nomemory_analysis)")
   lines.append("  assumptions:")
@@ -386,7 +326,13 @@ def format_estimate(est: dict) -> str:
 
 def assumptions(est: dict) -> list[str]:
   c = est["chip"]
-  return [
+  tpu = ["hours: each program's seconds per call = max(FLOPs / (peak x MFU "
+         f"{est['mfu']:g}), bytes accessed / (HBM bandwidth x MBU {est['mbu']:g})), its FLOPs and "
+         "bytes per chip from the TPU compiler's executable (kdjax.compiled.cost: loop bodies "
+         "weighted by their trip counts; the sampler as if every row drew all --max_new_tokens); "
+         "the decoding formula below is not used"] if est.get("timed_by", "").startswith(
+             "the TPU") else []
+  return tpu + [
       f"{c['name']}: {c['peak_flops'] / 1e12:g} TFLOP/s bf16 dense peak, HBM "
       f"{c['hbm_bandwidth'] / 1e12:g} TB/s and {c['hbm_bytes'] / 1e9:g} GB per chip, "
       f"{c['chips_per_host']} chips per host (vendor datasheets); the same peak for float32 runs",
@@ -400,8 +346,9 @@ def assumptions(est: dict) -> list[str]:
       f"{est['chips_per_process']} chip(s), the batch split over them; shards and scoring "
       f"batches dealt round-robin to the {est['processes']} process(es) (a dataset of one shard "
       "keeps one host busy); on-policy students' sampling priced as FLOPs (plan)",
-      "memory: XLA:CPU's buffer assignment of the same partitioned program on fake devices; "
-      "GPU / TPU compilers fuse differently; on GPUs JAX preallocates 75% of HBM unless "
+      "memory: the compiler's buffer assignment of the partitioned program (XLA:CPU on fake "
+      "devices fuses differently from the GPU / TPU compilers; TPU chips are compiled by the TPU "
+      "compiler when libtpu is installed: setup.py's tpu extra); on GPUs JAX preallocates 75% of HBM unless "
       f"XLA_PYTHON_CLIENT_MEM_FRACTION is raised (e.g. to {USABLE_HBM:g}); the study trains with "
       "remat none (remat layer: train_lm / bench_train --remat)",
   ]
