@@ -1,0 +1,95 @@
+"""What many test files share, defined once: the tiny model, the tiny SmolLM2 study (in-process
+and as entry-point flags), and one way to run a command as a user would (a subprocess).
+
+Subprocesses get the test process's environment made explicit: JAX on the CPU, Hugging Face
+offline, the repository on PYTHONPATH, cwd = the repository, and `devices` fake CPU devices
+(8 like the tests themselves; None = XLA_FLAGS unset: the one CPU device a user has).
+
+Tiers (README, "Tests"): `pytest -m "not slow"` skips what conftest's markers call slow: end-to-end
+runs (a flagfile, an entry point in a subprocess, a whole tiny study) and multi-process runs.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+from kdjax.llm.model.config import get_preset
+from kdjax.llm.study.config import StudyConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = get_preset("test-tiny")  # V 256, D 64, F 128, 2 layers, 4 heads / 2 kv heads of 16
+
+# The SmolLM2 study at tiny size: a random test-tiny ground truth (vocabulary 256) with the byte
+# tokenizer; teacher and students are test-tiny presets trained on a few dozen 8-token samples.
+# The spec seeds (preset:NAME@SEED) go through the whole study.
+TINY_STUDY = StudyConfig(
+    ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny@5",
+    student="preset:test-tiny", temperatures=(0.8, 1.0), num_train=32, num_val=16, num_select=8,
+    teacher_num_train=32, teacher_num_val=8, num_eval_samples=16, max_new_tokens=8,
+    sample_batch_size=8, shard_size=8, teacher_epochs=2, student_epochs=1, batch_size=8,
+    learning_rate=3e-3, checkpoint_every=2, eval_batch_size=8, embedding_map="pca")
+
+
+def study_flags(cfg: StudyConfig) -> list[str]:
+  """`python -m experiments.llm` flags that give `cfg` (every field that is not at its default)."""
+  flags = []
+  for field in dataclasses.fields(cfg):
+    value = getattr(cfg, field.name)
+    if value == field.default:
+      continue
+    if isinstance(value, tuple):
+      value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    flags.append(f"--{field.name}={value}")
+  return flags
+
+
+# The tiny study through the entry point: more p* samples (a kill while p* is sampled finds two
+# shards) and more teacher steps (a kill while the teacher trains finds a checkpoint).
+TINY_STUDY_FLAGS = study_flags(dataclasses.replace(TINY_STUDY, num_train=64, teacher_epochs=3))
+
+
+def subprocess_env(devices=8, **extra) -> dict:
+  """This process's environment for a child: see the module docstring; `extra` set last."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  if devices is None:
+    env.pop("XLA_FLAGS", None)
+  else:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env.update(extra)
+  return env
+
+
+def module_argv(module: str, *args) -> list[str]:
+  """`python -m module args...` with this interpreter."""
+  return [sys.executable, "-m", module, *args]
+
+
+def run(argv, *, devices=8, timeout=600, env=None) -> subprocess.CompletedProcess:
+  """Run argv to completion in the repository, output captured as text; env: extra variables."""
+  return subprocess.run(argv, cwd=REPO, env=subprocess_env(devices, **(env or {})),
+                        capture_output=True, text=True, timeout=timeout)
+
+
+def run_module(module: str, *args, devices=8, timeout=600, env=None) -> subprocess.CompletedProcess:
+  """`python -m module args...` run to completion (see run)."""
+  return run(module_argv(module, *args), devices=devices, timeout=timeout, env=env)
+
+
+def start(argv, *, devices=8, env=None, stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL) -> subprocess.Popen:
+  """Start argv in the repository without waiting (tests that kill it, or run several at once)."""
+  return subprocess.Popen(argv, cwd=REPO, env=subprocess_env(devices, **(env or {})),
+                          stdout=stdout, stderr=stderr, text=True)
+
+
+def error_line(proc) -> str:
+  """The one `error:` line of a failed run: a non-zero exit, no traceback, exactly one such line
+  (stderr may also hold absl / JAX log lines)."""
+  assert proc.returncode != 0, proc.stdout
+  assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1, proc.stderr[-3000:]
+  return lines[0]
