@@ -149,8 +149,8 @@ import experiments.gmm as entry
 from kdjax import cli
 from kdjax.gmm import study
 real = study.compile_and_run
-def poisoned(cfg, p_star, seeds, betas):
-  out, timing = real(cfg, p_star, seeds, betas)
+def poisoned(*args):
+  out, timing = real(*args)
   out["precision"]["rkl"] = out["precision"]["rkl"].at[1, 0].set(float("nan"))
   out["recall"]["jsd"] = out["recall"]["jsd"].at[0, 2].set(-float("inf"))
   return out, timing

@@ -118,8 +118,8 @@ import experiments.gmm as entry
 from kdjax import cli
 from kdjax.gmm import study
 real = study.compile_and_run
-def poisoned(cfg, p_star, seeds, betas):
-  out, timing = real(cfg, p_star, seeds, betas)
+def poisoned(*args):
+  out, timing = real(*args)
   out["precision"]["rkl"] = out["precision"]["rkl"] * float("nan")
   out["recall"]["jsd"] = out["recall"]["jsd"].at[0, 0].set(float("nan"))  # one row only
   return out, timing
