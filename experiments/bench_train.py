@@ -14,7 +14,8 @@ fraction of a matmul peak measured on the same device in the same run (a jitted 
 
 With --compile_only: nothing runs. The train step is compiled for the mesh from abstract arrays
 (kdjax.llm.train.footprint; fake CPU devices stand in for accelerators:
-XLA_FLAGS=--xla_force_host_platform_device_count=8) and ONE JSON line gives its cost per device:
+XLA_FLAGS=--xla_force_host_platform_device_count=8; or, with --topology=v5p:2x2x2 and libtpu installed,
+the TPU compiler for that topology's devices) and ONE JSON line gives its cost per device:
 memory_per_device_gb (XLA's memory analysis: arguments + outputs + temporaries, a donated state
 counted once) and collective_gb_per_step (bytes each device sends in all-gathers,
 reduce-scatters, all-reduces and all-to-alls per step, read from the compiled HLO; kdjax.compiled
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from kdjax import cli, sharding
+from kdjax import cli, compiled, sharding
 from kdjax.llm.model import llama as model
 from kdjax.llm.model import partition
 from kdjax.llm.model.config import get_preset
@@ -63,6 +64,9 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype (p
                   "optimizer state stay float32).")
 flags.DEFINE_enum("remat", "none", ["none", "layer", "dots"], "Rematerialisation policy "
                   "(kdjax.llm.model.config.LlamaConfig.remat).")
+flags.DEFINE_string("topology", "", "--compile_only: compile with the TPU compiler for this TPU "
+                    "topology, e.g. v5p:2x2x2 (needs libtpu: setup.py's tpu extra; nothing runs "
+                    "on a TPU) instead of XLA:CPU on fake CPU devices.")
 flags.DEFINE_integer("students", 0, "--compile_only: N > 0 students vmapped, each on its own "
                      "batch [N, B, T] (the study's students stage).")
 
@@ -74,13 +78,22 @@ def _validate():
   cli.require(FLAGS.seq >= 2, f"--seq={FLAGS.seq} must be >= 2")
   cli.require(FLAGS.kd_temperatures >= 0, f"--kd_temperatures={FLAGS.kd_temperatures} must be >= 0")
   cli.require(FLAGS.students >= 0, f"--students={FLAGS.students} must be >= 0")
-  cli.require(FLAGS.compile_only or not (FLAGS.mesh or FLAGS.students),
-              "--mesh and --students are flags of --compile_only")
+  cli.require(FLAGS.compile_only or not (FLAGS.mesh or FLAGS.students or FLAGS.topology),
+              "--mesh, --students and --topology are flags of --compile_only")
+  cli.require(not FLAGS.topology or compiled.tpu_compiler() is not None,
+              f"--topology={FLAGS.topology}: the TPU compiler (libtpu) is not installed: "
+              "pip install -e '.[tpu]'")
 
 
 def compile_only_report(config) -> dict:
   """The train step compiled for --mesh from abstract arrays: its footprint per device."""
-  mesh = sharding.mesh_from_text(FLAGS.mesh)
+  devices = None
+  if FLAGS.topology:
+    try:
+      devices = compiled.topology_devices(FLAGS.topology)
+    except Exception as e:  # libtpu's own message names the bad topology
+      raise cli.UserError(f"--topology={FLAGS.topology}: {str(e).splitlines()[0]}") from None
+  mesh = sharding.mesh_from_text(FLAGS.mesh, devices=devices)
   out = {"mode": "compile_only", "preset": FLAGS.preset, "mesh": dict(mesh.shape),
          "batch": FLAGS.batch, "seq": FLAGS.seq, "dtype": FLAGS.dtype, "remat": FLAGS.remat,
          "students": FLAGS.students or None}
@@ -89,8 +102,10 @@ def compile_only_report(config) -> dict:
               f"{mesh.shape['data'] * mesh.shape['fsdp']}")
   out.update(footprint.train_step(config, mesh, FLAGS.batch, FLAGS.seq,
                                   num_students=FLAGS.students or None))
-  out.update(device=str(jax.devices()[0].device_kind), num_devices=jax.device_count(),
-             jax_version=jax.__version__)
+  device = mesh.devices.flat[0]
+  out.update(device=str(device.device_kind), num_devices=mesh.size, jax_version=jax.__version__,
+             compiled_by=(f"TPU compiler (libtpu {compiled.tpu_compiler()}) for {FLAGS.topology}"
+                          if FLAGS.topology else "XLA:CPU on fake devices"))
   return out
 
 

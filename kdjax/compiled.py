@@ -335,7 +335,7 @@ def tpu_topology(generation: str, chips: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _topology_devices(name: str) -> tuple:
+def topology_devices(name: str) -> tuple:
   # Compiling needs no chip, but libtpu takes a lockfile (/tmp/libtpu_lockfile) when it loads and
   # refuses to load while another local process holds it (any JAX process started without
   # JAX_PLATFORMS=cpu probes for a TPU and keeps the lock).
@@ -346,4 +346,4 @@ def _topology_devices(name: str) -> tuple:
 def tpu_devices(generation: str, chips: int) -> tuple[str, list]:
   """(topology name, `chips` of its TPU devices) to compile for with the TPU compiler."""
   name = tpu_topology(generation, chips)
-  return name, list(_topology_devices(name)[:chips])
+  return name, list(topology_devices(name)[:chips])
