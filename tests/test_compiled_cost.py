@@ -87,3 +87,26 @@ def test_train_step_compiled_by_the_tpu_compiler_for_a_v5p_slice():
   out = footprint.train_step(get_preset("test-tiny").replace(dtype="bfloat16"), mesh, 8, 32)
   assert out["memory_per_device_gb"] > 0 and out["collective_gb_per_step"] > 0
   assert out["unknown_trip_counts"] == 0  # the layer scans' counts read from their conditions
+
+
+@needs_tpu
+def test_bench_train_compile_only_for_a_tpu_topology():
+  import json
+  import os
+  import subprocess
+  import sys
+  from tests.conftest import REPO
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.bench_train", "--compile_only", "--preset=test-tiny",
+       "--mesh=fsdp=8", "--batch=8", "--seq=32", "--dtype=bfloat16", "--topology=v5p:2x2x2"],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
+  assert out["compiled_by"] == f"TPU compiler (libtpu {compiled.tpu_compiler()}) for v5p:2x2x2"
+  assert out["device"].startswith("TPU v5") and out["num_devices"] == 8
+  assert out["memory_per_device_gb"] > 0 and out["flops"] > out["xla_flops"]  # 2 layers, 1 counted
+  bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compile_only",
+                        "--preset=test-tiny", "--topology=v5p:3x3x3"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "error: --topology=v5p:3x3x3" in bad.stderr, bad.stderr[-2000:]
