@@ -10,52 +10,35 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests.conftest import REPO
-
-TINY_FLAGS = [  # the teacher's spec carries a seed: preset:NAME@SEED through the entry point
-    "--ground_truth=preset:test-tiny@7", "--tokenizer=bytes", "--teacher=preset:test-tiny@5",
-    "--student=preset:test-tiny", "--temperatures=0.8,1.0", "--num_train=64", "--num_val=16",
-    "--num_select=8",
-    "--teacher_num_train=32", "--teacher_num_val=8", "--num_eval_samples=16",
-    "--max_new_tokens=8", "--sample_batch_size=8", "--shard_size=8", "--teacher_epochs=3",
-    "--student_epochs=1", "--batch_size=8", "--learning_rate=3e-3", "--checkpoint_every=2",
-    "--eval_batch_size=8", "--embedding_map=pca",  # UMAP's compilation: in test_embedding_map
-]
-
+from tests.helpers import TINY_STUDY_FLAGS as TINY_FLAGS
+from tests.helpers import error_line, module_argv, run_module, start
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-  e = dict(os.environ)
-  e.update(XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return e
+  """Extra variables of every run here: the shared persistent compilation cache."""
+  return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 
 def _cmd(*args):
-  return [sys.executable, "-m", "experiments.llm", *args]
+  return module_argv("experiments.llm", *args)
 
 
 def _run(env, *args, timeout=600):
-  return subprocess.run(_cmd(*args), env=env, cwd=REPO, capture_output=True, text=True,
-                        timeout=timeout)
+  return run_module("experiments.llm", *args, devices=None, timeout=timeout, env=env)
 
 
-def _error_line(proc):
-  """The one-line error of a failed run (stderr may also hold absl/JAX log lines)."""
-  assert proc.returncode != 0, proc.stdout
-  assert "Traceback" not in proc.stderr, proc.stderr
-  lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-  assert len(lines) == 1, proc.stderr
-  return lines[0]
+def _start(env, *args):
+  return start(_cmd(*args), devices=None, env=env, stderr=subprocess.PIPE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flagfile, expect", [
     ("llm_smoke.flags", ["gguf:default", "134.5M params", "preset:micro-49k", "preset:nano-49k"]),
     ("llm_paper.flags", ["1711.4M params", "smollm2-360m", "[0, 1, 2, 3, 4]",
@@ -86,6 +69,7 @@ def _truncated_gguf(tmp_path):
   return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["temperature_zero", "temperature_negative", "missing_model",
                                   "truncated_model", "empty_dataset", "bad_number", "preset_seed",
                                   "not_a_checkpoint", "mesh"])
@@ -107,7 +91,7 @@ def test_bad_input_is_one_line(env, tmp_path, case):
   if case == "truncated_model":
     _truncated_gguf(tmp_path)
   proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}", *flags)
-  assert expect in _error_line(proc)
+  assert expect in error_line(proc)
   assert not (workdir / "pstar").exists() and not (workdir / "config.json").exists()
 
 
@@ -138,6 +122,7 @@ def reference(env, tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_uninterrupted_run_writes_results(reference):
   rows = json.loads((reference / "results.json").read_text())["rows"]
   assert [(r["objective"], r["temperature"], r["seed"]) for r in rows] == [
@@ -147,18 +132,17 @@ def test_uninterrupted_run_writes_results(reference):
   assert (reference / "precision_vs_recall.png").exists()
 
 
+@pytest.mark.slow
 def test_kill_during_sampling_and_training_then_resume(env, reference, tmp_path):
   workdir = tmp_path / "w"
   args = [*TINY_FLAGS, f"--workdir={workdir}"]
   pstar_train = workdir / "pstar" / "train"
   # 1. SIGKILL while p* is being sampled: some shards written, the dataset not done
-  proc = subprocess.Popen(_cmd(*args), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = _start(env, *args)
   _wait_then_kill(proc, lambda: len(_shards(pstar_train)) >= 2, "p* sampling")
   assert not (pstar_train / "DONE.json").exists()
   # 2. SIGKILL while the teacher trains: a checkpoint saved, training not done
-  proc = subprocess.Popen(_cmd(*args), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = _start(env, *args)
   _wait_then_kill(proc, lambda: len(_steps(workdir / "teacher" / "checkpoints")) >= 1,
                   "a teacher checkpoint")
   assert not (workdir / "teacher" / "DONE.json").exists()
@@ -172,6 +156,7 @@ def test_kill_during_sampling_and_training_then_resume(env, reference, tmp_path)
   assert got["params_checksum"] == ref["params_checksum"]
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_workdir_skips_and_keeps_results(env, reference):
   before = (reference / "results.json").read_bytes()
   proc = _run(env, *TINY_FLAGS, f"--workdir={reference}")
@@ -181,6 +166,7 @@ def test_rerun_of_a_finished_workdir_skips_and_keeps_results(env, reference):
   assert (reference / "results.json").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_other_flags_reuse_the_cached_stages(env, reference, tmp_path):
   """Another --students list and --num_eval_samples in a finished workdir: the dry run says what
   is cached, the run samples no p* sequence and trains no teacher, and results.json then holds
@@ -206,6 +192,7 @@ def test_other_flags_reuse_the_cached_stages(env, reference, tmp_path):
   assert (workdir / "results.json").read_bytes() == first
 
 
+@pytest.mark.slow
 def test_damaged_dataset_is_one_line(env, reference, tmp_path):
   """A finished p* stage whose shards were deleted: the next stage names the empty dataset."""
   workdir = tmp_path / "w"
@@ -213,7 +200,7 @@ def test_damaged_dataset_is_one_line(env, reference, tmp_path):
   for name in _shards(workdir / "pstar" / "train"):
     shutil.rmtree(workdir / "pstar" / "train" / name)
   proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}")
-  assert "pstar/train" in _error_line(proc)
+  assert "pstar/train" in error_line(proc)
 
 
 def _flagfile_config(name):
