@@ -15,6 +15,7 @@ import subprocess
 import sys
 
 from kdjax.llm.model.config import get_preset
+from kdjax.llm.study import work
 from kdjax.llm.study.config import StudyConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,3 +94,9 @@ def error_line(proc) -> str:
   lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert len(lines) == 1, proc.stderr[-3000:]
   return lines[0]
+
+
+def dataset_rows(path) -> tuple[list, list, list]:
+  """A sampled dataset directory's (token rows, texts, lengths) as Python lists."""
+  ds = work.load_dataset(path)
+  return [list(r) for r in ds["input_ids"]], list(ds["text"]), list(ds["length"])
