@@ -159,6 +159,8 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, mfu: 
     s, bound = roofline(report, chip, mfu, mbu)
     how = (f"{prefix.split(',')[0]} {report['flops'] / 1e12:.3g} TFLOP, "
            f"{report['bytes_accessed'] / 1e9:.3g} GB per chip -> {s * 1e3:.3g} ms ({bound})")
+    if report["unknown_trip_counts"]:  # kdjax.compiled.cost counted those loops' bodies once
+      how += f" [LOWER BOUND: {report['unknown_trip_counts']} loops of unknown trip count]"
     return s, how
 
   def batches(num):  # sampling: shards dealt to the processes, each in sampling batches
