@@ -1,13 +1,11 @@
 """Issue 6's list of bad inputs, walked across every entry point: each gives exactly one `error:`
 line on stderr that names the flag or file, a non-zero exit, and no traceback."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import error_line, run_module
+
+pytestmark = pytest.mark.slow  # every case starts an entry point in a subprocess
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +54,7 @@ CASES = [
 def test_bad_input_is_one_line_naming_the_cause(files, entry, args, named):
   args = [a.format(**files) for a in args]
   named = named.format(**files)
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
   if not entry.startswith("bench_"):
     args.append(f"--workdir={files['workdir']}/{entry}")
-  r = subprocess.run([sys.executable, "-m", f"experiments.{entry}", *args],
-                     cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
-  assert r.returncode != 0
-  assert "Traceback" not in r.stderr, r.stderr[-3000:]
-  errors = [l for l in r.stderr.splitlines() if l.startswith("error:")]
-  assert len(errors) == 1, r.stderr[-3000:]
-  assert named in errors[0], errors[0]
+  r = run_module(f"experiments.{entry}", *args, devices=None, timeout=180)
+  assert named in error_line(r), r.stderr[-3000:]
