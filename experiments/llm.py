@@ -22,7 +22,7 @@ from absl import flags, logging
 
 from kdjax import cli, distributed
 from kdjax.llm.study import cost, hardware, pipeline, plots
-from kdjax.llm.study.config import EMBEDDING_MAPS, StudyConfig, validate
+from kdjax.llm.study.config import EMBEDDING_MAPS, SEED_SCOPES, StudyConfig, validate
 
 _D = StudyConfig()
 FLAGS = flags.FLAGS
@@ -63,6 +63,11 @@ flags.DEFINE_string("students", ",".join(_D.students),
                     "on-policy onpolicy_fkl, onpolicy_rkl, onpolicy_jsd (the student's own samples "
                     "each step, the same target). All but direct run at every temperature.")
 flags.DEFINE_integer("num_seeds", _D.num_seeds, "Seeds (teacher sampling and students per seed).")
+flags.DEFINE_enum("seed_scope", _D.seed_scope, list(SEED_SCOPES),
+                  "What each seed re-draws: students (their init, data order and samples: p*'s "
+                  "samples and the teacher shared by every seed), teacher (each seed also trains "
+                  "its own teacher, so intervals over seeds cover the teacher's variance), all "
+                  "(each seed also draws its own p* samples).")
 flags.DEFINE_integer("seed", _D.seed, "First seed; p* samples and the teacher use it.")
 flags.DEFINE_integer("num_train", _D.num_train, "p* training sequences.")
 flags.DEFINE_integer("num_val", _D.num_val, "p* validation sequences (recall's test set, used for "
@@ -70,6 +75,11 @@ flags.DEFINE_integer("num_val", _D.num_val, "p* validation sequences (recall's t
 flags.DEFINE_integer("num_select", _D.num_select, "p* sequences held out to select the teacher's "
                      "checkpoint (best perplexity).")
 flags.DEFINE_integer("teacher_num_train", _D.teacher_num_train, "Teacher samples per temperature.")
+flags.DEFINE_integer("student_num_train", _D.student_num_train, "Training sequences per epoch of "
+                     "every student, whatever its kind (matched budgets: each kind trains "
+                     "--student_epochs x this / --batch_size steps, cycling its data as needed; "
+                     "seqkd's data are --teacher_num_train samples: give the same number); 0: "
+                     "--num_train.")
 flags.DEFINE_integer("teacher_num_val", _D.teacher_num_val,
                      "Teacher validation samples per temperature.")
 flags.DEFINE_integer("num_eval_samples", _D.num_eval_samples, "Samples per student (precision).")

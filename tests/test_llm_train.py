@@ -123,7 +123,7 @@ def test_evaluate_is_per_token_mean(tmp_path):
     total += float(jnp.sum(logprobs(CFG, params, jnp.asarray(s[None]))))
     count += len(s) - 1
   for bsz in (2, 5):
-    mean, ppl = evaluate.mean_token_loglik(CFG, params, seqs, batch_size=bsz, seq_len=32)
+    mean, ppl = evaluate.mean_token_loglik(CFG, params, data_lib.eval_batches(seqs, bsz, 32))
     np.testing.assert_allclose(mean, total / count, rtol=1e-5)
     np.testing.assert_allclose(ppl, np.exp(-total / count), rtol=1e-5)
 
@@ -173,7 +173,7 @@ def test_every_score_counts_the_generated_tokens_only(left):
   np.testing.assert_allclose(float(s), total, rtol=1e-5)
   # the data path: a dataset's prompt lengths become its batches' target masks
   rows = data_lib.TokenRows(rows, prompt_lens=[PROMPT_LEN] * len(rows))
-  mean, _ = evaluate.mean_token_loglik(CFG, params, rows, batch_size=3, seq_len=14)
+  mean, _ = evaluate.mean_token_loglik(CFG, params, data_lib.eval_batches(rows, 3, 14))
   np.testing.assert_allclose(mean, total / count, rtol=1e-5)
 
 

@@ -51,3 +51,33 @@ def test_every_stream_is_the_seeds():
   tc = trainlib.TrainConfig(train_data=("a", "b", "c"), common_random_numbers=True)
   assert tc.stream_ids() == (0, 0, 0)
   assert dataclasses.replace(tc, common_random_numbers=False).stream_ids() == (0, 1, 2)
+
+
+def _scope(scope):
+  from kdjax.llm.study import units
+  cfg = StudyConfig(ground_truth="preset:test-tiny@7", tokenizer="bytes", num_seeds=2,
+                    students=("direct", "seqkd", "fkl"), temperatures=(1.0,), seed_scope=scope)
+  return cfg, units.StudyUnits(cfg)
+
+
+@pytest.mark.parametrize("scope, teacher_differs, pstar_differs", [
+    ("students", False, False), ("teacher", True, False), ("all", True, True)])
+def test_seed_scopes_redraw_exactly_what_they_say(scope, teacher_differs, pstar_differs):
+  cfg, u = _scope(scope)
+  for split in ("train", "val", "select"):
+    assert (u.pstar(split, 0).key != u.pstar(split, 1).key) == pstar_differs
+  assert (u.teacher(0).key != u.teacher(1).key) == teacher_differs
+  # the first seed's units are the students-scope ones (a wider scope reuses them)
+  _, narrow = _scope("students")
+  assert u.teacher(0).key == narrow.teacher(0).key and u.teacher(0).rel == "teacher"
+  assert u.pstar("val", 0).rel == "pstar/val"
+  ri = runs.RunInputs(cfg, "/w", (84,), 2)
+  teachers = runs.training_runs(ri)["2_train_teacher"]
+  assert [t.seed for t in teachers] == ([0, 1] if teacher_differs else [0])
+  data = {tc.seed: tc.train_data for tc in teachers}
+  if teacher_differs:
+    assert (data[0] != data[1]) == pstar_differs
+  # students read their own seed's teacher samples, p* and teacher
+  fkl1 = runs.student_run(ri, 1, "fkl", "t")
+  assert fkl1.train_data == (("/w/seed_1/pstar/train",) if pstar_differs else ("/w/pstar/train",))
+  assert u.students(1, "fkl").what["teacher"] == u.teacher(1).key

@@ -67,7 +67,7 @@ def test_deleted_shard_is_resampled_before_anyone_reads_it(study, copy):
   more = dataclasses.replace(TINY, students=("direct", "seqkd", "rkl"))
   rows = pipeline.run_study(more, copy)
   assert _rows_of(os.path.join(copy, "pstar", "train")) == before
-  steps = {r: units.read_record(os.path.join(copy, units.students_rel(0, r)))["steps"]
+  steps = {r: units.read_record(os.path.join(copy, units.Layout(more).students(0, r)))["steps"]
            for r in ("direct", "rkl")}
   assert steps == {"direct": 4, "rkl": 4}
   assert [r for r in rows if r["objective"] != "rkl"] == study[1]
@@ -83,7 +83,7 @@ def test_copied_workdir_reads_its_own_teacher(study, copy, tmp_path):
   assert _verdicts(TINY, copy)["teacher"] == ("cached", "")
   verdict, reason = _verdicts(TINY, original)["teacher"]
   assert verdict == "redo" and "params checksum" in reason
-  spec = pipeline.checkpoint_spec(_study(copy), units.TEACHER_REL, 0)
+  spec = pipeline.checkpoint_spec(_study(copy), units.Layout(TINY).teacher(0), 0)
   assert spec == "ckpt:" + os.path.join(copy, "teacher", "best")
 
 

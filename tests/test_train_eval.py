@@ -28,7 +28,7 @@ def _rows(n, seed):
 
 
 def _ppl(params, rows):
-  return evaluate.mean_token_loglik(CFG, params, rows, batch_size=8, seq_len=24)[1]
+  return evaluate.mean_token_loglik(CFG, params, data_lib.eval_batches(rows, 8, 24))[1]
 
 
 def _evaluator(spec, mesh, val_rows, limit=0):

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Union
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.llm import data as data_lib
 from kdjax.llm.model import llama as model
 from kdjax.llm.model import targets
 
@@ -34,20 +33,10 @@ def _sums_jit(config, params, input_ids, mask, target_mask):
   return loglik_sums(config, params, input_ids, mask, target_mask)
 
 
-def mean_token_loglik(config, params, dataset_or_batches: Union[object, Iterable[dict]],
-                      batch_size: int = 16, seq_len: int = 512, pad_id: int = 0):
-  """(mean per-token log-likelihood, perplexity) over a dataset or an iterable of batches.
-
-  `dataset_or_batches`: a datasets.Dataset / TokenRows / list of token lists (truncated to seq_len,
-  batched by batch_size, the last batch padded; a dataset's prompt_len column marks its prompts),
-  or an iterable of {'input_ids', 'attention_mask', optional 'target_mask'} batches used as given.
-  Single-process helper (params on local devices).
-  """
-  if isinstance(dataset_or_batches, (list, tuple, data_lib.TokenRows)) or hasattr(
-      dataset_or_batches, "column_names"):
-    batches = data_lib.eval_batches(dataset_or_batches, batch_size, seq_len, pad_id)
-  else:
-    batches = dataset_or_batches
+def mean_token_loglik(config, params, batches: Iterable[dict]):
+  """(mean per-token log-likelihood, perplexity) over an iterable of {'input_ids',
+  'attention_mask', optional 'target_mask'} batches (kdjax.llm.data.eval_batches makes them from a
+  dataset). Single-process helper (params on local devices)."""
   total, count = loglik_totals(config, params, batches)
   if count == 0:
     raise ValueError("no target tokens to evaluate (no sequence has a token after its prompt)")

@@ -24,11 +24,14 @@ class StudyConfig:
   temperatures: tuple = (0.8, 0.875, 0.95, 1.0)
   students: tuple = ("direct", "seqkd")  # student kinds (KINDS); all but direct at every T
   num_seeds: int = 1
+  seed_scope: str = "students"           # what a seed re-draws: students, teacher (and on), all
   seed: int = 0
   num_train: int = 4096                  # p* training sequences
   num_val: int = 512                     # p* validation sequences: recall's test set, nothing else
   num_select: int = 512                  # p* sequences held out to select the teacher's checkpoint
   teacher_num_train: int = 4096          # teacher samples per temperature (KD training set)
+  student_num_train: int = 0             # every student's training sequences per epoch (matched
+  #                                        budgets: the same steps for every kind); 0 = num_train
   teacher_num_val: int = 256             # teacher samples per temperature (KD validation set)
   num_eval_samples: int = 512            # student samples per student (precision's test set)
   max_new_tokens: int = 32
@@ -59,6 +62,16 @@ class StudyConfig:
     return d
 
   @property
+  def student_sequences(self) -> int:
+    """The training sequences every student sees per epoch, whatever its kind."""
+    return self.student_num_train or self.num_train
+
+  @property
+  def student_steps(self) -> int:
+    """Every student's optimizer steps (matched budgets: one number for every kind)."""
+    return self.student_epochs * (self.student_sequences // self.batch_size)
+
+  @property
   def seeds(self) -> list[int]:
     return [self.seed + i for i in range(self.num_seeds)]
 
@@ -73,6 +86,7 @@ class StudyConfig:
 
 
 EMBEDDING_MAPS = ("umap", "pca", "none")
+SEED_SCOPES = ("students", "teacher", "all")
 
 
 def kd_name(temperature: float) -> str:
@@ -102,6 +116,10 @@ def validate(cfg: StudyConfig) -> None:
     require(getattr(cfg, name) >= 1, f"--{name}={getattr(cfg, name)}: must be >= 1")
   require(cfg.num_train >= cfg.batch_size and cfg.teacher_num_train >= cfg.batch_size,
           f"--batch_size={cfg.batch_size}: more than --num_train or --teacher_num_train sequences")
+  require(cfg.student_num_train >= 0, f"--student_num_train={cfg.student_num_train}: must be "
+          ">= 0 (0: --num_train)")
+  require(cfg.student_sequences >= cfg.batch_size, f"--student_num_train="
+          f"{cfg.student_num_train}: fewer than one --batch_size={cfg.batch_size} batch")
   for name in ("learning_rate",):
     v = getattr(cfg, name)
     require(math.isfinite(v) and v > 0, f"--{name}={v}: must be a positive number")
@@ -113,6 +131,8 @@ def validate(cfg: StudyConfig) -> None:
   require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
   require(cfg.embedding_map in EMBEDDING_MAPS,
           f"--embedding_map={cfg.embedding_map!r}: one of {', '.join(EMBEDDING_MAPS)}")
+  require(cfg.seed_scope in SEED_SCOPES,
+          f"--seed_scope={cfg.seed_scope!r}: one of {', '.join(SEED_SCOPES)}")
   require(cfg.knn_k >= 1, f"--knn_k={cfg.knn_k}: must be >= 1")
   require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences}: must be >= 0 (0: all)")
   require(cfg.eval_sequences <= cfg.num_select, f"--eval_sequences={cfg.eval_sequences}: more "

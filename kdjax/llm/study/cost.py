@@ -48,21 +48,38 @@ def _training(c: LlamaConfig, sequences: int, seq_len: int, epochs: float, batch
   return tokens, flops, memory
 
 
+def student_budget(cfg: StudyConfig, name: str, student: LlamaConfig, teacher: LlamaConfig,
+                   seq_len: int) -> dict:
+  """One student's training budget (matched across kinds: the same steps and sequences): steps,
+  sequences, tokens (sequences x seq_len), train_flops (its forward + backward, and its share of
+  the teacher's forward passes: token-level students of a seed share one per batch) and, on-policy,
+  sampling_flops (its own batches, sampled each step). `data_passes`: how many times it reads its
+  training set."""
+  kind, n_temps = KINDS[name], len(cfg.temperatures)
+  sequences = cfg.student_steps * cfg.batch_size
+  tokens = sequences * seq_len
+  flops = tokens * student.flops_per_token(seq_len)
+  if kind.teacher_forwards:
+    share = 1.0 / n_temps if kind.teacher_forwards == 1 else 1.0
+    flops += share * tokens * teacher.forward_flops_per_token(seq_len // 2)
+  data = {"pstar": cfg.num_train, "teacher_samples": cfg.teacher_num_train}.get(kind.data)
+  return {"steps": cfg.student_steps, "sequences": sequences, "tokens": tokens,
+          "train_flops": flops,
+          "sampling_flops": tokens * student.forward_flops_per_token(seq_len // 2)
+          if kind.onpolicy else 0.0,
+          "data_passes": sequences / data if data else None}
+
+
 def _student_kind(cfg: StudyConfig, name: str, student, teacher, seq_len: int, devices: int):
   """(tokens, flops, memory, label) of one kind's training run of a seed (kinds.KINDS)."""
-  kind, n_temps = KINDS[name], len(cfg.temperatures)
-  copies = n_temps if kind.per_temperature else 1
-  data = cfg.teacher_num_train if kind.data == "teacher_samples" else cfg.num_train
-  tok, flops, mem = _training(student, data, seq_len, cfg.student_epochs, cfg.batch_size,
-                              devices, cfg.dtype, copies=copies)
-  sequences = int(data * cfg.student_epochs)
-  if kind.teacher_forwards:  # once per batch (token-level), once per student (on-policy)
-    forwards = 1 if kind.teacher_forwards == 1 else n_temps
-    flops += forwards * sequences * seq_len * teacher.forward_flops_per_token(seq_len // 2)
-  if kind.onpolicy:  # each step's batch sampled from every student
-    flops += _sampling(student, sequences * n_temps, seq_len, cfg.batch_size, devices,
-                       cfg.dtype)[1]
-  return tok, flops, mem, name if copies == 1 else f"{name} x{copies}"
+  kind = KINDS[name]
+  copies = len(cfg.temperatures) if kind.per_temperature else 1
+  b = student_budget(cfg, name, student, teacher, seq_len)
+  mem = _training(student, b["sequences"], seq_len, 1, cfg.batch_size, devices, cfg.dtype,
+                  copies=copies)[2]
+  passes = f", {b['data_passes']:.3g} passes over its data" if b["data_passes"] else ""
+  label = (name if copies == 1 else f"{name} x{copies}") + f" ({b['steps']} steps{passes})"
+  return (copies * b["tokens"], copies * (b["train_flops"] + b["sampling_flops"]), mem, label)
 
 
 def _scoring(cfg: StudyConfig, gt, student, seq_len: int, devices: int):
@@ -117,9 +134,9 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
   add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)} x {n_seeds} seeds",
       n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
   ests = [_student_kind(cfg, k, student, teacher, seq_len, devices) for k in cfg.students]
-  add("4_train_students", f"train the students {cfg.student} per seed: "
-      f"{', '.join(e[3] for e in ests)} (each kind's temperatures vmapped together), "
-      f"{cfg.student_epochs:g} epochs", sum(e[0] for e in ests) // seq_len * n_seeds,
+  add("4_train_students", f"train the students {cfg.student} per seed, matched budgets of "
+      f"{cfg.student_steps * cfg.batch_size} sequences each: {', '.join(e[3] for e in ests)} "
+      f"(each kind's temperatures vmapped together)", sum(e[0] for e in ests) // seq_len * n_seeds,
       (n_seeds * sum(e[0] for e in ests), n_seeds * sum(e[1] for e in ests),
        max(e[2] for e in ests)))
   n_students = len(cfg.student_names()) * n_seeds

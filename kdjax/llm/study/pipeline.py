@@ -186,15 +186,14 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
   st.run("1_sample_ground_truth", todo["1_sample_ground_truth"],
          lambda u, n: st.sample(u, st.gt_spec, n, 1.0, f"p* {os.path.basename(u.rel)}"))
   st.run("2_train_teacher", todo["2_train_teacher"],
-         lambda u: train_models(u.dir(st.workdir), runs.teacher_run(st.runs)))
-  teacher_ckpt = checkpoint_spec(st, units.TEACHER_REL, 0)
+         lambda u, seed: train_models(u.dir(st.workdir), runs.teacher_run(st.runs, seed)))
   st.run("3_sample_teacher", todo["3_sample_teacher"],
-         lambda u, n, t, desc: st.sample(u, teacher_ckpt, n, t, desc))
+         lambda u, seed, n, t, desc: st.sample(u, teacher_spec(st, seed), n, t, desc))
   # Students keep their final parameters (one epoch ending in the WSD decay); each one's validation
   # perplexity, on held-out samples of its own training distribution, is measured in stage 5.
   st.run("4_train_students", todo["4_train_students"],
-         lambda u, seed, kind: train_models(u.dir(st.workdir),
-                                            runs.student_run(st.runs, seed, kind, teacher_ckpt)))
+         lambda u, seed, kind: train_models(
+             u.dir(st.workdir), runs.student_run(st.runs, seed, kind, teacher_spec(st, seed))))
   scorers = {"pstar_val": embed_pstar_val, "student": score_student}
   st.run("5_score_students", todo["5_score_students"], lambda u, what, *a: scorers[what](st, u, *a))
   with stage(st.workdir, "6_results", st.timings):
@@ -203,6 +202,11 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
       report.write_results(st.workdir, rows, cfg)
       report.write_embedding_map(cfg, st.workdir, rows)
   return rows
+
+
+def teacher_spec(st: Study, seed: int) -> str:
+  """The `ckpt:` spec of the teacher seed `seed`'s units read."""
+  return checkpoint_spec(st, st.units.teacher(seed).rel, 0)
 
 
 def checkpoint_spec(st: Study, rel: str, j: int) -> str:
@@ -216,15 +220,17 @@ def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str
   """Sample student `name` at T=1, score the samples under p* (precision), score p*'s validation
   samples under the student (recall); DONE.json holds the three numbers."""
   cfg, out = st.cfg, unit.dir(st.workdir)
-  student = checkpoint_spec(st, units.students_rel(seed, kind), j)
+  layout = st.units.layout
+  student = checkpoint_spec(st, layout.students(seed, kind), j)
   samples_unit = st.units.student_samples(seed, kind, name)
   claim(samples_unit, st.workdir)
   st.sample(samples_unit, student, cfg.num_eval_samples, 1.0, f"student {name} seed {seed}")
   b, n = cfg.eval_batch_size, st.seq_len
-  recall = mean_loglik(*st.model(student), load_dataset(st.path(units.pstar_rel("val"))), b, n,
+  pstar_val = st.units.pstar("val", seed).rel
+  recall = mean_loglik(*st.model(student), load_dataset(st.path(pstar_val)), b, n,
                        f"recall {name} seed {seed}")
-  own_val = units.held_out_rel(seed, kind, t)
-  val = recall if own_val == units.pstar_rel("val") else mean_loglik(
+  own_val = layout.held_out(seed, kind, t)
+  val = recall if own_val == pstar_val else mean_loglik(
       *st.model(student), load_dataset(st.path(own_val)), b, n, f"val {name} seed {seed}")
   precision, emb_NxD = loglik_and_embeddings(*st.model(st.gt_spec),
                                              load_dataset(samples_unit.dir(st.workdir)), b, n,
@@ -234,11 +240,11 @@ def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str
                   "rows": int(emb_NxD.shape[0])})
 
 
-def embed_pstar_val(st: Study, unit: Unit) -> None:
+def embed_pstar_val(st: Study, unit: Unit, seed: int) -> None:
   """p*'s reference samples for the sample-based measures and the map (the first
   units.num_reference of its validation split), embedded by p* -> out/embeddings.npy."""
   out = unit.dir(st.workdir)
-  ds = load_dataset(st.path(units.pstar_rel("val")))
+  ds = load_dataset(st.path(st.units.pstar("val", seed).rel))
   ds = ds.select(range(units.num_reference(st.cfg)))
   _, emb_NxD = loglik_and_embeddings(*st.model(st.gt_spec), ds, st.cfg.eval_batch_size,
                                      st.seq_len, "embed p* val", loglik=False)

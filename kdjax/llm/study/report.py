@@ -26,19 +26,20 @@ def results_rows(cfg: StudyConfig, workdir: str) -> list[dict]:
   (kdjax.sample_metrics.sample_measures: knn_precision, knn_recall and mauve against p*'s
   reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens)."""
   path = lambda rel: os.path.join(workdir, rel)  # noqa: E731
-  reference = embeddings.load(path(units.PSTAR_EMBEDDINGS_REL))
+  layout = units.Layout(cfg)
   rows = []
   for seed in cfg.seeds:
+    reference = embeddings.load(path(layout.pstar_embeddings(layout.pstar_seed(seed))))
     for kind, group in cfg.student_groups():
       for name, t in group:
-        scores = path(units.scores_rel(seed, name))
+        scores = path(layout.scores(seed, name))
         s = units.read_record(scores)
         rows.append({"objective": kind, "temperature": t, "seed": seed,
                      "precision": s["precision"], "recall": s["recall"],
                      "val_perplexity": s["val_perplexity"],
                      **sample_metrics.sample_measures(
                          reference, embeddings.load(scores),
-                         generated_tokens(path(units.student_samples_rel(seed, name))),
+                         generated_tokens(path(layout.student_samples(seed, name))),
                          k=cfg.knn_k, seed=cfg.seed)})
   return rows
 
@@ -63,16 +64,16 @@ def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> Non
     if os.path.exists(path):
       os.remove(path)
     return
-  panels = []
+  layout, panels = units.Layout(cfg), []
   for e in plots.summarize(rows):
     names = [n for kind, group in cfg.student_groups() if kind == e["objective"]
              for n, t in group if t == e["temperature"]]
-    emb = [embeddings.load(os.path.join(workdir, units.scores_rel(seed, names[0])))
+    emb = [embeddings.load(os.path.join(workdir, layout.scores(seed, names[0])))
            for seed in cfg.seeds]
     panels.append(embedding_map.Panel(e["objective"], e["temperature"], np.concatenate(emb),
                                       e["knn_precision_mean"], e["knn_recall_mean"]))
   written = embedding_map.write(
-      path, embeddings.load(os.path.join(workdir, units.PSTAR_EMBEDDINGS_REL)), panels,
+      path, embeddings.load(os.path.join(workdir, layout.pstar_embeddings(cfg.seed))), panels,
       method=cfg.embedding_map, seed=cfg.seed,
       title=f"p* = {cfg.ground_truth}; students {cfg.student}, seeds {cfg.seeds}")
   if not written and os.path.exists(path):

@@ -50,33 +50,36 @@ def train_config(cfg: StudyConfig, model: str, train_dirs, val_dir: str, epochs:
       checkpoint_every=cfg.checkpoint_every, seed=seed, **distill)
 
 
-def teacher_run(ri: RunInputs) -> TrainConfig:
-  """The teacher: from scratch on p*'s train split, its best checkpoint on the select split."""
-  cfg = ri.cfg
-  return train_config(cfg, cfg.teacher, [ri.path(units.pstar_rel("train"))],
-                      ri.path(units.pstar_rel("select")), cfg.teacher_epochs, cfg.seed,
-                      ri.seq_len)
+def teacher_run(ri: RunInputs, seed: int) -> TrainConfig:
+  """The teacher trained with `seed` (units.Layout.teacher_seed): from scratch on p*'s train
+  split, its best checkpoint on the select split."""
+  cfg, layout = ri.cfg, units.Layout(ri.cfg)
+  return train_config(cfg, cfg.teacher, [ri.path(layout.pstar("train", layout.pstar_seed(seed)))],
+                      ri.path(layout.pstar("select", layout.pstar_seed(seed))),
+                      cfg.teacher_epochs, seed, ri.seq_len)
 
 
 def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str) -> TrainConfig:
   """One kind's students of a seed (kinds.KINDS): on p*'s train set, on the teacher's samples at
-  each temperature, or on their own samples (as many steps as one epoch of p*'s train set);
-  distilling kinds against the teacher's next-token distribution at each T. All but direct: one
-  student per temperature, vmapped, with the seed's common random numbers."""
-  cfg, k = ri.cfg, KINDS[kind]
-  extra = {"common_random_numbers": True} if k.per_temperature else {}
+  each temperature, or on their own samples; distilling kinds against the teacher's next-token
+  distribution at each T. Every kind trains cfg.student_steps steps of --batch_size sequences
+  (matched budgets). All but direct: one student per temperature, vmapped, with the seed's common
+  random numbers."""
+  cfg, k, layout = ri.cfg, KINDS[kind], units.Layout(ri.cfg)
+  extra = {"steps": cfg.student_steps}  # matched budgets: every kind the same steps
+  if k.per_temperature:
+    extra["common_random_numbers"] = True
   if k.distills_tokens:
     extra.update(teacher=teacher_spec, teacher_temperatures=tuple(cfg.temperatures),
                  objective=k.objective)
   if k.data == TEACHER_SAMPLES:
-    data = [ri.path(units.teacher_samples_rel(seed, t, "train")) for t in cfg.temperatures]
+    data = [ri.path(layout.teacher_samples(seed, t, "train")) for t in cfg.temperatures]
   elif k.data == OWN_SAMPLES:
     data = []
     extra.update(onpolicy=True, prompt=tuple(ri.prompt), max_new_tokens=cfg.max_new_tokens,
-                 eos_id=-1 if ri.eos_id is None else int(ri.eos_id),
-                 steps=cfg.student_epochs * (cfg.num_train // cfg.batch_size))
+                 eos_id=-1 if ri.eos_id is None else int(ri.eos_id))
   else:
-    data = [ri.path(units.pstar_rel("train"))]
+    data = [ri.path(layout.pstar("train", layout.pstar_seed(seed)))]
   return train_config(cfg, cfg.student, data, "", cfg.student_epochs, seed, ri.seq_len, **extra)
 
 
@@ -84,8 +87,9 @@ def training_runs(ri: RunInputs, teacher_spec: Optional[str] = None) -> dict[str
   """{stage: [TrainConfig]} of the teacher and of every student kind per seed. teacher_spec: the
   teacher the distilling students read (its checkpoint; the --teacher preset when checking inputs
   before the teacher exists)."""
-  cfg = ri.cfg
+  cfg, layout = ri.cfg, units.Layout(ri.cfg)
   teacher_spec = teacher_spec or cfg.teacher
-  return {"2_train_teacher": [teacher_run(ri)],
+  teachers = sorted({layout.teacher_seed(s) for s in cfg.seeds})
+  return {"2_train_teacher": [teacher_run(ri, s) for s in teachers],
           "4_train_students": [student_run(ri, seed, kind, teacher_spec)
                                for seed in cfg.seeds for kind in cfg.students]}

@@ -103,35 +103,62 @@ def num_reference(cfg: StudyConfig) -> int:
 # ----------------------------------------------------------------------------- paths
 
 
-def pstar_rel(split: str) -> str:
-  return os.path.join("pstar", split)
+class Layout:
+  """Where every unit lives, relative to the workdir. --seed_scope says which units each seed
+  owns: `students` (p*'s samples, the teacher and p*'s embeddings shared: pstar/, teacher/,
+  embeddings/), `teacher` (each seed its own teacher), `all` (each seed its own p* samples too);
+  the first seed's keep the shared paths (a wider scope reuses them), another seed's live under
+  seed_S/. The teacher's samples, the students and their scores always belong to a seed."""
 
+  def __init__(self, cfg: StudyConfig):
+    self.cfg = cfg
 
-def teacher_samples_rel(seed: int, t: float, split: str) -> str:
-  return os.path.join(f"seed_{seed}", f"teacher_T{t:g}", split)
+  def pstar_seed(self, seed: int) -> int:
+    """The seed p*'s samples of a seed's units are drawn with."""
+    return seed if self.cfg.seed_scope == "all" else self.cfg.seed
 
+  def teacher_seed(self, seed: int) -> int:
+    """The seed the teacher a seed's students read is trained with."""
+    return seed if self.cfg.seed_scope in ("teacher", "all") else self.cfg.seed
 
-def students_rel(seed: int, kind: str) -> str:
-  return os.path.join(f"seed_{seed}", "students", kind)
+  def _prefix(self, seed: int) -> list:
+    """The first seed's shared units stay at the top (so a wider scope reuses them), another
+    seed's own units live under seed_S/."""
+    return [] if seed == self.cfg.seed else [f"seed_{seed}"]
 
+  def pstar(self, split: str, seed: int) -> str:
+    """p*'s samples drawn with `seed` (a Layout.pstar_seed)."""
+    return os.path.join(*self._prefix(seed), "pstar", split)
 
-def student_samples_rel(seed: int, name: str) -> str:
-  return os.path.join(f"seed_{seed}", "student_samples", name)
+  def teacher(self, seed: int) -> str:
+    """The teacher trained with `seed` (a Layout.teacher_seed)."""
+    return os.path.join(*self._prefix(seed), "teacher")
 
+  def pstar_embeddings(self, seed: int) -> str:
+    return os.path.join(*self._prefix(seed), "embeddings", "pstar_val")
 
-def scores_rel(seed: int, name: str) -> str:
-  return os.path.join(f"seed_{seed}", "scores", name)
+  @staticmethod
+  def teacher_samples(seed: int, t: float, split: str) -> str:
+    return os.path.join(f"seed_{seed}", f"teacher_T{t:g}", split)
 
+  @staticmethod
+  def students(seed: int, kind: str) -> str:
+    return os.path.join(f"seed_{seed}", "students", kind)
 
-TEACHER_REL = "teacher"
-PSTAR_EMBEDDINGS_REL = os.path.join("embeddings", "pstar_val")
+  @staticmethod
+  def student_samples(seed: int, name: str) -> str:
+    return os.path.join(f"seed_{seed}", "student_samples", name)
 
+  @staticmethod
+  def scores(seed: int, name: str) -> str:
+    return os.path.join(f"seed_{seed}", "scores", name)
 
-def held_out_rel(seed: int, kind: str, t: Optional[float]) -> str:
-  """A student's validation set (its training distribution's held-out samples, kinds.held_out)."""
-  if KINDS[kind].held_out == TEACHER_SAMPLES:
-    return teacher_samples_rel(seed, t, "val")
-  return pstar_rel("val")
+  def held_out(self, seed: int, kind: str, t: Optional[float]) -> str:
+    """A student's validation set (its training distribution's held-out samples,
+    kinds.held_out)."""
+    if KINDS[kind].held_out == TEACHER_SAMPLES:
+      return self.teacher_samples(seed, t, "val")
+    return self.pstar("val", seed)
 
 
 # ----------------------------------------------------------------------------- the units
@@ -159,6 +186,7 @@ class StudyUnits:
 
   def __init__(self, cfg: StudyConfig, digests: Optional[dict] = None):
     self.cfg = cfg
+    self.layout = Layout(cfg)
     self.digests = model_digests(cfg) if digests is None else digests
 
   def _sampling(self) -> dict:
@@ -183,81 +211,90 @@ class StudyUnits:
   def _unit(stage: str, rel: str, unit: str, args: tuple = (), **what) -> Unit:
     return Unit(stage, rel, {"unit": unit, "version": VERSIONS[unit], **what}, args)
 
-  def pstar(self, split: str) -> Unit:
+  def pstar(self, split: str, seed: Optional[int] = None) -> Unit:
+    """p*'s samples of a split that seed `seed`'s units read (the study's seed by default)."""
     c = self.cfg
+    s = self.layout.pstar_seed(c.seed if seed is None else seed)
     n = {"train": c.num_train, "val": c.num_val, "select": c.num_select}[split]
-    return self._unit("1_sample_ground_truth", pstar_rel(split), "pstar", (n,),
+    return self._unit("1_sample_ground_truth", self.layout.pstar(split, s), "pstar", (n,),
                       ground_truth=self.digests.get("ground_truth", c.ground_truth),
-                      seed=c.seed, split=split, num=n,
-                      sampling=self._sampling(),
-                      stream=[c.seed, PSTAR_STREAM, SPLITS.index(split)])
+                      seed=s, split=split, num=n, sampling=self._sampling(),
+                      stream=[s, PSTAR_STREAM, SPLITS.index(split)])
 
-  def teacher(self) -> Unit:
+  def teacher(self, seed: Optional[int] = None) -> Unit:
+    """The teacher seed `seed`'s units read (trained with its teacher seed, Layout)."""
     c = self.cfg
+    s = self.layout.teacher_seed(c.seed if seed is None else seed)
     extra = {"eval_sequences": c.eval_sequences} if c.eval_sequences else {}
-    return self._unit("2_train_teacher", TEACHER_REL, "teacher", teacher=c.teacher, seed=c.seed,
-                      epochs=c.teacher_epochs, eval_every=c.eval_every,
-                      train=self.pstar("train").key, select=self.pstar("select").key,
-                      training=self._training(), **extra)
+    return self._unit("2_train_teacher", self.layout.teacher(s), "teacher", (s,),
+                      teacher=c.teacher, seed=s, epochs=c.teacher_epochs,
+                      eval_every=c.eval_every, train=self.pstar("train", s).key,
+                      select=self.pstar("select", s).key, training=self._training(), **extra)
 
   def teacher_samples(self, seed: int, t: float, split: str) -> Unit:
     c = self.cfg
     n = c.teacher_num_train if split == "train" else c.teacher_num_val
     stream = [seed, TEACHER_STREAM, stable_id(f"T{t:g}"), ("train", "val").index(split)]
-    return self._unit("3_sample_teacher", teacher_samples_rel(seed, t, split), "teacher_samples",
-                      (n, t, f"teacher T={t:g} {split} seed {seed}"),
-                      teacher=self.teacher().key, seed=seed, temperature=t, split=split, num=n,
-                      sampling=self._sampling(), stream=stream)
+    return self._unit("3_sample_teacher", self.layout.teacher_samples(seed, t, split),
+                      "teacher_samples", (seed, n, t, f"teacher T={t:g} {split} seed {seed}"),
+                      teacher=self.teacher(seed).key, seed=seed, temperature=t, split=split,
+                      num=n, sampling=self._sampling(), stream=stream)
 
   def students(self, seed: int, kind: str) -> Unit:
     """One kind's training run of a seed (all its temperatures: they train together)."""
     c, k = self.cfg, KINDS[kind]
-    what = {"kind": kind, "student": c.student, "seed": seed, "epochs": c.student_epochs,
+    what = {"kind": kind, "student": c.student, "seed": seed, "steps": c.student_steps,
             "training": self._training()}
     if k.data == TEACHER_SAMPLES:
       what["data"] = [self.teacher_samples(seed, t, "train").key for t in c.temperatures]
     else:
-      what["data"] = self.pstar("train").key
+      what["data"] = self.pstar("train", seed).key
     if k.distills_tokens:
-      what["teacher"] = self.teacher().key
+      what["teacher"] = self.teacher(seed).key
       what["temperatures"] = list(c.temperatures)
     if k.onpolicy:
       what["sampling"] = self._sampling()
-    return self._unit("4_train_students", students_rel(seed, kind), "students", (seed, kind),
+    return self._unit("4_train_students", self.layout.students(seed, kind), "students",
+                      (seed, kind),
                       **what)
 
   def student_samples(self, seed: int, kind: str, name: str) -> Unit:
     c = self.cfg
-    return self._unit("5_score_students", student_samples_rel(seed, name), "student_samples",
+    return self._unit("5_score_students", self.layout.student_samples(seed, name),
+                      "student_samples",
                       students=self.students(seed, kind).key, name=name,
                       num=c.num_eval_samples, sampling=self._sampling(),
                       stream=[seed, STUDENT_STREAM, stable_id(name)])
 
-  def pstar_embeddings(self) -> Unit:
+  def pstar_embeddings(self, seed: Optional[int] = None) -> Unit:
     """The embeddings of p*'s reference samples: the first num_reference(cfg) of its val split."""
     c = self.cfg
-    return self._unit("5_score_students", PSTAR_EMBEDDINGS_REL, "pstar_embeddings",
-                      ("pstar_val",), val=self.pstar("val").key, num=num_reference(c),
+    s = self.layout.pstar_seed(c.seed if seed is None else seed)
+    return self._unit("5_score_students", self.layout.pstar_embeddings(s), "pstar_embeddings",
+                      ("pstar_val", s), val=self.pstar("val", s).key, num=num_reference(c),
                       eval_batch_size=c.eval_batch_size, embedding=EMBEDDING)
 
   def scores(self, seed: int, kind: str, j: int, name: str, t: Optional[float]) -> Unit:
     """A student's precision, recall, validation perplexity and its samples' embeddings (j: its
     index among its kind's students, whose checkpoints the training run lists in that order)."""
     c = self.cfg
-    what = {"samples": self.student_samples(seed, kind, name).key, "val": self.pstar("val").key,
+    what = {"samples": self.student_samples(seed, kind, name).key,
+            "val": self.pstar("val", seed).key,
             "eval_batch_size": c.eval_batch_size, "embedding": EMBEDDING}
     if KINDS[kind].held_out == TEACHER_SAMPLES:
       what["own_val"] = self.teacher_samples(seed, t, "val").key
-    return self._unit("5_score_students", scores_rel(seed, name), "scores",
+    return self._unit("5_score_students", self.layout.scores(seed, name), "scores",
                       ("student", seed, kind, j, name, t), **what)
 
   def by_stage(self) -> dict[str, list[Unit]]:
     """Every unit of every stage, in the order the stages run them."""
     c = self.cfg
     out = {name: [] for name in STAGES}
-    out["1_sample_ground_truth"] = [self.pstar(split) for split in SPLITS]
-    out["2_train_teacher"] = [self.teacher()]
-    out["5_score_students"].append(self.pstar_embeddings())
+    pstar_seeds = sorted({self.layout.pstar_seed(s) for s in c.seeds})
+    out["1_sample_ground_truth"] = [self.pstar(split, s) for s in pstar_seeds for split in SPLITS]
+    out["2_train_teacher"] = [self.teacher(s) for s in
+                              sorted({self.layout.teacher_seed(s) for s in c.seeds})]
+    out["5_score_students"] += [self.pstar_embeddings(s) for s in pstar_seeds]
     seqkd = any(KINDS[k].data == TEACHER_SAMPLES for k in c.students)
     for seed in c.seeds:
       for t in (c.temperatures if seqkd else ()):  # seqkd's data only
