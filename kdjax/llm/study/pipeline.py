@@ -197,7 +197,7 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
   scorers = {"pstar_val": embed_pstar_val, "student": score_student}
   st.run("5_score_students", todo["5_score_students"], lambda u, what, *a: scorers[what](st, u, *a))
   with stage(st.workdir, "6_results", st.timings):
-    rows = report.results_rows(cfg, st.workdir)
+    rows = report.results_rows(cfg, st.workdir, st.seq_len)
     if jax.process_index() == 0:  # the files are the same on every process: one writes them
       report.write_results(st.workdir, rows, cfg)
       report.write_embedding_map(cfg, st.workdir, rows)

@@ -22,7 +22,9 @@ from kdjax.cli import atomic_write_bytes, atomic_write_text
 
 SAMPLE_METRICS = ("knn_precision", "knn_recall", "mauve", "distinct_1", "distinct_2", "distinct_3",
                   "mean_length")
-COLUMNS = ("objective", "temperature", "seed", "precision", "recall", "val_perplexity") + SAMPLE_METRICS
+BUDGET = ("steps", "train_sequences", "train_tokens", "train_flops", "sampling_flops")
+COLUMNS = (("objective", "temperature", "seed", "precision", "recall", "val_perplexity")
+           + SAMPLE_METRICS + BUDGET)
 METRICS = ("precision", "recall", "val_perplexity") + SAMPLE_METRICS
 FIGURES = ("precision_vs_recall.png", "precision_recall_vs_temperature.png",
            "knn_vs_likelihood.png")

@@ -10,7 +10,7 @@ import numpy as np
 from kdjax import cli, sample_metrics
 from kdjax.llm import data
 from kdjax.llm.model import embeddings
-from kdjax.llm.study import embedding_map, plots, units
+from kdjax.llm.study import cost, embedding_map, inputs, plots, units
 from kdjax.llm.study.config import StudyConfig
 
 
@@ -20,13 +20,22 @@ def generated_tokens(path: str) -> list[list[int]]:
   return [rows.row(i)[rows.prompt_lens[i]:].tolist() for i in range(len(rows))]
 
 
-def results_rows(cfg: StudyConfig, workdir: str) -> list[dict]:
+def _budgets(cfg: StudyConfig, seq_len: int) -> dict:
+  """{kind: cost.student_budget} (every student of a kind has the same)."""
+  student, teacher = (inputs.describe(s).replace(dtype=cfg.dtype) for s in (cfg.student,
+                                                                             cfg.teacher))
+  return {k: cost.student_budget(cfg, k, student, teacher, seq_len) for k in cfg.students}
+
+
+def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   """One row per seed and student: objective (the kind), temperature (None for direct), seed,
-  precision, recall, val_perplexity, and the sample-based measures of its samples
+  precision, recall, val_perplexity, the sample-based measures of its samples
   (kdjax.sample_metrics.sample_measures: knn_precision, knn_recall and mauve against p*'s
-  reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens)."""
+  reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens), and
+  its training budget: steps (as trained), train_sequences, train_tokens, train_flops and
+  sampling_flops (on-policy; cost.student_budget)."""
   path = lambda rel: os.path.join(workdir, rel)  # noqa: E731
-  layout = units.Layout(cfg)
+  layout, budgets = units.Layout(cfg), _budgets(cfg, seq_len)
   rows = []
   for seed in cfg.seeds:
     reference = embeddings.load(path(layout.pstar_embeddings(layout.pstar_seed(seed))))
@@ -34,9 +43,13 @@ def results_rows(cfg: StudyConfig, workdir: str) -> list[dict]:
       for name, t in group:
         scores = path(layout.scores(seed, name))
         s = units.read_record(scores)
+        b = budgets[kind]
+        trained = units.read_record(path(layout.students(seed, kind)))["steps"]
         rows.append({"objective": kind, "temperature": t, "seed": seed,
                      "precision": s["precision"], "recall": s["recall"],
-                     "val_perplexity": s["val_perplexity"],
+                     "val_perplexity": s["val_perplexity"], "steps": trained,
+                     "train_sequences": b["sequences"], "train_tokens": b["tokens"],
+                     "train_flops": b["train_flops"], "sampling_flops": b["sampling_flops"],
                      **sample_metrics.sample_measures(
                          reference, embeddings.load(scores),
                          generated_tokens(path(layout.student_samples(seed, name))),
