@@ -4,12 +4,11 @@ lines are dry-run verbatim, the paper flagfiles run (scaled down by flags after 
 import os
 import re
 import shlex
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO, run
 
 README = open(os.path.join(REPO, "README.md")).read()
 
@@ -21,16 +20,8 @@ def _commands(prefix):
   return [shlex.split(l) for l in lines]
 
 
-def _env(**kw):
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the tests' 8 fake devices are not what a user has
-  env.update(kw)
-  return env
-
-
 def _run(argv, timeout=300, **env):
-  return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                        env=_env(**env))
+  return run(argv, devices=None, timeout=timeout, env=env)  # the one CPU device a user has
 
 
 def test_readme_opens_with_the_two_setup_commands():
@@ -48,6 +39,7 @@ def test_every_flagfile_named_exists_and_every_flagfile_is_named():
   assert named == on_disk
 
 
+@pytest.mark.slow
 def test_gmm_paper_flagfile_runs_scaled_down(tmp_path):
   (argv,) = [a for a in _commands("python -m experiments.gmm") if "gmm_paper.flags" in " ".join(a)]
   argv = [sys.executable if a == "python" else a for a in argv]
@@ -76,6 +68,7 @@ def test_slurm_line_dry_runs():
     assert f"srun --nodes={nodes}" in r.stdout and argv[argv.index("-m") + 1] in r.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", range(4))
 def test_llm_dry_run_lines(tmp_path, i):
   """The paper's plan, and the plans priced on hardware (the compile-only memory analysis of the
