@@ -13,21 +13,15 @@ import pytest
 from kdjax.llm.weights import loading
 from kdjax import distributed
 from kdjax.cli import UserError, read_json
-from tests.conftest import REPO
+from tests.helpers import REPO, run
 
 LAUNCH = os.path.join(REPO, "launch")
 
 
-def _env(**extra):
-  env = dict(os.environ)  # conftest's XLA_FLAGS (8 devices) included: local.sh must override it
-  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  env.update(extra)
-  return env
-
-
-def _run(args, timeout=120, **env):
-  return subprocess.run(args, cwd=REPO, env=_env(**env), capture_output=True, text=True,
-                        timeout=timeout)
+def _run(args, timeout=120, devices=8, **env):
+  """args run in the repository; 8 fake devices by default, as in the tests: local.sh must
+  override them."""
+  return run(args, devices=devices, timeout=timeout, env=env)
 
 
 # ----------------------------------------------------------------------------- plan (no processes)
@@ -127,6 +121,8 @@ def program(tmp_path):
   return str(path)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_local_two_processes_psum_and_allgather(program):
   r = _run(["bash", f"{LAUNCH}/local.sh", "2", sys.executable, program, "ok"])
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -137,6 +133,8 @@ def test_local_two_processes_psum_and_allgather(program):
     assert f"[p{i}] INFO:absl:process_index={i} process_count=2" in r.stderr  # logging: stderr
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_local_one_failure_stops_the_others(program):
   start = time.monotonic()
   r = _run(["bash", f"{LAUNCH}/local.sh", "2", sys.executable, program, "fail"], timeout=60)
@@ -167,6 +165,8 @@ def test_local_validates_arguments(args):
   assert r.returncode == 2 and r.stderr.startswith("error: ")
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_multihost_smoke_matches_one_process(tmp_path):
   """2 processes x 2 devices end where 1 process x 4 devices ends: same 4-device mesh, same data."""
   import numpy as np
@@ -183,7 +183,7 @@ def test_multihost_smoke_matches_one_process(tmp_path):
   assert [l.startswith("[p0] {") for l in r.stdout.splitlines()].count(True) == 1  # summary: p0 only
   assert not any(l.startswith("[p1] {") for l in r.stdout.splitlines())
   r = _run([sys.executable, "-m", "experiments.train_lm", flagfile, f"--workdir={single}"],
-           timeout=300, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+           timeout=300, devices=4)
   assert r.returncode == 0, r.stderr[-4000:]
 
   summaries = [read_json(os.path.join(d, "train_summary.json")) for d in (multi, single)]
