@@ -10,7 +10,7 @@ from scipy import special
 from kdjax.cli import UserError
 from kdjax.objectives import tokens
 
-NAMES = ("fkl", "rkl", "jsd", "skl", "tvd")
+NAMES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 NEG_INF = -np.inf
 
 
@@ -40,6 +40,8 @@ def ref_token_losses(name, student, teacher, temperature=1.0, beta=0.5, alpha=0.
     return _entropy(m) - beta * _entropy(pt) - (1 - beta) * _entropy(ps)
   if name == "skl":
     return _cross_entropy(pt, alpha * pt + (1 - alpha) * ps) - _entropy(pt)
+  if name == "srkl":  # DistiLLM's skewed_reverse_kl: mixed = (1 - lam) teacher + lam student
+    return _cross_entropy(ps, (1 - alpha) * pt + alpha * ps) - _entropy(ps)
   if name == "tvd":
     return 0.5 * np.abs(pt - ps).sum(-1)
   raise AssertionError(name)
@@ -55,7 +57,7 @@ def ref_loss(name, student, teacher, mask=None, **kw):
 
 def call(name, student, teacher, mask=None, temperature=1.0, beta=0.5, alpha=0.1):
   fn = tokens.by_name(name)
-  extra = {"jsd": {"beta": beta}, "skl": {"alpha": alpha}}.get(name, {})
+  extra = {"jsd": {"beta": beta}, "skl": {"alpha": alpha}, "srkl": {"alpha": alpha}}.get(name, {})
   return fn(student, teacher, mask, temperature=temperature, **extra)
 
 
@@ -104,8 +106,9 @@ def test_bounds():
   t = np.array([[[-30.0, 30.0, -30.0]]], np.float32)
   js = float(tokens.jsd(s, t))
   assert np.log(2) - 1e-5 < js <= np.log(2) + 1e-6
-  sk = float(tokens.skew_kl(s, t, alpha=0.1))
-  assert -np.log(0.1) - 1e-5 < sk <= -np.log(0.1) + 1e-5
+  for skew in (tokens.skew_kl, tokens.skew_reverse_kl):
+    sk = float(skew(s, t, alpha=0.1))
+    assert -np.log(0.1) - 1e-5 < sk <= -np.log(0.1) + 1e-5
   assert 1 - 1e-6 < float(tokens.tvd(s, t)) <= 1 + 1e-6
 
 
@@ -122,6 +125,9 @@ def test_jsd_limits_and_skew_kl_endpoints():
   np.testing.assert_allclose(float(tokens.skew_kl(s, t, MASK, alpha=0.0)), float(tokens.forward_kl(s, t, MASK)),
                              rtol=1e-6)
   assert abs(float(tokens.skew_kl(s, t, MASK, alpha=1.0))) < 1e-6
+  np.testing.assert_allclose(float(tokens.skew_reverse_kl(s, t, MASK, alpha=0.0)),
+                             float(tokens.reverse_kl(s, t, MASK)), rtol=1e-6)
+  assert abs(float(tokens.skew_reverse_kl(s, t, MASK, alpha=1.0))) < 1e-6
 
 
 def test_bf16_inputs_are_upcast():
@@ -148,6 +154,7 @@ PATTERNS = {
     "rkl": ((1, 2), (1,)),       # supp(student) within supp(teacher): finite
     "jsd": ((1, 2), (0, 1)),
     "skl": ((1, 2), (0, 1)),
+    "srkl": ((1, 2), (0, 1)),
     "tvd": ((1, 2), (0, 1)),
 }
 
@@ -175,7 +182,8 @@ def test_all_patterns_finite_for_bounded_losses():
   # token, and so are their gradients (skew KL at alpha = 0 is forward KL, infinite here)
   s = _with_neg_inf(_logits(12), (1, 2, 3))
   t = _with_neg_inf(_logits(13), (0, 1, 4))
-  cases = [("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("skl", 1e-3), ("skl", 0.5), ("skl", 1.0), ("tvd", 0.5)]
+  cases = [("jsd", 0.0), ("jsd", 0.5), ("jsd", 1.0), ("skl", 1e-3), ("skl", 0.5), ("skl", 1.0),
+           ("srkl", 1e-3), ("srkl", 0.5), ("srkl", 1.0), ("tvd", 0.5)]
   for name, h in cases:
     value, grads = jax.value_and_grad(lambda a, b: call(name, a, b, MASK, 0.05, h, h), argnums=(0, 1))(s, t)
     assert np.isfinite(float(value)), (name, h)
@@ -308,7 +316,8 @@ def test_teacher_only_temperature_matches_reference(name, teacher_temperature):
   """teacher_temperature tempers the teacher alone: the target is softmax(z_T / T), the student
   untempered; None keeps the both-tempered convention."""
   s, t = _logits(50), _logits(51)
-  fn, extra = tokens.by_name(name), {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2}}.get(name, {})
+  fn, extra = tokens.by_name(name), {"jsd": {"beta": 0.3}, "skl": {"alpha": 0.2},
+                    "srkl": {"alpha": 0.2}}.get(name, {})
   got = float(fn(s, t, MASK, teacher_temperature=teacher_temperature, **extra))
   ref_kw = dict(beta=0.3, alpha=0.2)
   want = ref_loss(name, s, t, MASK, teacher_temperature=teacher_temperature, **ref_kw)
@@ -335,6 +344,7 @@ def test_by_name():
   assert tokens.by_name("rkl") is tokens.reverse_kl
   assert tokens.by_name("jsd") is tokens.jsd
   assert tokens.by_name("skl") is tokens.skew_kl
+  assert tokens.by_name("srkl") is tokens.skew_reverse_kl
   assert tokens.by_name("tvd") is tokens.tvd
   with pytest.raises(UserError) as e:
     tokens.by_name("kl")
@@ -353,7 +363,38 @@ def test_bad_arguments():
     tokens.jsd(s, t, beta=1.5)
   with pytest.raises(UserError, match="alpha"):
     tokens.skew_kl(s, t, alpha=-0.1)
+  with pytest.raises(UserError, match="alpha"):
+    tokens.skew_reverse_kl(s, t, alpha=1.5)
   with pytest.raises(ValueError, match="shape"):
     tokens.tvd(s, t[:, :2])
   with pytest.raises(ValueError, match="mask"):
     tokens.tvd(s, t, MASK[:, :2])
+
+
+# ---------------------------------------------------------------- srkl: DistiLLM's skew reverse KL
+
+def _srkl_reference_jnp(student, teacher, mask, alpha):
+  """sum_v q (log q - log((1 - alpha) p + alpha q)) averaged over the mask, written out directly
+  (q = the student, p = the teacher; DistiLLM's distillm/losses.py skewed_reverse_kl)."""
+  q, p = jax.nn.softmax(student, axis=-1), jax.nn.softmax(teacher, axis=-1)
+  per_token = jnp.sum(q * (jnp.log(q) - jnp.log((1 - alpha) * p + alpha * q)), axis=-1)
+  return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.sum(mask)
+
+
+def test_srkl_is_distillms_skew_reverse_kl_at_alpha_0_1():
+  s, t = _logits(60, (3, 4, 11)), _logits(61, (3, 4, 11))
+  mask = np.random.default_rng(62).random((3, 4)) < 0.7
+  got = float(tokens.by_name("srkl")(s, t, mask))  # default alpha: DistiLLM's 0.1
+  np.testing.assert_allclose(got, ref_loss("srkl", s, t, mask, alpha=0.1), rtol=1e-5)
+  # the wrong alpha, the other mixture (alpha on the teacher) and the forward skew all differ
+  for wrong in (ref_loss("srkl", s, t, mask, alpha=0.2), ref_loss("srkl", s, t, mask, alpha=0.9),
+                ref_loss("skl", s, t, mask, alpha=0.1), ref_loss("rkl", s, t, mask)):
+    assert abs(got - wrong) > 1e-3 * abs(wrong), wrong
+  with jax.enable_x64(True):
+    s64, t64 = s.astype(np.float64), t.astype(np.float64)
+    for alpha in (0.1, 0.35):
+      ours = lambda a: tokens.skew_reverse_kl(a, t64, mask, alpha=alpha)  # noqa: E731
+      ref = lambda a: _srkl_reference_jnp(a, t64, mask, alpha)  # noqa: E731
+      np.testing.assert_allclose(float(ours(s64)), float(ref(s64)), rtol=1e-12)
+      np.testing.assert_allclose(np.asarray(jax.grad(ours)(s64)), np.asarray(jax.grad(ref)(s64)),
+                                 rtol=1e-9, atol=1e-14)

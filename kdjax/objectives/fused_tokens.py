@@ -2,7 +2,7 @@
 
 `tempered_rows(name, student_logits_BxTxV, teacher_logits_BxTxV, inv_temperature, mask_BxT)`
 returns (loss_BxT, student_lse_BxT): per position the divergence `name` (kdjax.objectives.tokens'
-fkl, rkl, jsd (beta 0.5), skl (alpha 0.1), tvd) between the target p_T = softmax(z_teacher *
+fkl, rkl, jsd (beta 0.5), skl and srkl (alpha 0.1), tvd) between the target p_T = softmax(z_teacher *
 inv_temperature) and the untempered student p_S = softmax(z_student), and the student's
 log-normaliser (so the next-token NLL costs no further pass: nll = lse - z[target]).
 
@@ -10,7 +10,7 @@ Why: on a CPU, the vocabulary-sized passes of a 49k-vocabulary loss are bound by
 (about 1.5 ns an element per core here, against 0.1 for a sum), and autodiff of the generic losses
 (kdjax.objectives.tokens, kept as the reference) recomputes them several times over. Here each
 distribution costs one exp per element (the normaliser and the probabilities from the same
-exp(z - max)), jsd and skl one log more, and the backward pass none: every loss has
+exp(z - max)), jsd, skl and srkl one log more, and the backward pass none: every loss has
 d loss / d z_S = p_S * (g - <p_S, g>) with g = d loss / d p_S saved from the forward pass
 (fkl: p_S - p_T directly). The teacher's logits get no gradient (the caller freezes the teacher).
 
@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from kdjax.cli import require
 
 JSD_BETA = 0.5    # tokens.jsd's default
-SKL_ALPHA = 0.1   # tokens.skew_kl's default
-NAMES = ("fkl", "rkl", "jsd", "skl", "tvd")
+SKL_ALPHA = 0.1   # tokens.skew_kl's and tokens.skew_reverse_kl's default
+NAMES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
 
 def _softmax_parts(x_BxTxV):
@@ -66,6 +66,11 @@ def _loss_and_g(name, ps, ls, pt, lt):
     mix, lm = _log_mix(a, pt, ps)
     ratio = pt / jnp.maximum(mix, jnp.finfo(mix.dtype).tiny)
     return jnp.sum(pt * (lt - lm), axis=-1), -(1 - a) * ratio
+  if name == "srkl":  # KL(p_S || m), m = a p_S + (1 - a) p_T: g = log p_S - log m - a p_S / m (+ 1)
+    a = SKL_ALPHA
+    mix, lm = _log_mix(1.0 - a, pt, ps)
+    ratio = ps / jnp.maximum(mix, jnp.finfo(mix.dtype).tiny)
+    return jnp.sum(ps * (ls - lm), axis=-1), ls - lm - a * ratio
   if name == "tvd":
     return 0.5 * jnp.sum(jnp.abs(pt - ps), axis=-1), -0.5 * jnp.sign(pt - ps)
   raise ValueError(f"unknown objective {name!r}")

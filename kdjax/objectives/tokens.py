@@ -6,11 +6,12 @@ f32, f64 stays f64), an optional padding `mask_BxT` (True / nonzero = a real tok
 unmasked tokens of a per-token divergence between the next-token distributions p_T (teacher) and
 p_S (student).
 
-  forward_kl  KL(p_T || p_S)                                   mode covering
-  reverse_kl  KL(p_S || p_T)                                   mode seeking
-  jsd         beta KL(p_T || m) + (1 - beta) KL(p_S || m),     m = beta p_T + (1 - beta) p_S
-  skew_kl     KL(p_T || alpha p_T + (1 - alpha) p_S)           DistiLLM's skew forward KL
-  tvd         0.5 sum_v |p_T - p_S|
+  fkl   forward_kl       KL(p_T || p_S)                                mode covering
+  rkl   reverse_kl       KL(p_S || p_T)                                mode seeking
+  jsd   jsd              beta KL(p_T || m) + (1 - beta) KL(p_S || m),  m = beta p_T + (1 - beta) p_S
+  skl   skew_kl          KL(p_T || alpha p_T + (1 - alpha) p_S)        DistiLLM's skew forward KL
+  srkl  skew_reverse_kl  KL(p_S || alpha p_S + (1 - alpha) p_T)        DistiLLM's skew reverse KL
+  tvd   tvd              0.5 sum_v |p_T - p_S|
 
 Conventions (chosen once, here):
 - `temperature` divides both models' logits before the softmax (train_lm's --kd_temperature).
@@ -26,8 +27,12 @@ Conventions (chosen once, here):
   give 0, while jsd / beta -> forward KL as beta -> 0 and jsd / (1 - beta) -> reverse KL as
   beta -> 1 (the sense in which JSD(beta) interpolates between the two). beta = 0.5 is the
   symmetric Jensen-Shannon divergence (at most log 2).
-- `skew_kl` follows DistiLLM (Ko et al. 2024): alpha = 0 is forward KL, alpha = 1 gives 0; for
-  alpha > 0 it is bounded by -log(alpha) whatever the student does.
+- `skew_kl` and `skew_reverse_kl` follow DistiLLM (Ko et al. 2024, "DistiLLM: Towards Streamlined
+  Distillation for Large Language Models", ICML; the authors' distillm/losses.py
+  skewed_forward_kl / skewed_reverse_kl, lam = 0.1): in both, alpha is the weight of the KL's
+  FIRST argument in the mixture, so the reverse one mixes alpha p_S + (1 - alpha) p_T (90% teacher
+  at the default 0.1; NOT alpha p_T + (1 - alpha) p_S). alpha = 0 is forward / reverse KL, alpha = 1
+  gives 0; for alpha > 0 each is bounded by -log(alpha) whatever the student does.
 - The teacher's logits are not stop_gradient'ed here: the caller decides what is trained.
 - Mean over unmasked tokens; a mask with no real token gives 0.
 
@@ -37,7 +42,7 @@ are replaced before the term is formed, so neither the value nor the gradient ev
 Logits of -inf (tokens cut by top-k / top-p in either model, or in both) are fine for every loss
 and give finite values and gradients, except where the divergence itself is infinite: forward KL
 is +inf when the teacher puts mass on a token the student gives -inf, reverse KL the other way
-round (jsd, skew_kl with alpha > 0 and tvd are always finite). Padded positions may hold anything
+round (jsd, the skew KLs with alpha > 0 and tvd are always finite). Padded positions may hold anything
 (NaN, all -inf): they are replaced before any arithmetic, so they get exactly zero gradient.
 Every unmasked row needs at least one finite logit in each model; +inf logits are not supported.
 """
@@ -179,6 +184,16 @@ def skew_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperatu
   return _mean(_weighted_kl_BxT(1.0, logt, logm), mask)
 
 
+def skew_reverse_kl(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0,
+                    alpha=0.1, *, teacher_temperature=None):
+  """Skew reverse KL of DistiLLM: KL(p_S || alpha p_S + (1 - alpha) p_T); alpha in [0, 1]."""
+  _check_unit("alpha", alpha)
+  logs, logt, mask = _prepare(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, temperature,
+                              teacher_temperature)
+  logm = _log_mixture(alpha, logs, logt)
+  return _mean(_weighted_kl_BxT(1.0, logs, logm), mask)
+
+
 def tvd(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1.0, *,
         teacher_temperature=None):
   """Mean over unmasked tokens of the total variation 0.5 sum_v |p_T - p_S| (in [0, 1])."""
@@ -189,7 +204,8 @@ def tvd(student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT=None, temperature=1
 
 
 LOSSES: dict[str, Callable[..., jax.Array]] = {
-    "fkl": forward_kl, "rkl": reverse_kl, "jsd": jsd, "skl": skew_kl, "tvd": tvd}
+    "fkl": forward_kl, "rkl": reverse_kl, "jsd": jsd, "skl": skew_kl, "srkl": skew_reverse_kl,
+    "tvd": tvd}
 
 
 def by_name(name: str) -> Callable[..., jax.Array]:

@@ -7,7 +7,7 @@ estimate all read `KINDS` instead of branching on names.
 
   direct         p*'s training samples, next-token NLL: the baseline (one student per seed)
   seqkd          the teacher's samples at T, next-token NLL: the paper's sequence-level KD
-  fkl ... tvd    p*'s training sequences; at every position the target softmax(teacher logits / T)
+  fkl ... tvd    (fkl, rkl, jsd, skl, srkl, tvd) p*'s training sequences; at every position the target softmax(teacher logits / T)
                  (student untempered; kdjax.objectives.tokens): token-level KD
   onpolicy_*     the student's own samples (T = 1, from the prompt) each step, the same target
                  (GKD with student-data fraction 1)
@@ -55,7 +55,7 @@ class StudentKind:
     return [(student_name(self.name, t), t) for t in temperatures]
 
 
-TOKEN_LOSSES = ("fkl", "rkl", "jsd", "skl", "tvd")
+TOKEN_LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 
 KINDS: dict[str, StudentKind] = {k.name: k for k in (
     StudentKind("direct", PSTAR, "nll", per_temperature=False, teacher_forwards=0),
@@ -63,7 +63,7 @@ KINDS: dict[str, StudentKind] = {k.name: k for k in (
     *(StudentKind(loss, PSTAR, loss, per_temperature=True, teacher_forwards=1)
       for loss in TOKEN_LOSSES),
     *(StudentKind(f"onpolicy_{loss}", OWN_SAMPLES, loss, per_temperature=True, teacher_forwards=-1)
-      for loss in ("fkl", "rkl", "jsd")),
+      for loss in ("fkl", "rkl", "jsd", "srkl")),
 )}
 
 
