@@ -7,8 +7,9 @@ estimate all read `KINDS` instead of branching on names.
 
   direct         p*'s training samples, next-token NLL: the baseline (one student per seed)
   seqkd          the teacher's samples at T, next-token NLL: the paper's sequence-level KD
-  fkl ... tvd    (fkl, rkl, jsd, skl, srkl, tvd) p*'s training sequences; at every position the target softmax(teacher logits / T)
-                 (student untempered; kdjax.objectives.tokens): token-level KD
+  fkl ... tvd    p*'s training sequences; at every position the target softmax(teacher logits / T)
+                 (student untempered; kdjax.objectives.tokens): token-level KD, one kind per
+                 loss of TOKEN_LOSSES (fkl, rkl, jsd, skl, srkl, tvd)
   onpolicy_*     the student's own samples (T = 1, from the prompt) each step, the same target
                  (GKD with student-data fraction 1)
 """
