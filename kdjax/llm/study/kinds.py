@@ -12,6 +12,10 @@ estimate all read `KINDS` instead of branching on names.
                  loss of TOKEN_LOSSES (fkl, rkl, jsd, skl, srkl, tvd)
   onpolicy_*     the student's own samples (T = 1, from the prompt) each step, the same target
                  (GKD with student-data fraction 1)
+  onpolicy_<loss>@<lambda>  GKD's student-data fraction lambda in [0, 1) (get() parses the name,
+                 e.g. onpolicy_fkl@0.5): each batch's first round(lambda B) rows the student's own
+                 samples, the rest p*'s training sequences (kdjax.llm.train.batches); lambda 0
+                 is token-level KD on p*'s sequences, one teacher forward per student
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class StudentKind:
   per_temperature: bool     # one student per teacher temperature (all but direct)
   teacher_forwards: int     # teacher forward passes per training batch: 0, 1 (one serves every T)
   #                           or -1 (one per student: each student's own sequences)
+  student_fraction: float = 1.0  # on-policy kinds: GKD's lambda, the share of own-sample rows
 
   @property
   def distills_tokens(self) -> bool:
@@ -69,9 +74,27 @@ KINDS: dict[str, StudentKind] = {k.name: k for k in (
 
 
 def get(name: str) -> StudentKind:
-  if name not in KINDS:
-    raise UserError(f"--students: unknown kind {name!r}; known: {', '.join(KINDS)}")
-  return KINDS[name]
+  """The kind called `name`: a row of KINDS, or `onpolicy_<loss>@<lambda>` (an on-policy row with
+  GKD's student-data fraction lambda in [0, 1), spelled as f"{lambda:g}"); one-line errors."""
+  if name in KINDS:
+    return KINDS[name]
+  base, at, value = name.partition("@")
+  if not at or base not in KINDS or not KINDS[base].onpolicy:
+    raise UserError(f"--students: unknown kind {name!r}; known: {', '.join(KINDS)}, and "
+                    "onpolicy_<loss>@<lambda> (GKD's student-data fraction)")
+  try:
+    lam = float(value) + 0.0  # -0 is 0
+  except ValueError:
+    raise UserError(f"--students: {name!r}: the student-data fraction after @ must be a number "
+                    f"in [0, 1), got {value!r}") from None
+  if lam == 1:
+    raise UserError(f"--students: {name!r} is {base} (student-data fraction 1): name it so")
+  if not 0 <= lam < 1:
+    raise UserError(f"--students: {name!r}: the student-data fraction must be in [0, 1), "
+                    f"got {value}")
+  if value != f"{lam:g}":
+    raise UserError(f"--students: {name!r}: spell it {base}@{lam:g} (one name per student)")
+  return dataclasses.replace(KINDS[base], name=name, student_fraction=lam)
 
 
 def student_name(kind: str, temperature: float) -> str:
