@@ -1,5 +1,6 @@
 """kdjax.llm.train.loop (and evaluate): accumulation, vmapped students, schedule, KD step, summary."""
 
+import dataclasses
 import json
 import os
 
@@ -70,10 +71,13 @@ def test_wsd_schedule():
   assert float(train.wsd_schedule(2.0, 10, 0.0, 0.0)(0)) == 2.0
 
 
-def test_vmapped_students_equal_one_by_one():
+@pytest.mark.parametrize("lr_scales", [(), (1.0, 0.25, 3.0)])
+def test_vmapped_students_equal_one_by_one(lr_scales):
+  """N students in one vmapped step equal N runs one by one; with lr_scales (a learning-rate
+  sweep in one program) student i equals a run at peak learning rate lr x lr_scales[i]."""
   n, steps = 3, 3
   mesh = _mesh1()
-  spec_n = _spec(num_students=n, weight_decay=0.1)
+  spec_n = _spec(num_students=n, weight_decay=0.1, lr_scales=lr_scales)
   spec_1 = _spec(weight_decay=0.1)
   rng = np.random.default_rng(2)
   batches = [[_batch(rng, 4, 16) for _ in range(n)] for _ in range(steps)]
@@ -89,8 +93,9 @@ def test_vmapped_students_equal_one_by_one():
     losses_n.append(np.asarray(m["loss"]))
   step_1 = None
   for i in range(n):
-    s1, sh1 = train.init_state(spec_1, mesh, seed=5, params=students0[i])
-    step_1 = step_1 or train.compile_train_step(spec_1, sh1, sharding.batch_sharding(mesh))
+    one = dataclasses.replace(spec_1, lr=spec_1.lr * lr_scales[i]) if lr_scales else spec_1
+    s1, sh1 = train.init_state(one, mesh, seed=5, params=students0[i])
+    step_1 = train.compile_train_step(one, sh1, sharding.batch_sharding(mesh))
     for k, bs in enumerate(batches):
       s1, m1 = step_1(s1, bs[i], None)
       np.testing.assert_allclose(float(m1["loss"]), losses_n[k][i], rtol=1e-5, atol=1e-5)

@@ -9,7 +9,9 @@ Three kinds of run (kdjax.llm.train.loop):
   * teacher-only tempered KD (`teacher` and `teacher_temperatures` (T_1..T_N)): N students on ONE
     shared train dataset, student i's target softmax(z_teacher / T_i), the student untempered;
     with `onpolicy` each student's batches are its own samples (`prompt`, `max_new_tokens`,
-    `eos_id`; no train_data) instead.
+    `eos_id`; no train_data) instead; with `student_data_fraction` lambda < 1 (GKD's lambda)
+    only round(lambda B) rows of each batch are the student's own, the rest p*'s sequences of
+    the ONE train dataset (kdjax.llm.train.batches).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from kdjax.objectives import tokens
 
 # fields added after workdirs existed: left out of a run's identity while at their defaults, so
 # an older run's config.json still matches (and resumes)
-_NEW_FIELDS = {"teacher_temperatures": (), "onpolicy": False, "prompt": (), "max_new_tokens": 0,
+_NEW_FIELDS = {"student_data_fraction": 1.0,
+               "teacher_temperatures": (), "onpolicy": False, "prompt": (), "max_new_tokens": 0,
                "eos_id": -1, "eval_sequences": 0, "attention": "einsum", "remat": "none",
-               "common_random_numbers": False}
+               "common_random_numbers": False, "learning_rates": ()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,12 +89,19 @@ class TrainConfig:
   prompt: tuple = ()
   max_new_tokens: int = 0
   eos_id: int = -1
+  # GKD's student-data fraction lambda: the first round(lambda x batch_size) rows of each on-policy
+  # batch are the student's own samples, the rest the rows of the ONE train_data dir (p*'s
+  # sequences) a token-level student reads at that step; 1: all own (no train_data), 0: none
+  student_data_fraction: float = 1.0
   # Student i's random streams (initialisation, data order, on-policy sampling keys) are stream i
   # of the seed; with common_random_numbers every student of the axis uses stream 0, the one a
   # single model uses: students that differ only in data or temperature start from the same
   # parameters and read their data in the same order (the study: identity by seed, never by a
   # student's position; paired comparisons between them carry less noise).
   common_random_numbers: bool = False
+  # Student i's peak learning rate (one per student of the axis; () = lr for every student): a
+  # learning-rate sweep trained as one vmapped run.
+  learning_rates: tuple = ()
 
   def stream_ids(self) -> tuple:
     """The random stream of each student of the axis (one model: (0,))."""
@@ -118,7 +128,7 @@ class TrainConfig:
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    for k in ("train_data", "teacher_temperatures", "prompt"):
+    for k in ("train_data", "teacher_temperatures", "prompt", "learning_rates"):
       d[k] = list(d[k])
     for k in ("progress", "log_every", "debug_nan_at_step"):  # not part of the run's identity
       d.pop(k)
@@ -137,9 +147,13 @@ def _validate_tempered(cfg: TrainConfig) -> None:
             f"--teacher_temperatures={list(temps)}: every temperature must be a number > 0")
     require(cfg.kd_temperature == 1.0, f"--kd_temperature={cfg.kd_temperature} tempers both "
             "models; with --teacher_temperatures (teacher only) leave it at 1")
+  lam = cfg.student_data_fraction
+  require(isinstance(lam, (int, float)) and 0 <= lam <= 1,
+          f"--student_data_fraction={lam} must be in [0, 1]")
   if not cfg.onpolicy:
     require(not cfg.prompt and cfg.max_new_tokens == 0 and cfg.eos_id == -1,
             "--prompt, --max_new_tokens and --eos_id are for --onpolicy runs only")
+    require(lam == 1, f"--student_data_fraction={lam} is for --onpolicy runs only")
     if temps:
       require(len(cfg.train_data) == 1, f"--teacher_temperatures trains its {len(temps)} "
               f"students on ONE shared --train_data dir, got {len(cfg.train_data)}")
@@ -152,8 +166,15 @@ def _validate_tempered(cfg: TrainConfig) -> None:
           "with --onpolicy")
   require(cfg.eos_id >= -1, f"--eos_id={cfg.eos_id} must be a token id or -1 (never stop)")
   require(cfg.steps > 0, "--onpolicy needs --steps (its batches are samples, there are no epochs)")
-  require(not cfg.train_data, "--train_data is not used with --onpolicy (the students' own "
-          "samples are the batches); leave it empty")
+  if lam == 1:
+    require(not cfg.train_data, "--train_data is not used with --onpolicy (the students' own "
+            "samples are the batches); leave it empty")
+    return
+  require(len(cfg.train_data) == 1, f"--student_data_fraction={lam} < 1 fills the rest of each "
+          f"batch from ONE --train_data dir (p*'s sequences), got {len(cfg.train_data)}")
+  require(cfg.seq_len == cfg.train_seq_len, f"--seq_len={cfg.seq_len}: with "
+          f"--student_data_fraction < 1, p*'s rows and the samples must have one length: "
+          f"len(--prompt) + --max_new_tokens = {cfg.train_seq_len}")
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -183,6 +204,11 @@ def validate(cfg: TrainConfig) -> None:
   n_val, n = len(cfg.val_dirs), cfg.num_students or 1
   require(n_val <= 1 or n_val == n, f"--val_data: {n_val} dirs for {n} student(s); give one "
           "(shared) or one per student")
+  lrs = cfg.learning_rates
+  require(not lrs or len(lrs) == n, f"--learning_rates: {len(lrs)} rates for {n} student(s); "
+          "give one per student")
+  require(all(isinstance(r, (int, float)) and math.isfinite(r) and r > 0 for r in lrs),
+          f"--learning_rates={list(lrs)}: every rate must be a number > 0")
   require(cfg.remat in REMAT_POLICIES,
           f"--remat={cfg.remat!r}: expected {', '.join(REMAT_POLICIES)}")
   require(cfg.attention in ATTENTION_IMPLS,

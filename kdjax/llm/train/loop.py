@@ -93,7 +93,8 @@ def step_spec(cfg: TrainConfig, config, teacher_config, total: int) -> StepSpec:
                   teacher=teacher_config, objective=cfg.objective,
                   kd_temperature=cfg.kd_temperature, tempered_teacher=tempered,
                   shared_batch=tempered and not cfg.onpolicy,
-                  common_streams=cfg.common_random_numbers)
+                  common_streams=cfg.common_random_numbers,
+                  lr_scales=tuple(r / cfg.lr for r in cfg.learning_rates))
 
 
 def batch_source(cfg: TrainConfig, spec: StepSpec, mesh, shardings, iters, positions):
@@ -102,11 +103,14 @@ def batch_source(cfg: TrainConfig, spec: StepSpec, mesh, shardings, iters, posit
   bsharding = sharding_lib.batch_sharding(mesh, stacked)
   t = cfg.train_seq_len
   gshape = (spec.num_students, cfg.batch_size, t) if stacked else (cfg.batch_size, t)
-  if cfg.onpolicy:
+  if cfg.onpolicy:  # GKD's lambda < 1: the rest of each batch p*'s rows (kdjax.llm.train.batches)
+    pstar = (DatasetBatches(iters, False, positions, sharding_lib.batch_sharding(mesh),
+                            (cfg.batch_size, t)) if cfg.student_data_fraction < 1 else None)
     return OnPolicyBatches(spec.model, shardings["params"], bsharding, seed=cfg.seed,
                            prompt=cfg.prompt, streams=cfg.stream_ids(),
                            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                           eos_id=cfg.eos_id, pad_id=cfg.pad_id), bsharding
+                           eos_id=cfg.eos_id, pad_id=cfg.pad_id,
+                           student_fraction=cfg.student_data_fraction, pstar=pstar), bsharding
   return DatasetBatches(iters, stacked, positions, bsharding, gshape), bsharding
 
 

@@ -53,6 +53,7 @@ class StepSpec:
   kd_temperature: float = 1.0       # tempers both models (unless tempered_teacher)
   tempered_teacher: bool = False    # target softmax(z_teacher / T), T = the step's temperatures
   shared_batch: bool = False        # one [B, T] batch for all students, teacher once per batch
+  lr_scales: tuple = ()             # student i's peak learning rate is lr x lr_scales[i]
   common_streams: bool = False      # every student initialised from stream 0 (TrainConfig's
   #                                   common_random_numbers)
 
@@ -247,29 +248,41 @@ def shared_loss_and_grads(params_N, batch, teacher_params, spec: StepSpec, tempe
 # ----------------------------------------------------------------------------- the step
 
 
-def _apply(params, opt_state, rng, step, grads, spec: StepSpec):
-  """The optimizer update of one model: (params, opt_state, rng, lr, grad_norm)."""
+def _apply(params, opt_state, rng, step, grads, lr_scale, spec: StepSpec):
+  """The optimizer update of one model: (params, opt_state, rng, lr, grad_norm). lr_scale scales
+  the whole AdamW update (decay included): AdamW at peak learning rate spec.lr x lr_scale."""
   updates, opt_state = make_optimizer(spec).update(grads, opt_state, params)
+  if spec.lr_scales:
+    updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
   params = optax.apply_updates(params, updates)
   rng = jax.random.fold_in(rng, step)  # advanced every step (for stochastic objectives later)
   lr = wsd_schedule(spec.lr, spec.total_steps, spec.warmup_frac, spec.decay_frac)(step)
-  return params, opt_state, rng, lr, optax.global_norm(grads)
+  return params, opt_state, rng, lr * lr_scale, optax.global_norm(grads)
 
 
-def _update(params, opt_state, rng, step, batch, teacher_params, temperature, spec: StepSpec):
+def _lr_scales(spec: StepSpec):
+  """[N] (or a scalar for one model) of each model's learning-rate scale."""
+  n = spec.num_students
+  scales = spec.lr_scales or (1.0,) * (n or 1)
+  return jnp.asarray(scales, jnp.float32) if n is not None else jnp.float32(scales[0])
+
+
+def _update(params, opt_state, rng, step, batch, teacher_params, temperature, lr_scale,
+            spec: StepSpec):
   """One model's step on its own batch: (params, opt_state, rng, metrics)."""
   loss, nll, count, grads = loss_and_grads(params, batch, teacher_params, spec, temperature)
-  params, opt_state, rng, lr, gnorm = _apply(params, opt_state, rng, step, grads, spec)
+  params, opt_state, rng, lr, gnorm = _apply(params, opt_state, rng, step, grads, lr_scale, spec)
   return params, opt_state, rng, {"loss": loss, "nll": nll, "tokens": count,
                                   "grad_norm": gnorm, "lr": lr}
 
 
-def _shared_update(params, opt_state, rng, step, batch, teacher_params, temperatures, spec):
+def _shared_update(params, opt_state, rng, step, batch, teacher_params, temperatures, lr_scales,
+                   spec):
   """N students' step on one shared batch (spec.shared_batch)."""
   loss, nll, count, grads = shared_loss_and_grads(params, batch, teacher_params, spec,
                                                   temperatures)
-  apply = jax.vmap(functools.partial(_apply, spec=spec), in_axes=(0, 0, 0, None, 0))
-  params, opt_state, rng, lr, gnorm = apply(params, opt_state, rng, step, grads)
+  apply = jax.vmap(functools.partial(_apply, spec=spec), in_axes=(0, 0, 0, None, 0, 0))
+  params, opt_state, rng, lr, gnorm = apply(params, opt_state, rng, step, grads, lr_scales)
   return params, opt_state, rng, {"loss": loss, "nll": nll, "tokens": count,
                                   "grad_norm": gnorm, "lr": lr}
 
@@ -288,9 +301,10 @@ def train_step(state: dict, batch: dict, teacher_params, spec: StepSpec, tempera
     update = functools.partial(_update, spec=spec)
     if spec.num_students is not None:
       t_axis = None if temperatures is None else 0
-      update = jax.vmap(update, in_axes=(0, 0, 0, None, 0, None, t_axis))
+      update = jax.vmap(update, in_axes=(0, 0, 0, None, 0, None, t_axis, 0))
   params, opt_state, rng, metrics = update(state["params"], state["opt_state"], state["rng"],
-                                           state["step"], batch, teacher_params, temperatures)
+                                           state["step"], batch, teacher_params, temperatures,
+                                           _lr_scales(spec))
   return {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}, metrics
 
 
