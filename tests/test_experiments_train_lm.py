@@ -4,7 +4,6 @@ import glob
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
@@ -12,11 +11,17 @@ from kdjax.llm.weights import loading
 from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
 from kdjax.llm.model.config import get_preset
-from tests.conftest import REPO
+from tests.helpers import module_argv, run, start
+
+pytestmark = pytest.mark.slow  # train_lm in subprocesses
 
 
 def _cmd(*args):
-  return [sys.executable, "-m", "experiments.train_lm", "--progress=false", *args]
+  return module_argv("experiments.train_lm", "--progress=false", *args)
+
+
+def _start(argv):
+  return start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _dataset(path, n, seed):
@@ -31,7 +36,7 @@ def test_students_with_online_kd_on_a_mesh(tmp_path):
           "--teacher=preset:test-tiny", "--objective=jsd", "--kd_temperature=2",
           "--batch_size=8", "--seq_len=24", "--steps=4", "--grad_accum=2", "--eval_every=2",
           "--mesh=data=2,fsdp=2,tensor=2"]
-  r = subprocess.run(_cmd(*args), cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = run(_cmd(*args))
   assert r.returncode == 0, r.stderr[-3000:]
   printed = json.loads(r.stdout.strip().splitlines()[-1])
   with open(os.path.join(w, "train_summary.json")) as f:
@@ -47,8 +52,7 @@ def test_students_with_online_kd_on_a_mesh(tmp_path):
     assert config.replace(dtype="float32") == get_preset("test-tiny")
   assert glob.glob(os.path.join(w, "tb", "events.out.tfevents.*"))
   # the same workdir with another learning rate is refused, naming the flag
-  r = subprocess.run(_cmd(*args, "--lr=1e-3"), cwd=REPO, capture_output=True, text=True,
-                     timeout=600)
+  r = run(_cmd(*args, "--lr=1e-3"))
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: workdir")
   assert "--lr (was 0.0005, now 0.001)" in r.stderr
 
@@ -62,11 +66,10 @@ def test_preset_seed_names_one_init(tmp_path):
   d = _dataset(tmp_path / "d", 32, 0)
   runs = {"at3": "preset:test-tiny@3", "ckpt3": f"ckpt:{tmp_path / 'init3'}",
           "at4": "preset:test-tiny@4"}
-  procs = {name: subprocess.Popen(
+  procs = {name: _start(
       _cmd(f"--workdir={tmp_path / name}", f"--model={spec}", f"--train_data={d}",
            "--teacher=preset:test-tiny@5", "--batch_size=8", "--seq_len=16", "--steps=2",
-           "--mesh=data=2,fsdp=2,tensor=2"),
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           "--mesh=data=2,fsdp=2,tensor=2"))
       for name, spec in runs.items()}
   sums = {}
   for name, p in procs.items():
@@ -101,8 +104,7 @@ def test_bad_flags_give_one_line_errors(tmp_path):
   for i, (extra, _) in enumerate(BAD):
     args = [f"--workdir={tmp_path / f'w{i}'}", "--train_data=synthetic:16", "--steps=2",
             "--batch_size=8", *extra]
-    procs.append(subprocess.Popen(_cmd(*args), cwd=REPO, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True))
+    procs.append(_start(_cmd(*args)))
     if len(procs) % 4 == 0:
       procs[-4].wait()
   for (extra, expected), p in zip(BAD, procs):
@@ -130,15 +132,13 @@ def _bad_datasets(base):
           (base / "neg", "row 7 holds token id -4,"), (base / "big", "row 9 holds token id 300,")]
 
 
-@pytest.mark.slow
 def test_bad_datasets_one_line_before_training(tmp_path):
   """A zero-row shard is skipped (one warning line); rows with nothing to predict and token ids
   outside the vocabulary are refused in one line naming the dataset, the row and the value, before
   the workdir is touched."""
   cases = _bad_datasets(tmp_path)
-  procs = [subprocess.Popen(_cmd(f"--workdir={tmp_path / f'w{i}'}", f"--train_data={d}",
-                                 "--batch_size=8", "--seq_len=24", "--steps=1"),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  procs = [_start(_cmd(f"--workdir={tmp_path / f'w{i}'}", f"--train_data={d}",
+                       "--batch_size=8", "--seq_len=24", "--steps=1"))
            for i, (d, _) in enumerate(cases)]
   for i, ((d, expected), p) in enumerate(zip(cases, procs)):
     out, err = p.communicate(timeout=600)

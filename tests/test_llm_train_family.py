@@ -6,7 +6,6 @@ one-line errors of preflight."""
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 
@@ -22,10 +21,10 @@ from kdjax.llm.train import batches
 from kdjax.llm.model import llama as model
 from kdjax.llm.model import sampling
 from kdjax.llm.train import loop as train
-from kdjax.llm.model.config import LlamaConfig, get_preset
-from tests.conftest import REPO
+from kdjax.llm.model.config import LlamaConfig
+from tests.helpers import TINY_MODEL as CFG
+from tests.helpers import run, start
 
-CFG = get_preset("test-tiny")
 # a teacher of another width: its matmuls are told apart from the students' in a jaxpr
 TCFG = LlamaConfig(vocab_size=256, hidden_size=48, intermediate_size=96, num_layers=1, num_heads=3,
                    num_kv_heads=1, head_dim=16, rope_theta=10000.0, max_position_embeddings=512)
@@ -311,7 +310,7 @@ train.train(train.TrainConfig(**kw), sys.argv[2])
 
 
 def _cmd(cfg, workdir):
-  return [sys.executable, "-c", _SCRIPT, json.dumps(cfg.to_dict()), workdir]
+  return [sys.executable, "-c", _SCRIPT, json.dumps(cfg.to_dict()), workdir]  # see helpers.run
 
 
 def _summary(workdir):
@@ -319,16 +318,16 @@ def _summary(workdir):
     return json.load(f)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("onpolicy", [False, True])
 def test_sigkill_then_rerun_gives_identical_params(tmp_path, onpolicy):
   cfg = _cfg(tmp_path, onpolicy, steps=24, checkpoint_every=4, val_data="synthetic:16",
              eval_every=8)
   a, b = str(tmp_path / "uninterrupted"), str(tmp_path / "killed")
-  r = subprocess.run(_cmd(cfg, a), cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = run(_cmd(cfg, a))
   assert r.returncode == 0, r.stderr[-2000:]
   ref = _summary(a)
-  proc = subprocess.Popen(_cmd(cfg, b), cwd=REPO, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = start(_cmd(cfg, b))
   first, deadline = os.path.join(b, "checkpoints", "4"), time.time() + 300
   while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
     time.sleep(0.02)
@@ -336,7 +335,7 @@ def test_sigkill_then_rerun_gives_identical_params(tmp_path, onpolicy):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert not os.path.exists(os.path.join(b, "train_summary.json"))
-  r = subprocess.run(_cmd(cfg, b), cwd=REPO, capture_output=True, text=True, timeout=600)
+  r = run(_cmd(cfg, b))
   assert r.returncode == 0, r.stderr[-2000:]
   assert "resuming from" in r.stdout
   got = _summary(b)

@@ -5,27 +5,27 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
+import pytest
 
 from kdjax import checkpoint as ckpt_lib
-from tests.conftest import REPO
+from tests.helpers import REPO, error_line, module_argv, run, start
 
 FLAGFILE = os.path.join(REPO, "experiments", "flags", "resume_smoke.flags")
 
+pytestmark = pytest.mark.slow  # train_lm on a flagfile in a subprocess
+
 
 def _cmd(workdir, *extra):
-  return [sys.executable, "-m", "experiments.train_lm", f"--flagfile={FLAGFILE}",
-          f"--workdir={workdir}", "--progress=false", *extra]
+  return module_argv("experiments.train_lm", f"--flagfile={FLAGFILE}", f"--workdir={workdir}",
+                     "--progress=false", *extra)
 
 
 def _run(workdir, *extra):
-  return subprocess.run(_cmd(workdir, *extra), cwd=REPO, capture_output=True, text=True,
-                        timeout=600)
+  return run(_cmd(workdir, *extra))
 
 
 def _summary(workdir):
@@ -40,7 +40,7 @@ def test_sigkill_then_rerun_gives_identical_params(tmp_path):
   ref = _summary(a)
   assert ref["steps"] == 40 and math.isfinite(ref["final_loss"])
 
-  proc = subprocess.Popen(_cmd(b), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = start(_cmd(b))
   first = os.path.join(b, "checkpoints", "10")
   deadline = time.time() + 300
   while not os.path.isdir(first) and proc.poll() is None and time.time() < deadline:
@@ -65,11 +65,9 @@ def test_nan_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
   w = str(tmp_path / "nan")
   r = _run(w, "--debug_nan_at_step=25")
   assert r.returncode == 1
-  err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
-  assert len(err) == 1, r.stderr[-2000:]
-  assert "non-finite loss" in err[0] and "at step 25" in err[0]
-  assert os.path.join(w, "checkpoints", "20") in err[0]
-  assert "Traceback" not in r.stderr
+  err = error_line(r)
+  assert "non-finite loss" in err and "at step 25" in err
+  assert os.path.join(w, "checkpoints", "20") in err
   assert not os.path.exists(os.path.join(w, "train_summary.json"))
   c = ckpt_lib.Checkpointer(os.path.join(w, "checkpoints"))
   assert c.latest_step() == 20  # nothing saved after the NaN

@@ -7,19 +7,13 @@ import glob
 import json
 import math
 import os
-import subprocess
 import sys
 
-from tests.conftest import REPO
+import pytest
+
+from tests.helpers import module_argv, run
 
 FLAGFILE = "--flagfile=experiments/flags/study_multihost_smoke.flags"
-
-
-def _env(**kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, PYTHON=sys.executable)
-  env.pop("XLA_FLAGS", None)
-  env.update(kw)
-  return env
 
 
 def _datasets(workdir):
@@ -32,15 +26,15 @@ def _datasets(workdir):
   return out
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_write_what_one_process_writes(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  p1 = subprocess.run([sys.executable, "-m", "experiments.llm", FLAGFILE, f"--workdir={one}"],
-                      cwd=REPO, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"),
-                      capture_output=True, text=True, timeout=900)
+  p1 = run(module_argv("experiments.llm", FLAGFILE, f"--workdir={one}"), devices=4, timeout=900)
   assert p1.returncode == 0, p1.stderr[-4000:]
-  p2 = subprocess.run(["bash", "launch/local.sh", "2", sys.executable, "-m", "experiments.llm",
-                       FLAGFILE, f"--workdir={two}"], cwd=REPO, env=_env(),
-                      capture_output=True, text=True, timeout=900)
+  p2 = run(["bash", "launch/local.sh", "2", *module_argv("experiments.llm", FLAGFILE,
+                                                           f"--workdir={two}")],
+           devices=None, timeout=900, env=dict(PYTHON=sys.executable))
   assert p2.returncode == 0, p2.stderr[-4000:]
   assert "process_index=1 process_count=2" in p2.stderr  # really two processes
 
