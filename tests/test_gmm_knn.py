@@ -3,9 +3,6 @@ grid's own samples, they order the students as the likelihood measures do, the r
 agreement, flag validation, and the entry point on the paper flagfile scaled down."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,7 +11,7 @@ import pytest
 from kdjax import mixture as mx
 from kdjax.cli import UserError
 from kdjax.gmm import ground_truth, report, study
-from tests.conftest import REPO
+from tests.helpers import run_module
 from tests.test_sample_metrics import _reference
 
 CFG = study.StudyConfig(n_eval=300, objectives=("direct", "seqkd"), knn_samples=200)
@@ -98,15 +95,13 @@ def test_bad_knn_flags_are_refused(change):
     study.StudyConfig(n_eval=300, **change)
 
 
+@pytest.mark.slow
 def test_paper_flagfile_with_knn_scaled_down(tmp_path):
   """The README's line with --knn_samples: rows, summary and knn_agreement in results.json."""
-  argv = [sys.executable, "-m", "experiments.gmm",
-          "--flagfile=experiments/flags/gmm_paper.flags", f"--workdir={tmp_path}",
-          "--knn_samples=100", "--num_betas=2", "--num_seeds=2", "--n_eval=500", "--steps=20",
-          "--objectives=direct,seqkd,fkl"]
-  env = dict(os.environ, PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
-  proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = run_module("experiments.gmm", "--flagfile=experiments/flags/gmm_paper.flags",
+                    f"--workdir={tmp_path}", "--knn_samples=100", "--num_betas=2",
+                    "--num_seeds=2", "--n_eval=500", "--steps=20", "--objectives=direct,seqkd,fkl",
+                    devices=None)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.load(open(tmp_path / "results.json"))
   assert all(r["knn_precision"] is not None for r in result["rows"])

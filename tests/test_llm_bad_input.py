@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,8 +10,7 @@ import pytest
 from kdjax.cli import UserError
 from kdjax.llm import describe_spec, load_model, load_tokenizer
 from kdjax.llm.weights.loading import default_gguf_path
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import run
 
 
 def _error(fn, spec) -> str:
@@ -109,13 +107,12 @@ def test_preset_seed_and_tokenizer_vocab_check():
   assert "preset:test-tiny" in _error(load_tokenizer, "preset:test-tiny")
 
 
+@pytest.mark.slow
 def test_cli_prints_one_line(tmp_path):
   """Through kdjax.cli.run: `error: ...` on stderr naming the file, exit 1, no traceback."""
   code = ("from kdjax.cli import run\nfrom kdjax.llm.weights.loading import load_model\n"
           f"run(lambda argv: load_model('gguf:{tmp_path}/missing.gguf'))\n")
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       timeout=120)
+  out = run([sys.executable, "-c", code], timeout=120)
   assert out.returncode == 1
   lines = out.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.gguf" in lines[0], out.stderr
