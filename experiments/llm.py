@@ -93,6 +93,11 @@ flags.DEFINE_integer("teacher_epochs", _D.teacher_epochs, "Teacher training epoc
 flags.DEFINE_integer("student_epochs", _D.student_epochs, "Student training epochs.")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Training batch (sequences).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "AdamW peak learning rate.")
+flags.DEFINE_string("student_learning_rates", "", "A learning-rate sweep for the students, "
+                    "comma-separated (e.g. 1e-3,3e-3,1e-2): every student trains at each rate, "
+                    "vmapped with its temperatures in one run; each (kind, T, seed) keeps the "
+                    "rate of best log-likelihood on p*'s select split (results.json: rows; every "
+                    "rate's in lr_sweep). Empty: --learning_rate for every student.")
 flags.DEFINE_float("warmup_fraction", _D.warmup_fraction, "WSD warm-up fraction of the steps.")
 flags.DEFINE_float("decay_fraction", _D.decay_fraction, "WSD final linear decay fraction.")
 flags.DEFINE_float("weight_decay", _D.weight_decay, "AdamW weight decay.")
@@ -125,6 +130,9 @@ def config_from_flags() -> StudyConfig:
   values = {n: FLAGS[n].value for n in names}
   values["temperatures"] = tuple(cli.parse_float_list("temperatures", FLAGS.temperatures))
   values["students"] = tuple(k.strip() for k in FLAGS.students.split(",") if k.strip())
+  values["student_learning_rates"] = tuple(
+      cli.parse_float_list("student_learning_rates", FLAGS.student_learning_rates)
+      if FLAGS.student_learning_rates.strip() else ())
   return StudyConfig(**values)
 
 

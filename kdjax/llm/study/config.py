@@ -41,6 +41,7 @@ class StudyConfig:
   student_epochs: int = 1
   batch_size: int = 32
   learning_rate: float = 5e-4
+  student_learning_rates: tuple = ()     # a sweep: every student at each rate, one chosen on select
   warmup_fraction: float = 0.01
   decay_fraction: float = 0.2
   weight_decay: float = 0.1
@@ -59,6 +60,7 @@ class StudyConfig:
     d = dataclasses.asdict(self)
     d["temperatures"] = list(self.temperatures)
     d["students"] = list(self.students)
+    d["student_learning_rates"] = list(self.student_learning_rates)
     return d
 
   @property
@@ -78,7 +80,16 @@ class StudyConfig:
   def student_groups(self) -> list[tuple[str, list[tuple[str, Optional[float]]]]]:
     """[(kind, [(name, T)])]: one training run per kind (its students vmapped over the
     temperatures), in --students order; direct has the one student ('direct', None)."""
-    return [(kind, kindlib.get(kind).names(self.temperatures)) for kind in self.students]
+    return [(kind, kindlib.get(kind).names(self.temperatures, self.student_learning_rates))
+            for kind in self.students]
+
+  def student_grid(self, kind: str) -> list[tuple[str, Optional[float], Optional[float]]]:
+    """[(name, T, learning rate or None)] of a kind's students, in their run's vmapped order."""
+    return kindlib.get(kind).grid(self.temperatures, self.student_learning_rates)
+
+  @property
+  def lr_sweep(self) -> bool:
+    return len(self.student_learning_rates) > 1
 
   def student_names(self) -> list[str]:
     """Every student's name: 'direct' and '<kind>_T<t>' per kind and temperature, in flag order."""
@@ -131,6 +142,10 @@ def validate(cfg: StudyConfig) -> None:
   require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
   require(cfg.embedding_map in EMBEDDING_MAPS,
           f"--embedding_map={cfg.embedding_map!r}: one of {', '.join(EMBEDDING_MAPS)}")
+  for r in cfg.student_learning_rates:
+    require(math.isfinite(r) and r > 0, f"--student_learning_rates: {r:g} is not a positive rate")
+  require(len(set(cfg.student_learning_rates)) == len(cfg.student_learning_rates),
+          "--student_learning_rates: a rate is repeated")
   require(cfg.seed_scope in SEED_SCOPES,
           f"--seed_scope={cfg.seed_scope!r}: one of {', '.join(SEED_SCOPES)}")
   require(cfg.knn_k >= 1, f"--knn_k={cfg.knn_k}: must be >= 1")
@@ -156,4 +171,5 @@ def config_from_dict(d: dict[str, Any]) -> StudyConfig:
   d = dict(d)
   d["temperatures"] = tuple(d.get("temperatures", StudyConfig.temperatures))
   d["students"] = tuple(d.get("students", StudyConfig.students))
+  d["student_learning_rates"] = tuple(d.get("student_learning_rates", ()))
   return StudyConfig(**d)

@@ -54,11 +54,21 @@ class StudentKind:
     held-out set: p*'s stands in)."""
     return TEACHER_SAMPLES if self.data == TEACHER_SAMPLES else PSTAR
 
-  def names(self, temperatures) -> list[tuple[str, float | None]]:
-    """[(student name, T)]: ('direct', None) for direct, ('<kind>_T<t>', t) per T otherwise."""
-    if not self.per_temperature:
-      return [(self.name, None)]
-    return [(student_name(self.name, t), t) for t in temperatures]
+  def grid(self, temperatures, learning_rates=()) -> list[tuple[str, float | None, float | None]]:
+    """[(student name, T, learning rate)] in the order its training run vmaps them: T-major,
+    then each learning rate of a sweep (--student_learning_rates with more than one rate, each
+    name suffixed `_lr<rate>`; lr None: --learning_rate). ('direct', None, lr) for direct."""
+    temps = list(temperatures) if self.per_temperature else [None]
+    lrs = list(learning_rates) if len(learning_rates) > 1 else [None]
+    out = []
+    for t in temps:
+      base = self.name if t is None else student_name(self.name, t)
+      out += [(base if lr is None else f"{base}_lr{lr:g}", t, lr) for lr in lrs]
+    return out
+
+  def names(self, temperatures, learning_rates=()) -> list[tuple[str, float | None]]:
+    """[(student name, T)] of grid()."""
+    return [(n, t) for n, t, _ in self.grid(temperatures, learning_rates)]
 
 
 TOKEN_LOSSES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")

@@ -201,7 +201,7 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
     if jax.process_index() == 0:  # the files are the same on every process: one writes them
       report.write_results(st.workdir, rows, cfg)
       report.write_embedding_map(cfg, st.workdir, rows)
-  return rows
+  return report.choose_rates(rows)[0]
 
 
 def teacher_spec(st: Study, seed: int) -> str:
@@ -232,12 +232,16 @@ def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str
   own_val = layout.held_out(seed, kind, t)
   val = recall if own_val == pstar_val else mean_loglik(
       *st.model(student), load_dataset(st.path(own_val)), b, n, f"val {name} seed {seed}")
+  select = None
+  if cfg.lr_sweep:  # chooses the student's learning rate (never recall's val set)
+    select = mean_loglik(*st.model(student), load_dataset(st.path(st.units.pstar("select", seed).rel)),
+                         b, n, f"select {name} seed {seed}")
   precision, emb_NxD = loglik_and_embeddings(*st.model(st.gt_spec),
                                              load_dataset(samples_unit.dir(st.workdir)), b, n,
                                              f"precision {name} seed {seed}")
   mark_done(out, {"precision": precision, "recall": recall, "val_perplexity": math.exp(-val),
                   "val_data": own_val, "embeddings": embeddings.save(out, emb_NxD),
-                  "rows": int(emb_NxD.shape[0])})
+                  "rows": int(emb_NxD.shape[0]), "select_loglik": select})
 
 
 def embed_pstar_val(st: Study, unit: Unit, seed: int) -> None:

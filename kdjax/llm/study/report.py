@@ -33,19 +33,23 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   (kdjax.sample_metrics.sample_measures: knn_precision, knn_recall and mauve against p*'s
   reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens), and
   its training budget: steps (as trained), train_sequences, train_tokens, train_flops and
-  sampling_flops (on-policy; cost.student_budget)."""
+  sampling_flops (on-policy; cost.student_budget); `student` (its name) and `learning_rate`; with
+  a --student_learning_rates sweep, every rate's student and its `select_loglik` (choose_rates
+  keeps one per kind, T and seed)."""
   path = lambda rel: os.path.join(workdir, rel)  # noqa: E731
   layout, budgets = units.Layout(cfg), _budgets(cfg, seq_len)
   rows = []
   for seed in cfg.seeds:
     reference = embeddings.load(path(layout.pstar_embeddings(layout.pstar_seed(seed))))
-    for kind, group in cfg.student_groups():
-      for name, t in group:
+    for kind in cfg.students:
+      trained = units.read_record(path(layout.students(seed, kind)))["steps"]
+      for name, t, lr in cfg.student_grid(kind):
         scores = path(layout.scores(seed, name))
         s = units.read_record(scores)
         b = budgets[kind]
-        trained = units.read_record(path(layout.students(seed, kind)))["steps"]
-        rows.append({"objective": kind, "temperature": t, "seed": seed,
+        sweep = {"select_loglik": s["select_loglik"]} if cfg.lr_sweep else {}
+        rows.append({"objective": kind, "temperature": t, "seed": seed, "student": name,
+                     "learning_rate": lr or cfg.learning_rate, **sweep,
                      "precision": s["precision"], "recall": s["recall"],
                      "val_perplexity": s["val_perplexity"], "steps": trained,
                      "train_sequences": b["sequences"], "train_tokens": b["tokens"],
@@ -57,15 +61,35 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   return rows
 
 
+def choose_rates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+  """(chosen, sweep): per (objective, temperature, seed) the row of best `select_loglik` (p*'s
+  select split, held out from every training run and never recall's val set); `sweep` is every
+  row with `chosen` marked ([] without a sweep: rows are returned as they are)."""
+  if not rows or "select_loglik" not in rows[0]:
+    return rows, []
+  best = {}
+  for r in rows:
+    k = (r["objective"], r["temperature"], r["seed"])
+    if k not in best or r["select_loglik"] > best[k]["select_loglik"]:
+      best[k] = r
+  chosen_ids = {id(r) for r in best.values()}
+  return ([r for r in rows if id(r) in chosen_ids],
+          [{**r, "chosen": id(r) in chosen_ids} for r in rows])
+
+
 def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
   """results.csv and figures first, results.json last. results.json holds the flags of the run that
-  wrote it, its rows, and the summary (mean and standard error over seeds per objective and T)."""
+  wrote it, its rows (with a learning-rate sweep: the chosen student of each kind, T and seed;
+  `lr_sweep` lists every rate's), and the summary (mean and standard error over seeds per
+  objective and T)."""
+  rows, sweep = choose_rates(rows)
   summary = plots.summarize(rows)
   plots.write_csv(rows, os.path.join(workdir, "results.csv"))
   plots.write_figures(rows, workdir, title=f"p* = {cfg.ground_truth}, teacher {cfg.teacher}, "
                       f"students {cfg.student}")
   cli.atomic_write_json(os.path.join(workdir, "results.json"),
-                        {"config": cfg.to_dict(), "rows": rows, "summary": summary})
+                        {"config": cfg.to_dict(), "rows": rows, "summary": summary,
+                         "lr_sweep": sweep})
 
 
 def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> None:
@@ -78,11 +102,12 @@ def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> Non
       os.remove(path)
     return
   layout, panels = units.Layout(cfg), []
+  rows = choose_rates(rows)[0]
   for e in plots.summarize(rows):
-    names = [n for kind, group in cfg.student_groups() if kind == e["objective"]
-             for n, t in group if t == e["temperature"]]
-    emb = [embeddings.load(os.path.join(workdir, layout.scores(seed, names[0])))
-           for seed in cfg.seeds]
+    mine = [r for r in rows if (r["objective"], r["temperature"]) ==
+            (e["objective"], e["temperature"])]
+    emb = [embeddings.load(os.path.join(workdir, layout.scores(r["seed"], r["student"])))
+           for r in mine]
     panels.append(embedding_map.Panel(e["objective"], e["temperature"], np.concatenate(emb),
                                       e["knn_precision_mean"], e["knn_recall_mean"]))
   written = embedding_map.write(

@@ -63,23 +63,27 @@ def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str) -> Train
   """One kind's students of a seed (kinds.KINDS): on p*'s train set, on the teacher's samples at
   each temperature, or on their own samples; distilling kinds against the teacher's next-token
   distribution at each T. Every kind trains cfg.student_steps steps of --batch_size sequences
-  (matched budgets). All but direct: one student per temperature, vmapped, with the seed's common
-  random numbers."""
+  (matched budgets). Its students (one per T, and per rate of a --student_learning_rates sweep,
+  cfg.student_grid's order) train vmapped in one run with the seed's common random numbers."""
   cfg, k, layout = ri.cfg, KINDS[kind], units.Layout(ri.cfg)
+  grid = cfg.student_grid(kind)
   extra = {"steps": cfg.student_steps}  # matched budgets: every kind the same steps
-  if k.per_temperature:
+  if len(grid) > 1:
     extra["common_random_numbers"] = True
+  if cfg.lr_sweep:
+    extra["learning_rates"] = tuple(lr for _, _, lr in grid)
   if k.distills_tokens:
-    extra.update(teacher=teacher_spec, teacher_temperatures=tuple(cfg.temperatures),
+    extra.update(teacher=teacher_spec, teacher_temperatures=tuple(t for _, t, _ in grid),
                  objective=k.objective)
+  pstar_train = ri.path(layout.pstar("train", layout.pstar_seed(seed)))
   if k.data == TEACHER_SAMPLES:
-    data = [ri.path(layout.teacher_samples(seed, t, "train")) for t in cfg.temperatures]
+    data = [ri.path(layout.teacher_samples(seed, t, "train")) for _, t, _ in grid]
   elif k.data == OWN_SAMPLES:
     data = []
     extra.update(onpolicy=True, prompt=tuple(ri.prompt), max_new_tokens=cfg.max_new_tokens,
                  eos_id=-1 if ri.eos_id is None else int(ri.eos_id))
-  else:
-    data = [ri.path(layout.pstar("train", layout.pstar_seed(seed)))]
+  else:  # one shared p* set: token-level students share its batches; direct's sweep repeats it
+    data = [pstar_train] * (1 if k.distills_tokens else len(grid))
   return train_config(cfg, cfg.student, data, "", cfg.student_epochs, seed, ri.seq_len, **extra)
 
 

@@ -252,6 +252,8 @@ class StudyUnits:
     if k.distills_tokens:
       what["teacher"] = self.teacher(seed).key
       what["temperatures"] = list(c.temperatures)
+    if c.lr_sweep:
+      what["learning_rates"] = list(c.student_learning_rates)
     if k.onpolicy:
       what["sampling"] = self._sampling()
     return self._unit("4_train_students", self.layout.students(seed, kind), "students",
@@ -283,6 +285,8 @@ class StudyUnits:
             "eval_batch_size": c.eval_batch_size, "embedding": EMBEDDING}
     if KINDS[kind].held_out == TEACHER_SAMPLES:
       what["own_val"] = self.teacher_samples(seed, t, "val").key
+    if c.lr_sweep:  # the select split's log-likelihood chooses each student's rate
+      what["select"] = self.pstar("select", seed).key
     return self._unit("5_score_students", self.layout.scores(seed, name), "scores",
                       ("student", seed, kind, j, name, t), **what)
 
