@@ -201,7 +201,7 @@ def test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache():
   assert {x.dtype for x in jax.tree.leaves(p16)} == {jnp.dtype(jnp.bfloat16)}
   ids, mask = jnp.ones((2, 3), jnp.int32), jnp.ones((2, 3), bool)
   caches = jax.eval_shape(  # the sampler's KV cache
-      lambda p: sampling._prefill(c16, sampling.decode_params(c16, p), ids, mask, 8)[1], p16)
+      lambda p: sampling.decode.prefill(c16, sampling.decode_params(c16, p), ids, mask, 8)[1], p16)
   assert {x.dtype for x in jax.tree.leaves(caches)} == {jnp.dtype(jnp.bfloat16)}
   c32, p32 = pipeline.for_inference(CFG, params, "float32")
   assert {x.dtype for x in jax.tree.leaves(p32)} == {jnp.dtype(jnp.float32)}
