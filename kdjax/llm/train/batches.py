@@ -10,11 +10,21 @@
     (1-based) is `onpolicy_key(seed, s, i)`, a pure function of (seed, s, i) by fold_in (never a
     stateful stream), so a resumed run samples exactly the batches an uninterrupted one does. No
     gradient flows through sampling (the batch is data to the step).
+  * GKD's student-data fraction lambda (Agarwal et al. 2024): OnPolicyBatches with `pstar` (a
+    DatasetBatches of p*'s training sequences, [B, T], one for all students) and
+    `student_fraction` lambda < 1. Every student's batch of step s is then rows 0..k-1 its own
+    samples (k = own_rows(lambda, B) = round(lambda B), halves up; sampled with the same keys, k
+    rows instead of B) and rows k..B-1 rows k..B-1 of p*'s batch at that step: the very rows a
+    token-level student reading the same dataset from the same position gets there. lambda = 1
+    is the plain on-policy source (p* never read), lambda = 0 p*'s batch for every student
+    (nothing sampled). Deterministic per (seed, step): the samples by their keys, p*'s rows by
+    the dataset's position (recorded in checkpoints like any DatasetBatches').
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -92,19 +102,56 @@ def sample_students(config, params_N, step, *, seed: int, prompt: tuple, streams
   return jax.vmap(lambda p, k: one(p, key=k))(params_N, keys_N)
 
 
+def own_rows(student_fraction: float, batch_size: int) -> int:
+  """How many of a batch's B rows are the student's own samples: round(lambda B), halves up."""
+  return int(math.floor(student_fraction * batch_size + 0.5))
+
+
+def mix_rows(own_NxKxT: dict | None, pstar_BxT: dict, n: int) -> dict:
+  """[N, B, T] batches: student i's rows 0..k-1 are own_NxKxT[i] (k = its row count; None: k = 0),
+  rows k..B-1 are p*'s rows k..B-1 (the same for every student)."""
+  k = 0 if own_NxKxT is None else own_NxKxT["input_ids"].shape[1]
+  out = {}
+  for key, x_BxT in pstar_BxT.items():
+    rest_NxRxT = jnp.broadcast_to(x_BxT[k:][None], (n,) + x_BxT[k:].shape)
+    out[key] = (rest_NxRxT if own_NxKxT is None else
+                jnp.concatenate([own_NxKxT[key].astype(x_BxT.dtype), rest_NxRxT], axis=1))
+  return out
+
+
+def mixed_students(config, params_N, step, pstar_BxT, *, own: int, streams: tuple, **kw) -> dict:
+  """Every student's batch [N, B, T] of step `step`: `own` rows of its own samples (the keys of
+  sample_students), the rest p*'s rows of pstar_BxT (mix_rows)."""
+  mine = (sample_students(config, params_N, step, streams=streams, batch_size=own, **kw)
+          if own else None)
+  return mix_rows(mine, pstar_BxT, len(streams))
+
+
 class OnPolicyBatches:
   """`source(step, params_N)`: the students' own samples, jitted once (params in, batch out
-  sharded like a [N, B, T] training batch)."""
+  sharded like a [N, B, T] training batch); with `pstar` (DatasetBatches of [B, T] rows) and
+  student_fraction < 1, a GKD mix of their own samples and p*'s sequences (module docstring)."""
 
   def __init__(self, config, params_sharding, bsharding, *, seed, prompt, streams,
-               batch_size, max_new_tokens, eos_id, pad_id):
-    fn = functools.partial(sample_students, config, seed=seed, prompt=tuple(prompt),
-                           streams=tuple(streams), batch_size=batch_size,
-                           max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
-    self._fn = jax.jit(fn, in_shardings=(params_sharding, None), out_shardings=bsharding)
+               batch_size, max_new_tokens, eos_id, pad_id, student_fraction=1.0, pstar=None):
+    kw = dict(seed=seed, prompt=tuple(prompt), streams=tuple(streams),
+              max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+    self.pstar = pstar if student_fraction < 1 else None
+    if self.pstar is None:
+      if student_fraction < 1:
+        raise ValueError(f"student_fraction={student_fraction} < 1 needs p*'s batches (pstar)")
+      fn = functools.partial(sample_students, config, batch_size=batch_size, **kw)
+      self._fn = jax.jit(fn, in_shardings=(params_sharding, None), out_shardings=bsharding)
+    else:
+      fn = functools.partial(mixed_students, config, own=own_rows(student_fraction, batch_size),
+                             **kw)
+      self._fn = jax.jit(fn, in_shardings=(params_sharding, None, None), out_shardings=bsharding)
 
   def position(self) -> list:
-    return []
+    return [] if self.pstar is None else self.pstar.position()
 
   def __call__(self, step, params) -> dict:
-    return self._fn(params, jnp.asarray(step, jnp.int32))
+    step_arg = jnp.asarray(step, jnp.int32)
+    if self.pstar is None:
+      return self._fn(params, step_arg)
+    return self._fn(params, step_arg, self.pstar(step))
