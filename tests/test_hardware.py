@@ -3,8 +3,6 @@ meshes it accepts and refuses, the compiled memory following the mesh, and the d
 (`--dry_run --hardware=...`) as a user runs them."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 
@@ -13,7 +11,7 @@ from kdjax import compiled
 from kdjax.llm.study import hardware, programs
 from kdjax.llm.model.config import LlamaConfig, get_preset
 from kdjax.llm.study.config import StudyConfig
-from tests.conftest import REPO
+from tests.helpers import run_module
 
 # vocab 100, hidden 8, MLP 16, 2 layers, 2 heads of 4, 1 kv head, tied, bf16.
 # params: attention 8*4*(2*2 + 2*1) = 192, MLP 3*8*16 = 384, norms 2*8 = 16 -> 592 per layer;
@@ -115,10 +113,9 @@ def test_compiled_memory_follows_the_mesh():
 
 
 def _run(*args, timeout=600):
-  env = {"PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PATH": "/usr/bin:/bin",
-         "HF_HUB_OFFLINE": "1"}
-  return subprocess.run([sys.executable, "-m", "experiments.llm", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
+  """experiments.llm on one CPU device, no cloud tools on the PATH."""
+  return run_module("experiments.llm", *args, devices=None, timeout=timeout,
+                    env={"PATH": "/usr/bin:/bin"})
 
 
 STAGES = ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_train_students",
@@ -131,6 +128,7 @@ def _hours(stdout: str) -> dict:
           for s in STAGES}
 
 
+@pytest.mark.slow
 def test_paper_flagfile_priced_on_h100():
   """The issue's check: llm_paper.flags on H100s, the hours of every stage (the compile-only
   memory analysis of the paper's models takes minutes: skipped here, run on test-tiny below)."""
@@ -147,6 +145,7 @@ def test_paper_flagfile_priced_on_h100():
     assert text in out
 
 
+@pytest.mark.slow
 def test_tiny_study_priced_with_compiled_memory():
   """Every stage's programs compiled (2 fake devices) and judged against the chip's HBM."""
   proc = _run("--ground_truth=preset:test-tiny", "--tokenizer=bytes", "--teacher=preset:test-tiny",
@@ -182,6 +181,7 @@ def test_roofline_of_a_compiled_program():
   assert s == pytest.approx(43.57e-3, rel=1e-3) and bound == "FLOPs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, expect", [
     (["--hardware=tpu9", "--dry_run"], "--hardware='tpu9': unknown; known: h100"),
     (["--hardware=h100"], "--hardware: only with --dry_run"),
