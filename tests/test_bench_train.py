@@ -2,21 +2,17 @@
 JSON line, N students together against N one-by-one runs of the same steps."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import run_module
 
 
+@pytest.mark.slow
 def test_kd_temperatures_prints_one_json_line():
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_train", "--preset=test-tiny", "--teacher=test-tiny",
-       "--kd_temperatures=2", "--batch=4", "--seq=9", "--steps=1", "--rounds=1", "--warmup=1"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  proc = run_module("experiments.bench_train", "--preset=test-tiny", "--teacher=test-tiny",
+                    "--kd_temperatures=2", "--batch=4", "--seq=9", "--steps=1", "--rounds=1",
+                    "--warmup=1", devices=None)
   assert proc.returncode == 0, proc.stderr[-2000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1

@@ -3,20 +3,17 @@
 import csv
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO, run, run_module
 
 SMOKE = os.path.join(REPO, "experiments", "flags", "gmm_smoke.flags")
 
 
 def _run(*args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run([sys.executable, "-m", "experiments.gmm", *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=600)
+  return run_module("experiments.gmm", *args)  # 8 fake devices, as the tests
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +24,7 @@ def smoke_run(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 def test_results_json_rows_and_timing(smoke_run):
   with open(os.path.join(smoke_run, "results.json")) as f:
     result = json.load(f)
@@ -61,6 +59,7 @@ def test_results_json_rows_and_timing(smoke_run):
   assert timing["compile_seconds"] > 0 and timing["sweep_seconds"] > 0
 
 
+@pytest.mark.slow
 def test_same_flags_and_seed_give_identical_rows(smoke_run, tmp_path):
   proc = _run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,6 +67,7 @@ def test_same_flags_and_seed_give_identical_rows(smoke_run, tmp_path):
   assert rows[0] == rows[1]  # bit-identical numbers; only "timing" may differ between runs
 
 
+@pytest.mark.slow
 def test_csv_has_the_same_rows(smoke_run):
   with open(os.path.join(smoke_run, "results.json")) as f:
     rows = json.load(f)["rows"]
@@ -83,6 +83,7 @@ def test_csv_has_the_same_rows(smoke_run):
     assert float(t["precision"]) == pytest.approx(r["precision"])
 
 
+@pytest.mark.slow
 def test_figures_exist_and_are_not_trivial(smoke_run):
   import matplotlib.image
   for name in ("precision_vs_beta", "recall_vs_beta", "precision_vs_recall", "densities",
@@ -94,6 +95,7 @@ def test_figures_exist_and_are_not_trivial(smoke_run):
     assert img[..., :3].std() > 0.05, name  # not a blank canvas
 
 
+@pytest.mark.slow
 def test_other_configuration_is_refused_unless_overwrite(smoke_run):
   proc = _run(f"--flagfile={SMOKE}", f"--workdir={smoke_run}", "--n_eval=400", "--num_betas=0")
   assert proc.returncode != 0  # flags are checked first
@@ -111,6 +113,7 @@ def test_other_configuration_is_refused_unless_overwrite(smoke_run):
     assert json.load(f)["timing"]["configs"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, flag", [
     (["--num_betas=0"], "--num_betas"),
     (["--beta_min=0"], "--beta_min"),
@@ -159,13 +162,11 @@ cli.run(entry.main)
 """
 
 
+@pytest.mark.slow
 def test_non_finite_rows_warn_once_per_objective_and_exit_zero(tmp_path):
   """NaN / inf in a row (injected into the grid's outputs): one warning line per objective naming
   the betas and seeds, null values with the reason, left out of the summary, exit status 0."""
-  env = dict(os.environ, PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", POISON, f"--flagfile={SMOKE}",
-                         f"--workdir={tmp_path}"], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = run([sys.executable, "-c", POISON, f"--flagfile={SMOKE}", f"--workdir={tmp_path}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   warned = [l for l in proc.stderr.splitlines() if "non-finite" in l]
@@ -187,6 +188,7 @@ def test_non_finite_rows_warn_once_per_objective_and_exit_zero(tmp_path):
   assert "left out" in proc.stderr
 
 
+@pytest.mark.slow
 def test_the_issues_high_dimensional_case_ends_cleanly(tmp_path):
   """random:3:40 with full covariances and rkl (NaN rows and a traceback before): exit 0, every
   row either finite or flagged, and the summary never formats a missing mean."""
@@ -199,6 +201,7 @@ def test_the_issues_high_dimensional_case_ends_cleanly(tmp_path):
     assert finite or r["status"] == "non_finite", r
 
 
+@pytest.mark.slow
 def test_json_ground_truth_line_from_the_readme(tmp_path):
   (line,) = [l.strip() for l in open(os.path.join(REPO, "README.md"))
              if l.strip().startswith("python -m experiments.gmm") and "json:" in l]
