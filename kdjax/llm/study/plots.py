@@ -3,29 +3,31 @@
 Rows: {"objective": student kind (direct, seqkd, fkl, ...), "temperature": T (None for direct),
 "seed", "precision", "recall", "val_perplexity", and the sample-based measures (kdjax.sample_metrics):
 "knn_precision", "knn_recall", "mauve" (None without mauve-text), "distinct_1/2/3", "mean_length"}.
-The summary groups rows by (objective, T): the mean over seeds and its standard error (sample
-standard deviation / sqrt(n); None with one seed; both None when a row lacks the value). Figures
-show the means with standard-error bars.
+The summary (kdjax.llm.study.stats.summarize) groups rows by (objective, T): the mean over seeds,
+its standard error (sample standard deviation / sqrt(n)) and 95% t-interval (None with one seed;
+all None when a row lacks the value). Figures show the means with their 95% intervals as error
+bars; the markdown table mean ± standard error.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from collections import defaultdict
 
 import numpy as np
 
 from kdjax.cli import atomic_write_bytes, atomic_write_text
+from kdjax.llm.study import stats
+from kdjax.llm.study.stats import summarize  # noqa: F401 (plots.summarize: report.py's name)
 
 SAMPLE_METRICS = ("knn_precision", "knn_recall", "mauve", "distinct_1", "distinct_2", "distinct_3",
                   "mean_length")
 BUDGET = ("steps", "train_sequences", "train_tokens", "train_flops", "sampling_flops")
 COLUMNS = (("objective", "temperature", "seed", "precision", "recall", "val_perplexity")
            + SAMPLE_METRICS + BUDGET)
-METRICS = ("precision", "recall", "val_perplexity") + SAMPLE_METRICS
+METRICS = stats.METRICS  # precision, recall, val_perplexity and SAMPLE_METRICS
 FIGURES = ("precision_vs_recall.png", "precision_recall_vs_temperature.png",
            "knn_vs_likelihood.png")
 
@@ -39,28 +41,6 @@ def write_csv(rows: list[dict], path: str) -> None:
   atomic_write_text(path, buf.getvalue())
 
 
-def _mean_se(values) -> tuple[float | None, float | None]:
-  if any(x is None for x in values):
-    return None, None
-  v = np.asarray(values, np.float64)
-  se = float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None
-  return float(v.mean()), se
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-  """[{objective, temperature, n, <metric>_mean, <metric>_se}] per (objective, T), in row order."""
-  groups = defaultdict(list)
-  for r in rows:
-    groups[(r["objective"], r["temperature"])].append(r)
-  out = []
-  for (kind, t), rs in groups.items():
-    entry = {"objective": kind, "temperature": t, "n": len(rs)}
-    for m in METRICS:
-      entry[f"{m}_mean"], entry[f"{m}_se"] = _mean_se([r.get(m) for r in rs])
-    out.append(entry)
-  return out
-
-
 def _by_kind(summary: list[dict]) -> dict[str, list[dict]]:
   kinds = defaultdict(list)
   for e in summary:
@@ -71,8 +51,13 @@ def _by_kind(summary: list[dict]) -> dict[str, list[dict]]:
 
 
 def _err(es: list[dict], metric: str):
-  se = [e[f"{metric}_se"] for e in es]
-  return None if any(s is None for s in se) else np.asarray(se)
+  """Error bars [2, n] (below, above the mean) of the 95% t-intervals; None where any is missing
+  (one seed)."""
+  lo, hi = [e[f"{metric}_ci95_low"] for e in es], [e[f"{metric}_ci95_high"] for e in es]
+  if any(x is None for x in lo + hi):
+    return None
+  mean = np.asarray([e[f"{metric}_mean"] for e in es])
+  return np.stack([mean - np.asarray(lo), np.asarray(hi) - mean])
 
 
 def _save(fig, path: str) -> None:
@@ -83,7 +68,7 @@ def _save(fig, path: str) -> None:
 
 def _plane(plt, kinds: dict, path: str, title: str) -> None:
   """The precision-recall plane: one curve per kind through its temperatures (points labelled by
-  T), direct as a black square; bars are standard errors over seeds."""
+  T), direct as a black square; bars are 95% t-intervals over seeds."""
   fig, ax = plt.subplots(figsize=(6.4, 5.0))
   for kind, es in kinds.items():
     x = [e["recall_mean"] for e in es]
@@ -100,7 +85,7 @@ def _plane(plt, kinds: dict, path: str, title: str) -> None:
   ax.set_xlabel("recall: E_p* log p''(x) per token")
   ax.set_ylabel("precision: E_p'' log p*(x) per token")
   ax.set_title((title + "\n" if title else "") + "points labelled by the teacher's T; "
-               "bars: standard error over seeds", fontsize=8)
+               "bars: 95% t-interval over seeds", fontsize=8)
   ax.legend(fontsize=8)
   _save(fig, path)
   plt.close(fig)
@@ -113,7 +98,8 @@ UNITS = {"precision": "log-likelihood per token", "recall": "log-likelihood per 
 def _versus_temperature(plt, kinds: dict, path: str, title: str,
                         grid=(("precision", "recall"),)) -> None:
   """Metrics against the teacher's temperature, one panel per metric of `grid` (rows of panels),
-  one line per kind; direct dashed. Entries without a value are left out."""
+  one line per kind; direct dashed; bars are 95% t-intervals over seeds. Entries without a value
+  are left out."""
   fig, axes = plt.subplots(len(grid), len(grid[0]), figsize=(10, 3.8 * len(grid)), squeeze=False)
   for ax, metric in zip(axes.flat, [m for row in grid for m in row]):
     for kind, es in kinds.items():
@@ -122,6 +108,9 @@ def _versus_temperature(plt, kinds: dict, path: str, title: str,
         continue
       if kind == "direct":
         ax.axhline(es[0][f"{metric}_mean"], color="k", linestyle="--", label="direct")
+        if es[0][f"{metric}_ci95_low"] is not None:  # its 95% interval as a band
+          ax.axhspan(es[0][f"{metric}_ci95_low"], es[0][f"{metric}_ci95_high"], color="k",
+                     alpha=0.08, linewidth=0)
         continue
       ax.errorbar([e["temperature"] for e in es], [e[f"{metric}_mean"] for e in es],
                   yerr=_err(es, metric), marker="o", capsize=2, markersize=4, label=kind)
