@@ -85,3 +85,26 @@ def test_decode_cost_by_hand():
                                                          + 4 * step_bytes(8))
   # one block of 128: every step reads all 128 slots (the cost before blocks, rounded to a block)
   assert decode_cost(CONFIG, 2, 3, 6)[0] == prefill + 5 * step(128)
+
+
+def test_step_i_draws_from_fold_in_key_i_by_inverse_cdf(params):
+  """The random stream, pinned without the sampler's code: token i of row r is where the uniform
+  uniform(fold_in(key, i), (B,))[r] falls in the CDF of softmax(logits / T) (the model's logits
+  after the row's tokens so far), in many KV blocks; only a uniform within rounding of a CDF
+  boundary may pick its neighbour."""
+  prompt = jax.random.randint(jax.random.key(5), (8, 3), 0, CONFIG.vocab_size)
+  mask = jnp.ones((8, 3), bool)
+  key, t, n = jax.random.key(6), 0.9, 10
+  out = sample(CONFIG, params, prompt, mask, key, max_new_tokens=n, temperature=t, eos_id=-1,
+               kv_block=4)
+  tokens = np.asarray(out.tokens_BxN)
+  logits = np.asarray(forward(CONFIG, params, jnp.concatenate([prompt, out.tokens_BxN], 1)),
+                      np.float64)[:, 2:-1] / t
+  cdf = np.cumsum(np.exp(logits - logits.max(-1, keepdims=True)), -1)
+  cdf /= cdf[..., -1:]
+  for i in range(n):
+    u = np.asarray(jax.random.uniform(jax.random.fold_in(key, i), (8,)), np.float64)
+    want = (cdf[:, i] <= u[:, None]).sum(-1)
+    near = np.abs(cdf[:, i] - u[:, None]).min(-1) < 1e-5
+    assert ((tokens[:, i] == want) | near).all(), i
+    assert (tokens[:, i] == want).mean() >= 7 / 8
