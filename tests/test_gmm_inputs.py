@@ -4,7 +4,6 @@ any compute; an objective whose every row is non-finite ends the run with a non-
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ from kdjax import mixture as mx
 from kdjax.cli import UserError
 from kdjax.gmm import ground_truth as gt
 from kdjax.gmm import plots
-from tests.conftest import REPO
+from tests.helpers import REPO, run
 
 SMOKE = os.path.join(REPO, "experiments", "flags", "gmm_smoke.flags")
 TINY = ("--num_betas=2", "--num_seeds=1", "--steps=5", "--n_eval=200", "--n_teacher_samples=50")
@@ -31,10 +30,8 @@ FLOAT32_BAD = {
 
 
 def _run(*args, code=None):
-  env = dict(os.environ, PYTHONPATH=REPO)
   argv = ["-c", code] if code else ["-m", "experiments.gmm"]
-  return subprocess.run([sys.executable, *argv, *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return run([sys.executable, *argv, *args])  # 8 fake devices, as the tests
 
 
 def _write(tmp_path, doc, name="p.json"):
