@@ -2,6 +2,8 @@
 counts the TPU compiler leaves unprinted, the TPU topologies, and programs compiled by the TPU
 compiler on this CPU (skipped without libtpu: `pip install -e ".[tpu]"`)."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import compiled, sharding
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train import footprint
+from tests.helpers import run_module
 
 N = 64  # a 64 x 64 matmul on 8 rows: 2 * 8 * 64 * 64 = 65536 FLOPs
 MATMUL = 2 * 8 * N * N
@@ -89,24 +92,17 @@ def test_train_step_compiled_by_the_tpu_compiler_for_a_v5p_slice():
   assert out["unknown_trip_counts"] == 0  # the layer scans' counts read from their conditions
 
 
+@pytest.mark.slow
 @needs_tpu
 def test_bench_train_compile_only_for_a_tpu_topology():
-  import json
-  import os
-  import subprocess
-  import sys
-  from tests.conftest import REPO
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_train", "--compile_only", "--preset=test-tiny",
-       "--mesh=fsdp=8", "--batch=8", "--seq=32", "--dtype=bfloat16", "--topology=v5p:2x2x2"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_module("experiments.bench_train", "--compile_only", "--preset=test-tiny",
+                    "--mesh=fsdp=8", "--batch=8", "--seq=32", "--dtype=bfloat16",
+                    "--topology=v5p:2x2x2", timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("{")][-1])
   assert out["compiled_by"] == f"TPU compiler (libtpu {compiled.tpu_compiler()}) for v5p:2x2x2"
   assert out["device"].startswith("TPU v5") and out["num_devices"] == 8
   assert out["memory_per_device_gb"] > 0 and out["flops"] > out["xla_flops"]  # 2 layers, 1 counted
-  bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compile_only",
-                        "--preset=test-tiny", "--topology=v5p:3x3x3"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  bad = run_module("experiments.bench_train", "--compile_only", "--preset=test-tiny",
+                   "--topology=v5p:3x3x3", timeout=120)
   assert bad.returncode != 0 and "error: --topology=v5p:3x3x3" in bad.stderr, bad.stderr[-2000:]
