@@ -36,7 +36,8 @@ def test_end_to_end_outputs(study):
   workdir, rows = study
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
-  assert saved == {"config": TINY.to_dict(), "rows": rows, "summary": plots.summarize(rows)}
+  assert saved == {"config": TINY.to_dict(), "rows": rows, "summary": plots.summarize(rows),
+                   "lr_sweep": []}  # no --student_learning_rates: no sweep
   assert [(r["objective"], r["temperature"]) for r in rows] == [
       ("direct", None), ("seqkd", 0.8), ("seqkd", 1.0)]
   for r in rows:
