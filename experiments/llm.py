@@ -58,10 +58,12 @@ flags.DEFINE_string("temperatures", ",".join(f"{t:g}" for t in _D.temperatures),
                     "Teacher sampling temperatures, comma-separated, each > 0.")
 flags.DEFINE_string("students", ",".join(_D.students),
                     "Student kinds, comma-separated: direct (p*'s samples), seqkd (the teacher's "
-                    "samples at T: the paper's KD), token-level fkl, rkl, jsd, skl, tvd (p*'s "
-                    "sequences, target softmax(teacher logits / T), student untempered), "
-                    "on-policy onpolicy_fkl, onpolicy_rkl, onpolicy_jsd (the student's own samples "
-                    "each step, the same target). All but direct run at every temperature.")
+                    "samples at T: the paper's KD), token-level fkl, rkl, jsd, skl, srkl, tvd "
+                    "(p*'s sequences, target softmax(teacher logits / T), student untempered), "
+                    "on-policy onpolicy_fkl, onpolicy_rkl, onpolicy_jsd, onpolicy_srkl (the "
+                    "student's own samples each step, the same target), onpolicy_<loss>@<lambda> "
+                    "(GKD: a fraction lambda in [0, 1) of each batch the student's samples, the "
+                    "rest p*'s). All but direct run at every temperature (kdjax/llm/study/kinds.py).")
 flags.DEFINE_integer("num_seeds", _D.num_seeds, "Seeds (teacher sampling and students per seed).")
 flags.DEFINE_enum("seed_scope", _D.seed_scope, list(SEED_SCOPES),
                   "What each seed re-draws: students (their init, data order and samples: p*'s "

@@ -12,9 +12,9 @@ import jax
 
 from kdjax.cli import UserError, require
 from kdjax.llm.model.config import LlamaConfig
-from kdjax.llm.study import inputs
+from kdjax.llm.study import inputs, kinds
 from kdjax.llm.study.config import StudyConfig, validate
-from kdjax.llm.study.kinds import KINDS
+from kdjax.llm.train.batches import own_rows
 from kdjax.sharding import parse_mesh
 
 
@@ -55,7 +55,7 @@ def student_budget(cfg: StudyConfig, name: str, student: LlamaConfig, teacher: L
   the teacher's forward passes: token-level students of a seed share one per batch) and, on-policy,
   sampling_flops (its own batches, sampled each step). `data_passes`: how many times it reads its
   training set."""
-  kind, n_temps = KINDS[name], len(cfg.temperatures)
+  kind, n_temps = kinds.get(name), len(cfg.temperatures)
   sequences = cfg.student_steps * cfg.batch_size
   tokens = sequences * seq_len
   flops = tokens * student.flops_per_token(seq_len)
@@ -66,13 +66,14 @@ def student_budget(cfg: StudyConfig, name: str, student: LlamaConfig, teacher: L
   return {"steps": cfg.student_steps, "sequences": sequences, "tokens": tokens,
           "train_flops": flops,
           "sampling_flops": tokens * student.forward_flops_per_token(seq_len // 2)
+          * own_rows(kind.student_fraction, cfg.batch_size) / cfg.batch_size
           if kind.onpolicy else 0.0,
           "data_passes": sequences / data if data else None}
 
 
 def _student_kind(cfg: StudyConfig, name: str, student, teacher, seq_len: int, devices: int):
   """(tokens, flops, memory, label) of one kind's training run of a seed (kinds.KINDS)."""
-  kind = KINDS[name]
+  kind = kinds.get(name)
   copies = len(cfg.temperatures) if kind.per_temperature else 1
   b = student_budget(cfg, name, student, teacher, seq_len)
   mem = _training(student, b["sequences"], seq_len, 1, cfg.batch_size, devices, cfg.dtype,

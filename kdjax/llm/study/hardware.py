@@ -45,9 +45,7 @@ import jax
 
 from kdjax.cli import UserError, require
 from kdjax.llm.model.config import LlamaConfig
-from kdjax.llm.study import inputs
-from kdjax.llm.study.kinds import KINDS
-from kdjax.llm.study import programs
+from kdjax.llm.study import inputs, kinds, programs
 from kdjax.llm.study.programs import (ensure_cpu_devices, per_chip, sampler_memory,  # noqa: F401
                                       scorer_memory, train_memory)
 from kdjax.sharding import parse_mesh
@@ -193,7 +191,7 @@ def _configs(cfg, ground_truth_preset: str) -> dict:
 
 def _student_program(cfg, name: str, models: dict) -> tuple[str, dict]:
   """(label, footprint.train_step kwargs) of the training program of student kind `name`."""
-  n, kind = len(cfg.temperatures), KINDS[name]
+  n, kind = len(cfg.temperatures), kinds.get(name)
   if not kind.per_temperature:
     return kind.name, {}
   if not kind.distills_tokens:

@@ -49,8 +49,7 @@ from kdjax.llm.study import inputs, plots, report, runs, units
 from kdjax.llm.study.config import StudyConfig, validate
 from kdjax.llm.study.units import Unit
 from kdjax.llm.study.work import (is_done, load_dataset, loglik_and_embeddings, mark_done,
-                                  mean_loglik, sample_dataset, seed_key, stage,
-                                  train_models)
+                                  mean_loglik, sample_dataset, seed_key, stage, train_models)
 from kdjax.llm.train import loop as trainlib
 from kdjax.llm.weights import loading
 
@@ -272,8 +271,8 @@ def prepare_workdir(cfg: StudyConfig, workdir: str, overwrite: bool) -> None:
   logging.info("%s %s", "reusing" if existed and not overwrite else "starting", workdir)
 
 
-OUTPUTS = ("pstar", "teacher", "embeddings", "results.json", "results.csv", "timings.json",
-           "embedding_map.png") + plots.FIGURES
+OUTPUTS = ("pstar", "teacher", "embeddings", "results.json", "results.csv", "comparisons.csv",
+           "timings.json", "embedding_map.png") + plots.FIGURES
 
 
 def clear_outputs(workdir: str) -> None:

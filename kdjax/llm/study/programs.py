@@ -32,7 +32,7 @@ import jax
 from kdjax import compiled
 from kdjax.cli import require
 from kdjax.llm.model.config import LlamaConfig
-from kdjax.llm.study.kinds import KINDS
+from kdjax.llm.study import kinds
 from kdjax.llm.train import footprint
 from kdjax.sharding import make_mesh
 
@@ -184,7 +184,7 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, mfu: 
   out["3_sample_teacher"] = (n * s, f"{how} x {n} calls")
   total, hows = 0.0, []
   for kind in cfg.students:
-    data = cfg.teacher_num_train if KINDS[kind].data == "teacher_samples" else cfg.num_train
+    data = cfg.teacher_num_train if kinds.get(kind).data == "teacher_samples" else cfg.num_train
     steps = int(data * cfg.student_epochs) // cfg.batch_size * seeds
     s, how = call("4_train_students", f"train step {student_label(kind)}, remat none")
     total += steps * s

@@ -10,7 +10,7 @@ import numpy as np
 from kdjax import cli, sample_metrics
 from kdjax.llm import data
 from kdjax.llm.model import embeddings
-from kdjax.llm.study import cost, embedding_map, inputs, plots, units
+from kdjax.llm.study import cost, embedding_map, inputs, plots, stats, units
 from kdjax.llm.study.config import StudyConfig
 
 
@@ -84,12 +84,14 @@ def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
   objective and T)."""
   rows, sweep = choose_rates(rows)
   summary = plots.summarize(rows)
+  comparisons = stats.comparisons(rows)
   plots.write_csv(rows, os.path.join(workdir, "results.csv"))
+  stats.write_csv(comparisons, os.path.join(workdir, "comparisons.csv"))
   plots.write_figures(rows, workdir, title=f"p* = {cfg.ground_truth}, teacher {cfg.teacher}, "
                       f"students {cfg.student}")
   cli.atomic_write_json(os.path.join(workdir, "results.json"),
                         {"config": cfg.to_dict(), "rows": rows, "summary": summary,
-                         "lr_sweep": sweep})
+                         "comparisons": comparisons, "lr_sweep": sweep})
 
 
 def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> None:

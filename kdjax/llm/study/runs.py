@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from typing import NamedTuple, Optional
 
-from kdjax.llm.study import units
+from kdjax.llm.study import kinds, units
 from kdjax.llm.study.config import StudyConfig
-from kdjax.llm.study.kinds import KINDS, OWN_SAMPLES, TEACHER_SAMPLES
+from kdjax.llm.study.kinds import OWN_SAMPLES, TEACHER_SAMPLES
 from kdjax.llm.train.config import TrainConfig
 
 
@@ -65,7 +65,7 @@ def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str) -> Train
   distribution at each T. Every kind trains cfg.student_steps steps of --batch_size sequences
   (matched budgets). Its students (one per T, and per rate of a --student_learning_rates sweep,
   cfg.student_grid's order) train vmapped in one run with the seed's common random numbers."""
-  cfg, k, layout = ri.cfg, KINDS[kind], units.Layout(ri.cfg)
+  cfg, k, layout = ri.cfg, kinds.get(kind), units.Layout(ri.cfg)
   grid = cfg.student_grid(kind)
   extra = {"steps": cfg.student_steps}  # matched budgets: every kind the same steps
   if len(grid) > 1:
@@ -78,10 +78,12 @@ def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str) -> Train
   pstar_train = ri.path(layout.pstar("train", layout.pstar_seed(seed)))
   if k.data == TEACHER_SAMPLES:
     data = [ri.path(layout.teacher_samples(seed, t, "train")) for _, t, _ in grid]
-  elif k.data == OWN_SAMPLES:
-    data = []
+  elif k.data == OWN_SAMPLES:  # GKD's lambda < 1: the rest of each batch is p*'s sequences
+    data = [pstar_train] if k.student_fraction < 1 else []
     extra.update(onpolicy=True, prompt=tuple(ri.prompt), max_new_tokens=cfg.max_new_tokens,
                  eos_id=-1 if ri.eos_id is None else int(ri.eos_id))
+    if k.student_fraction < 1:
+      extra["student_data_fraction"] = k.student_fraction
   else:  # one shared p* set: token-level students share its batches; direct's sweep repeats it
     data = [pstar_train] * (1 if k.distills_tokens else len(grid))
   return train_config(cfg, cfg.student, data, "", cfg.student_epochs, seed, ri.seq_len, **extra)

@@ -37,9 +37,9 @@ from kdjax import checkpoint, cli
 from kdjax.llm.dataset_record import DatasetRecord, check_dataset_dir
 from kdjax.llm.model import embeddings
 from kdjax.llm.model.embeddings import EMBEDDING
-from kdjax.llm.study import inputs
+from kdjax.llm.study import inputs, kinds
 from kdjax.llm.study.config import StudyConfig
-from kdjax.llm.study.kinds import KINDS, TEACHER_SAMPLES
+from kdjax.llm.study.kinds import TEACHER_SAMPLES
 from kdjax.llm.train.state import params_checksum
 from kdjax.llm.weights import digest as weight_digest
 from kdjax.llm.weights import loading
@@ -156,7 +156,7 @@ class Layout:
   def held_out(self, seed: int, kind: str, t: Optional[float]) -> str:
     """A student's validation set (its training distribution's held-out samples,
     kinds.held_out)."""
-    if KINDS[kind].held_out == TEACHER_SAMPLES:
+    if kinds.get(kind).held_out == TEACHER_SAMPLES:
       return self.teacher_samples(seed, t, "val")
     return self.pstar("val", seed)
 
@@ -242,7 +242,7 @@ class StudyUnits:
 
   def students(self, seed: int, kind: str) -> Unit:
     """One kind's training run of a seed (all its temperatures: they train together)."""
-    c, k = self.cfg, KINDS[kind]
+    c, k = self.cfg, kinds.get(kind)
     what = {"kind": kind, "student": c.student, "seed": seed, "steps": c.student_steps,
             "training": self._training()}
     if k.data == TEACHER_SAMPLES:
@@ -283,7 +283,7 @@ class StudyUnits:
     what = {"samples": self.student_samples(seed, kind, name).key,
             "val": self.pstar("val", seed).key,
             "eval_batch_size": c.eval_batch_size, "embedding": EMBEDDING}
-    if KINDS[kind].held_out == TEACHER_SAMPLES:
+    if kinds.get(kind).held_out == TEACHER_SAMPLES:
       what["own_val"] = self.teacher_samples(seed, t, "val").key
     if c.lr_sweep:  # the select split's log-likelihood chooses each student's rate
       what["select"] = self.pstar("select", seed).key
@@ -299,7 +299,7 @@ class StudyUnits:
     out["2_train_teacher"] = [self.teacher(s) for s in
                               sorted({self.layout.teacher_seed(s) for s in c.seeds})]
     out["5_score_students"] += [self.pstar_embeddings(s) for s in pstar_seeds]
-    seqkd = any(KINDS[k].data == TEACHER_SAMPLES for k in c.students)
+    seqkd = any(kinds.get(k).data == TEACHER_SAMPLES for k in c.students)
     for seed in c.seeds:
       for t in (c.temperatures if seqkd else ()):  # seqkd's data only
         out["3_sample_teacher"] += [self.teacher_samples(seed, t, s) for s in ("train", "val")]

@@ -24,11 +24,11 @@ from tqdm import tqdm
 from kdjax import cli, distributed
 from kdjax.cli import UserError
 from kdjax.llm import data
+from kdjax.llm.dataset_record import verify_dataset_dir
 from kdjax.llm.model import embeddings, evaluate
 from kdjax.llm.model.sampling import sample
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.study.units import DONE
-from kdjax.llm.dataset_record import verify_dataset_dir
 from kdjax.llm.train import loop as trainlib
 from kdjax.llm.train.state import params_checksum
 from kdjax.llm.weights import loading
