@@ -4,9 +4,6 @@ head's weight gradient reduced once per step."""
 
 import functools
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +14,7 @@ from kdjax.llm.model import partition
 from kdjax import compiled, sharding
 from kdjax.llm.train import footprint
 from kdjax.llm.model.config import get_preset
-from tests.conftest import REPO
+from tests.helpers import run_module
 
 CFG = get_preset("test-tiny")  # V 256, D 64, F 128, 2 layers, 4 heads / 2 kv heads of 16
 
@@ -126,22 +123,19 @@ def test_footprint_train_step_students_and_remat():
   assert remat["memory_gb"]["temp"] < one["memory_gb"]["temp"]
 
 
+@pytest.mark.slow
 def test_bench_train_compile_only_prints_one_json_line():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO)
-  proc = subprocess.run(
-      [sys.executable, "-m", "experiments.bench_train", "--compile_only", "--preset=test-tiny",
-       "--mesh=fsdp=4", "--batch=8", "--seq=32", "--dtype=bfloat16", "--remat=layer",
-       "--students=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = run_module("experiments.bench_train", "--compile_only", "--preset=test-tiny",
+                    "--mesh=fsdp=4", "--batch=8", "--seq=32", "--dtype=bfloat16", "--remat=layer",
+                    "--students=2", devices=4, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1
   out = json.loads(lines[0])
   assert out["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1} and out["students"] == 2
   assert out["memory_per_device_gb"] > 0 and out["collective_gb_per_step"] > 0
-  bad = subprocess.run([sys.executable, "-m", "experiments.bench_train", "--compile_only",
-                        "--preset=test-tiny", "--mesh=fsdp=3", "--batch=8"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  bad = run_module("experiments.bench_train", "--compile_only", "--preset=test-tiny",
+                   "--mesh=fsdp=3", "--batch=8", devices=4, timeout=120)
   assert bad.returncode != 0 and "error:" in bad.stderr
 
 
@@ -227,12 +221,10 @@ def test_auto_sample_batch_fits_the_cache_in_the_device_memory():
     plan.auto_sample_batch(CFG, 32, weights / 0.7, devices=1)
 
 
+@pytest.mark.slow
 def test_study_dry_run_sizes_the_sampling_batch_for_the_hardware():
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
-  env.pop("XLA_FLAGS", None)
-  base = [sys.executable, "-m", "experiments.llm", "--flagfile=experiments/flags/llm_smoke.flags",
-          "--dry_run", "--sample_batch_size=0"]
-  h100 = subprocess.run(base + ["--hardware=h100", "--nomemory_analysis"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
+  h100 = run_module("experiments.llm", "--flagfile=experiments/flags/llm_smoke.flags", "--dry_run",
+                    "--sample_batch_size=0", "--hardware=h100", "--nomemory_analysis",
+                    devices=None, timeout=300)
   assert h100.returncode == 0, h100.stderr[-3000:]
   assert "sampling 1024 sequences per batch (80 GB per device, 8 per host)" in h100.stderr
