@@ -17,8 +17,6 @@ from kdjax.llm.study import pipeline, units
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.weights import digest, loading
 
-pytestmark = pytest.mark.slow  # one tiny study end to end (~1 min), then reruns
-
 TINY = StudyConfig(
     ground_truth="preset:test-tiny@7", tokenizer="bytes", teacher="preset:test-tiny@5",
     student="preset:test-tiny", temperatures=(1.0,), students=("direct", "seqkd"), num_train=32,
@@ -53,10 +51,12 @@ def _rows_of(path):
   return [rows.row(i).tolist() for i in range(len(rows))]
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 def test_a_fresh_study_is_all_cached(study):
   assert {v for v, _ in _verdicts(TINY, study[0]).values()} == {"cached"}
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 def test_deleted_shard_is_resampled_before_anyone_reads_it(study, copy):
   """A p* training shard deleted by hand: the dry run says so, the run resamples exactly it
   (the same rows: a shard's draws depend on its key alone) and every student trains on 32."""
@@ -73,6 +73,7 @@ def test_deleted_shard_is_resampled_before_anyone_reads_it(study, copy):
   assert [r for r in rows if r["objective"] != "rkl"] == study[1]
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 def test_copied_workdir_reads_its_own_teacher(study, copy, tmp_path):
   """Records are relative: after the original's teacher is replaced, the copy still reads (and
   checks) its own, and the original's damaged teacher is redone, not trusted."""
@@ -93,6 +94,7 @@ def _study(workdir):
   return st
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 def test_moved_workdir_reruns_nothing(study, tmp_path, monkeypatch):
   moved = str(tmp_path / "moved")
   shutil.copytree(study[0], moved)
@@ -102,6 +104,7 @@ def test_moved_workdir_reruns_nothing(study, tmp_path, monkeypatch):
   assert pipeline.run_study(TINY, moved) == study[1] and ran == []
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 @pytest.mark.parametrize("damage, rel, reason", [
     ("truncate", "seed_0/scores/direct/embeddings.npy", "unreadable"),
     ("truncate", "pstar/val/shard-00000/data-00000-of-00001.arrow", "truncated"),
@@ -117,6 +120,7 @@ def test_damaged_outputs_are_redone_with_one_line(copy, damage, rel, reason):
   assert verdict == "redo" and reason in why
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 def test_redone_scores_give_the_same_results(study, copy):
   path = os.path.join(copy, "seed_0", "scores", "direct", "embeddings.npy")
   with open(path, "r+b") as f:
@@ -174,6 +178,7 @@ def test_stage_versions_are_in_every_key():
     units.VERSIONS.update(old)
 
 
+@pytest.mark.slow  # the module's tiny study, end to end
 def test_no_record_holds_an_absolute_path(study):
   for path in glob.glob(os.path.join(study[0], "**", "DONE.json"), recursive=True):
     text = open(path).read()
