@@ -45,8 +45,12 @@ def _start(env, *args):
                          "8 device(s)", "up to 512 tokens", "Gtokens", "EFLOP"]),
     ("llm_gpu1.flags", ["gguf:default", "75.5M params", "preset:mini-49k", "1 device(s)",
                         "up to 256 tokens", "seeds [0, 1, 2]"]),
-    ("llm_family_smoke.flags", ["gguf:default", "seeds [0, 1]", "direct, seqkd x2, fkl x2, "
-                                "rkl x2, jsd x2, onpolicy_rkl x2", "'onpolicy_rkl_T0.8'"]),
+    ("llm_family_smoke.flags", ["gguf:default", "seeds [0, 1]", "matched budgets of 4096",
+                                "seqkd x2 (128 steps, 2 passes over its data)",
+                                "onpolicy_rkl x2 (128 steps)", "'onpolicy_rkl_T0.8'"]),
+    ("llm_family_medium.flags", ["seeds [0, 1, 2]", "x3 seeds (--seed_scope=teacher)",
+                                 "seqkd x6 (64 steps", "srkl x6", "onpolicy_fkl@0.5 x6",
+                                 "'fkl_T0.8_lr0.001'"]),
 ])
 def test_dry_run_both_flagfiles(env, flagfile, expect, tmp_path):
   workdir = tmp_path / "w"

@@ -14,6 +14,7 @@ from kdjax.cli import UserError, require
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.study import inputs, kinds
 from kdjax.llm.study.config import StudyConfig, validate
+from kdjax.llm.study.units import Layout
 from kdjax.llm.train.batches import own_rows
 from kdjax.sharding import parse_mesh
 
@@ -74,7 +75,7 @@ def student_budget(cfg: StudyConfig, name: str, student: LlamaConfig, teacher: L
 def _student_kind(cfg: StudyConfig, name: str, student, teacher, seq_len: int, devices: int):
   """(tokens, flops, memory, label) of one kind's training run of a seed (kinds.KINDS)."""
   kind = kinds.get(name)
-  copies = len(cfg.temperatures) if kind.per_temperature else 1
+  copies = len(cfg.student_grid(name))  # one per T (and per rate of a sweep)
   b = student_budget(cfg, name, student, teacher, seq_len)
   mem = _training(student, b["sequences"], seq_len, 1, cfg.batch_size, devices, cfg.dtype,
                   copies=copies)[2]
@@ -123,14 +124,20 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
     stages.append({"stage": name, "what": what, "sequences": int(sequences), "tokens": int(tokens),
                    "flops": float(flops), "memory_per_device_bytes": int(memory)})
 
-  n = cfg.num_train + cfg.num_val + cfg.num_select
+  layout = Layout(cfg)  # --seed_scope: how many p* sample sets and teachers
+  n_pstar = len({layout.pstar_seed(s) for s in cfg.seeds})
+  n_teachers = len({layout.teacher_seed(s) for s in cfg.seeds})
+  n = (cfg.num_train + cfg.num_val + cfg.num_select) * n_pstar
   add("1_sample_ground_truth", f"sample p* ({cfg.ground_truth}) at T=1: {cfg.num_train} train + "
-      f"{cfg.num_val} validation (recall) + {cfg.num_select} teacher selection", n,
+      f"{cfg.num_val} validation (recall) + {cfg.num_select} teacher selection"
+      + (f", x{n_pstar} seeds" if n_pstar > 1 else ""), n,
       _sampling(gt, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
+  tok, flops, mem = _training(teacher, cfg.num_train, seq_len, cfg.teacher_epochs,
+                              cfg.batch_size, devices, cfg.dtype)
   add("2_train_teacher", f"train teacher {cfg.teacher} from scratch, {cfg.teacher_epochs:g} "
-      f"epochs, best checkpoint on the {cfg.num_select} selection samples",
-      cfg.num_train, _training(teacher, cfg.num_train, seq_len, cfg.teacher_epochs, cfg.batch_size,
-                               devices, cfg.dtype))
+      f"epochs, best checkpoint on the {cfg.num_select} selection samples"
+      + (f", x{n_teachers} seeds (--seed_scope={cfg.seed_scope})" if n_teachers > 1 else ""),
+      cfg.num_train * n_teachers, (tok * n_teachers, flops * n_teachers, mem))
   n = (cfg.teacher_num_train + cfg.teacher_num_val) * n_temps * n_seeds
   add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)} x {n_seeds} seeds",
       n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
