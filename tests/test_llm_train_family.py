@@ -89,7 +89,13 @@ def _ref_loss(name, params, tparams, batch, temperature):
   return float(np.sum(np.where(tmask, _ref_divergence(name, ps, pt), 0.0)) / tmask.sum())
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _one_fast(names, fast):
+  """Every name in the whole suite; the fast tier (-m "not slow") runs only `fast` (each name is
+  two or three compiles of a train step)."""
+  return [n if n == fast else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _one_fast(NAMES, "fkl"))
 def test_target_is_the_tempered_teacher_and_the_student_is_untempered(name):
   params_N = jax.vmap(lambda k: model.init_params(CFG, k))(
       jax.random.split(jax.random.PRNGKey(0), len(TEMPS)))
@@ -186,7 +192,7 @@ def test_teacher_forward_runs_once_per_batch_not_per_student():
   assert students and all(n in lengths for lengths in students)  # the check sees the difference
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _one_fast(NAMES, "jsd"))
 def test_each_objective_trains(name):
   mesh, tparams, batch = _mesh1(), _teacher(), _batch(3, 8, 12)
   spec = _spec(2, name)
