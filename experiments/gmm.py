@@ -12,6 +12,7 @@ import time
 from absl import flags, logging
 
 from kdjax import cli
+from kdjax.gmm import ground_truth, knobs, plots, report, study
 
 _GT = flags.DEFINE_string("ground_truth", "grid8", "p*: grid8 (the paper's), random:K:D, or "
                           "json:PATH (weights, means, variances or covariances; see README)")
@@ -81,12 +82,9 @@ def _slope_text(e: dict) -> str:
   return f"{_ci(e['precision'])} / {_ci(e['recall'])}"
 
 
-def main(argv):
-  cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
-  # after flag parsing: fast errors
-  from kdjax.gmm import ground_truth, knobs, plots, report, study
+def _config() -> study.StudyConfig:
   objectives = tuple(o.strip() for o in _OBJECTIVES.value.split(",") if o.strip())
-  cfg = study.StudyConfig(
+  return study.StudyConfig(
       n_train=_N_TRAIN.value, teacher_components=_TEACHER_K.value,
       student_components=_STUDENT_K.value, covariance=_COV.value,
       n_teacher_samples=_N_TEACHER.value, n_eval=_N_EVAL.value, objectives=objectives,
@@ -95,6 +93,11 @@ def main(argv):
       learning_rate=_LR.value, jsd_mix=_JSD_MIX.value, seed_chunk=_SEED_CHUNK.value,
       convergence_tol=_TOL.value,
       exact=_EXACT.value, knn_samples=_KNN_SAMPLES.value, knn_k=_KNN_K.value)
+
+
+def main(argv):
+  cli.require(len(argv) == 1, f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg = _config()
   cli.require(_NUM_BETAS.value >= 1, f"--num_betas={_NUM_BETAS.value}: must be >= 1")
   cli.require(_NUM_SEEDS.value >= 1, f"--num_seeds={_NUM_SEEDS.value}: must be >= 1")
   cli.require(_BETA_MIN.value > 0, f"--beta_min={_BETA_MIN.value}: must be > 0")

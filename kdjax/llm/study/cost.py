@@ -14,7 +14,7 @@ from kdjax.cli import UserError, require
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.study import inputs, kinds
 from kdjax.llm.study.config import StudyConfig, validate
-from kdjax.llm.study.units import Layout
+from kdjax.llm.study.layout import Layout
 from kdjax.llm.train.batches import own_rows
 from kdjax.sharding import parse_mesh
 

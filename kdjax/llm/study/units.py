@@ -40,6 +40,7 @@ from kdjax.llm.model.embeddings import EMBEDDING
 from kdjax.llm.study import inputs, kinds
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.study.kinds import TEACHER_SAMPLES
+from kdjax.llm.study.layout import Layout
 from kdjax.llm.train.state import params_checksum
 from kdjax.llm.weights import digest as weight_digest
 from kdjax.llm.weights import loading
@@ -98,67 +99,6 @@ def num_reference(cfg: StudyConfig) -> int:
   """p*'s reference set for the sample-based measures and the map: as many of its validation
   samples as each student has samples (k-NN precision and recall compare sets of one size)."""
   return min(cfg.num_val, cfg.num_eval_samples)
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-class Layout:
-  """Where every unit lives, relative to the workdir. --seed_scope says which units each seed
-  owns: `students` (p*'s samples, the teacher and p*'s embeddings shared: pstar/, teacher/,
-  embeddings/), `teacher` (each seed its own teacher), `all` (each seed its own p* samples too);
-  the first seed's keep the shared paths (a wider scope reuses them), another seed's live under
-  seed_S/. The teacher's samples, the students and their scores always belong to a seed."""
-
-  def __init__(self, cfg: StudyConfig):
-    self.cfg = cfg
-
-  def pstar_seed(self, seed: int) -> int:
-    """The seed p*'s samples of a seed's units are drawn with."""
-    return seed if self.cfg.seed_scope == "all" else self.cfg.seed
-
-  def teacher_seed(self, seed: int) -> int:
-    """The seed the teacher a seed's students read is trained with."""
-    return seed if self.cfg.seed_scope in ("teacher", "all") else self.cfg.seed
-
-  def _prefix(self, seed: int) -> list:
-    """The first seed's shared units stay at the top (so a wider scope reuses them), another
-    seed's own units live under seed_S/."""
-    return [] if seed == self.cfg.seed else [f"seed_{seed}"]
-
-  def pstar(self, split: str, seed: int) -> str:
-    """p*'s samples drawn with `seed` (a Layout.pstar_seed)."""
-    return os.path.join(*self._prefix(seed), "pstar", split)
-
-  def teacher(self, seed: int) -> str:
-    """The teacher trained with `seed` (a Layout.teacher_seed)."""
-    return os.path.join(*self._prefix(seed), "teacher")
-
-  def pstar_embeddings(self, seed: int) -> str:
-    return os.path.join(*self._prefix(seed), "embeddings", "pstar_val")
-
-  @staticmethod
-  def teacher_samples(seed: int, t: float, split: str) -> str:
-    return os.path.join(f"seed_{seed}", f"teacher_T{t:g}", split)
-
-  @staticmethod
-  def students(seed: int, kind: str) -> str:
-    return os.path.join(f"seed_{seed}", "students", kind)
-
-  @staticmethod
-  def student_samples(seed: int, name: str) -> str:
-    return os.path.join(f"seed_{seed}", "student_samples", name)
-
-  @staticmethod
-  def scores(seed: int, name: str) -> str:
-    return os.path.join(f"seed_{seed}", "scores", name)
-
-  def held_out(self, seed: int, kind: str, t: Optional[float]) -> str:
-    """A student's validation set (its training distribution's held-out samples,
-    kinds.held_out)."""
-    if kinds.get(kind).held_out == TEACHER_SAMPLES:
-      return self.teacher_samples(seed, t, "val")
-    return self.pstar("val", seed)
 
 
 # ----------------------------------------------------------------------------- the units
