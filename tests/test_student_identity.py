@@ -81,3 +81,8 @@ def test_seed_scopes_redraw_exactly_what_they_say(scope, teacher_differs, pstar_
   fkl1 = runs.student_run(ri, 1, "fkl", "t")
   assert fkl1.train_data == (("/w/seed_1/pstar/train",) if pstar_differs else ("/w/pstar/train",))
   assert u.students(1, "fkl").what["teacher"] == u.teacher(1).key
+  # every student's held-out set is a p* val split that stage 1 samples
+  sampled = {x.rel for x in u.by_stage()["1_sample_ground_truth"]}
+  for seed in cfg.seeds:
+    assert u.layout.held_out(seed, "direct", None) in sampled
+    assert u.scores(seed, "direct", 0, "direct", None).what["val"] == u.pstar("val", seed).key

@@ -66,4 +66,4 @@ class Layout:
     kinds.held_out)."""
     if kinds.get(kind).held_out == TEACHER_SAMPLES:
       return self.teacher_samples(seed, t, "val")
-    return self.pstar("val", seed)
+    return self.pstar("val", self.pstar_seed(seed))
