@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import pytest
 
-from kdjax.llm.study import pipeline, plots, units, work
+from kdjax.llm.study import pipeline, plots, stats, units, work
 from tests.helpers import TINY_STUDY as TINY
 from tests.helpers import dataset_rows as _dataset_rows
 
@@ -37,7 +37,10 @@ def test_end_to_end_outputs(study):
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert saved == {"config": TINY.to_dict(), "rows": rows, "summary": plots.summarize(rows),
+                   "comparisons": stats.comparisons(rows),
                    "lr_sweep": []}  # no --student_learning_rates: no sweep
+  with open(os.path.join(workdir, "comparisons.csv")) as f:
+    assert len(list(csv.DictReader(f))) == len(saved["comparisons"]) > 0
   assert [(r["objective"], r["temperature"]) for r in rows] == [
       ("direct", None), ("seqkd", 0.8), ("seqkd", 1.0)]
   for r in rows:
