@@ -67,9 +67,20 @@ def test_unknown_logical_axis_is_an_error():
     sharding.tree_shardings(tree, {"w": jax.ShapeDtypeStruct((64, 128), jnp.float32)}, mesh)
 
 
+_LR = 1e-2
+
+
+def _spec(grad_accum=1):
+  return train.StepSpec(model=CFG, total_steps=10, lr=_LR, grad_accum=grad_accum, weight_decay=0.1)
+
+
+def _init_params():
+  state, _ = train.init_state(_spec(), sharding.make_mesh(devices=jax.devices()[:1]), seed=0)
+  return state["params"]
+
+
 def _run_steps(mesh, steps=3, grad_accum=1):
-  spec = train.StepSpec(model=CFG, total_steps=10, lr=1e-2, grad_accum=grad_accum,
-                        weight_decay=0.1)
+  spec = _spec(grad_accum)
   state, sh = train.init_state(spec, mesh, seed=0)
   bsh = sharding.batch_sharding(mesh)
   step = train.compile_train_step(spec, sh, bsh)
@@ -93,8 +104,16 @@ def test_2x2x2_mesh_trains_like_one_device():
   mu = s8["opt_state"][1][0].mu["layers"]["attn"]["q"]["kernel"]
   assert mu.sharding.spec == q.sharding.spec  # optimizer moments sharded like their parameter
   np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5)
-  for a, b in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s8["params"])):
-    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+  # Adam divides each gradient by its own running scale, so a weight whose gradient sits at float
+  # noise moves by up to lr whatever the noise's size: two reduction orders can differ there by
+  # ~1e-3 lr (CI saw 1.3e-5 at lr 1e-2 in 1 of 16384 weights). Compared instead: each tensor's
+  # whole update (params minus init) to 1e-4 of its norm (seen: <= 1.4e-5), and no weight off by
+  # 2% of one step (seen: <= 0.35%).
+  init = _init_params()
+  for a, b, p0 in zip(*(jax.tree.leaves(t) for t in (s1["params"], s8["params"], init))):
+    a, b, p0 = (np.asarray(x, np.float64) for x in (a, b, p0))
+    assert np.linalg.norm(b - a) <= 1e-4 * np.linalg.norm(a - p0)
+    np.testing.assert_allclose(b, a, rtol=0, atol=2e-2 * _LR)
 
 
 class _FakeDevice:
