@@ -15,11 +15,30 @@ waited for): on a shared machine wall-clock durations measure the load as much a
 import gc
 import os
 import resource
+import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU's LLVM backend at -O0 (XLA_TEST_FLAGS, also given to every subprocess by tests/helpers):
+# the tests' programs are tiny and each is compiled more often than it runs, so compiling is most
+# of the suite's time; -O0 halves it (7 train-step tests: 125 -> 67 CPU seconds) and leaves the HLO
+# passes (fusion, SPMD partitioning) and the programs' semantics as they are. Users' runs keep -O2.
+XLA_TEST_FLAGS = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {XLA_TEST_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One persistent compilation cache for the run, shared by the xdist workers (they inherit this
+# process's environment) and every subprocess a test starts: tests rebuild the same tiny programs
+# under new jit wrappers, and a program compiled once is then read back (test_llm_train_family,
+# test_llm_train and test_study_multihost: 538 s -> 376 s on 2 workers). A fresh directory per
+# run, so a run costs what CI's cold run costs; set JAX_COMPILATION_CACHE_DIR to keep one.
+# numpy / scipy / scikit-learn / torch on one thread each: two xdist workers already fill the two
+# cores, and OpenBLAS's spinning threads made a tiny scikit-learn reference 25x dearer (34 -> 1.4 s).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdjax-test-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -44,11 +63,43 @@ def pytest_configure(config):
     config.option.loadscopereorder = False  # the order below
 
 
+# Unit tests of over ~8 CPU seconds each (`--cpu-durations`, fast tier, 2026-12-05): they run in
+# the whole suite, not the fast tier; each module keeps a cheaper test of the same code there.
+# A prefix names every parametrization of a test; a whole module (the real checkpoint) ends in .py.
+HEAVY = (
+    "tests/test_llm_real_checkpoint.py",  # SmolLM2-135M and transformers loaded: 80 s
+    "tests/test_gmm_train.py::test_mode_seeking_students_of_a_two_component_teacher_in_8d",
+    "tests/test_gmm_train.py::test_fkl_one_gaussian_student_is_the_moment_match_at_every_beta[random",
+    "tests/test_gmm_train.py::test_a_student_stopped_early_is_not_converged",
+    "tests/test_gmm_study.py::test_full_covariance_two_component_students_agree_with_sklearn",
+    "tests/test_gmm_knobs.py::test_grid_lays_out_every_knob_at_the_others_identity",
+    "tests/test_gmm_knn.py::test_grid_knn_is_the_metric_on_the_grids_samples",
+    "tests/test_embedding_map.py::test_same_seed_same_map[umap]",
+    "tests/test_llm_train_family.py::test_train_runs_and_exports_each_student[False]",
+    "tests/test_llm_train_family.py::test_vmapped_temperatures_equal_one_by_one_runs",
+    "tests/test_llm_train_family.py::test_onpolicy_steps_train_on_fresh_samples",
+    "tests/test_compiled.py::test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients",
+    "tests/test_compiled.py::test_footprint_train_step_students_and_remat",
+    "tests/test_hardware.py::test_compiled_memory_follows_the_mesh",
+    "tests/test_gkd_lambda.py::test_train_with_a_mixed_batch_runs_and_records_the_data_position",
+    "tests/test_llm_train.py::test_vmapped_students_equal_one_by_one[lr_scales1]",
+    "tests/test_llm_train.py::test_train_summary_checksum_and_determinism",
+    "tests/test_llm_train.py::test_every_score_counts_the_generated_tokens_only[False]",
+    "tests/test_llm_train.py::test_grad_accumulation_equals_full_batch[False]",
+    "tests/test_llm_sampling.py::test_top_k_and_top_p_never_emit_excluded_tokens",
+    "tests/test_train_eval.py::test_train_selects_each_student_on_the_first_n_of_its_own_set",
+    "tests/test_sharding.py::test_2x2x2_mesh_trains_like_one_device",
+    "tests/test_decode_blocks.py::test_samples_do_not_depend_on_the_block_size",
+)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  """Every multiprocess test is slow (before -m deselects); modules with slow tests first."""
+  """Every multiprocess and HEAVY test is slow (before -m deselects); modules with slow tests
+  first."""
   for item in items:
-    if item.get_closest_marker("multiprocess") and not item.get_closest_marker("slow"):
+    heavy = item.nodeid.startswith(HEAVY)
+    if (heavy or item.get_closest_marker("multiprocess")) and not item.get_closest_marker("slow"):
       item.add_marker(pytest.mark.slow)
   slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow_files)  # stable

@@ -3,7 +3,8 @@ and as entry-point flags), and one way to run a command as a user would (a subpr
 
 Subprocesses get the test process's environment made explicit: JAX on the CPU, Hugging Face
 offline, the repository on PYTHONPATH, cwd = the repository, and `devices` fake CPU devices
-(8 like the tests themselves; None = XLA_FLAGS unset: the one CPU device a user has).
+(8 like the tests themselves; None = no device count: the one CPU device a user has), and
+conftest's XLA_TEST_FLAGS (a fast compile).
 
 Tiers (README, "Tests"): `pytest -m "not slow"` skips what conftest's markers call slow: end-to-end
 runs (a flagfile, an entry point in a subprocess, a whole tiny study) and multi-process runs.
@@ -17,6 +18,7 @@ import sys
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.study import work
 from kdjax.llm.study.config import StudyConfig
+from tests.conftest import XLA_TEST_FLAGS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,10 +57,9 @@ def subprocess_env(devices=8, **extra) -> dict:
   """This process's environment for a child: see the module docstring; `extra` set last."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  if devices is None:
-    env.pop("XLA_FLAGS", None)
-  else:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = XLA_TEST_FLAGS
+  if devices is not None:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
   env.update(extra)
   return env
 

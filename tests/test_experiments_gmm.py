@@ -60,11 +60,22 @@ def test_results_json_rows_and_timing(smoke_run):
 
 
 @pytest.mark.slow
-def test_same_flags_and_seed_give_identical_rows(smoke_run, tmp_path):
-  proc = _run(f"--flagfile={SMOKE}", f"--workdir={tmp_path}")
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = [json.load(open(os.path.join(d, "results.json")))["rows"] for d in (smoke_run, tmp_path)]
-  assert rows[0] == rows[1]  # bit-identical numbers; only "timing" may differ between runs
+def test_same_flags_and_seed_give_identical_rows(smoke_run, poisoned_run):
+  """The smoke flagfile run again (the poisoned run below: the same flags and seed, two outputs
+  overwritten after the grid) gives bit-identical rows; only "timing" may differ between runs, and
+  in the two poisoned rows only the overwritten number, its status and its note."""
+  _, workdir = poisoned_run
+  rows = [json.load(open(os.path.join(d, "results.json")))["rows"] for d in (smoke_run, workdir)]
+  assert len(rows[0]) == len(rows[1])
+  poisoned = {("rkl", 1.0, 1): "precision", ("jsd", 30.0, 0): "recall"}
+  for clean, again in zip(*rows):
+    differ = {k for k in clean if clean[k] != again[k]}
+    if clean["knob"] == "beta" and again["status"] == "non_finite":
+      key = (clean["objective"], round(clean["beta"], 3), clean["seed"])
+      assert differ <= {poisoned.pop(key), "status", "note"}, (clean, again)
+    else:
+      assert not differ, (clean, again)
+  assert not poisoned  # both poisoned rows were found
 
 
 @pytest.mark.slow
@@ -162,11 +173,18 @@ cli.run(entry.main)
 """
 
 
+@pytest.fixture(scope="module")
+def poisoned_run(tmp_path_factory):
+  """The smoke flagfile with NaN / inf injected into two rows: (process, workdir)."""
+  workdir = str(tmp_path_factory.mktemp("gmm_poisoned"))
+  return run([sys.executable, "-c", POISON, f"--flagfile={SMOKE}", f"--workdir={workdir}"]), workdir
+
+
 @pytest.mark.slow
-def test_non_finite_rows_warn_once_per_objective_and_exit_zero(tmp_path):
+def test_non_finite_rows_warn_once_per_objective_and_exit_zero(poisoned_run):
   """NaN / inf in a row (injected into the grid's outputs): one warning line per objective naming
   the betas and seeds, null values with the reason, left out of the summary, exit status 0."""
-  proc = run([sys.executable, "-c", POISON, f"--flagfile={SMOKE}", f"--workdir={tmp_path}"])
+  proc, tmp_path = poisoned_run
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "Traceback" not in proc.stderr
   warned = [l for l in proc.stderr.splitlines() if "non-finite" in l]

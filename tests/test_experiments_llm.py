@@ -2,7 +2,7 @@
 (one line, no traceback, nothing overwritten), and SIGKILL during sampling and during training
 followed by a rerun giving the same results.json as an uninterrupted run (issue 6).
 
-Runs use one CPU device and a shared persistent compilation cache (later runs skip compiling).
+Runs use one CPU device and conftest's persistent compilation cache (later runs skip compiling).
 """
 
 import json
@@ -19,11 +19,9 @@ from tests.helpers import TINY_STUDY_FLAGS as TINY_FLAGS
 from tests.helpers import error_line, module_argv, run_module, start
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  """Extra variables of every run here: the shared persistent compilation cache."""
-  return dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+def env():
+  """Extra variables of every run here: none (conftest shares one compilation cache already)."""
+  return {}
 
 
 def _cmd(*args):

@@ -5,6 +5,7 @@ agreement, flag validation, and the entry point on the paper flagfile scaled dow
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -30,10 +31,15 @@ def test_grid_knn_is_the_metric_on_the_grids_samples(grid):
   knn_samples of its evaluation samples and of p*'s, for every method, seed and beta."""
   p_star, out = grid
   n = CFG.knn_samples
-  for s, seed in enumerate(SEEDS):
+
+  def first(seed):  # the seed's first n p* samples and evaluation draws
     part = study.seed_part(CFG, p_star, seed)
-    real = np.asarray(part["x_star"][:n])
-    draws = jax.tree.map(lambda a: a[:n], part["eval_draws"])
+    return jax.tree.map(lambda a: a[:n], (part["x_star"], part["eval_draws"]))
+
+  x_star_S, draws_S = jax.jit(jax.vmap(first))(jnp.asarray(SEEDS))  # eagerly: 4x the CPU time
+  for s, seed in enumerate(SEEDS):
+    real = np.asarray(x_star_S[s])
+    draws = jax.tree.map(lambda a: a[s], draws_S)
     for m in CFG.methods:
       for b in range(len(BETAS)):
         student = jax.tree.map(lambda a: a[s, b], out["students"][m])

@@ -118,9 +118,9 @@ def sweep():
   labels, betas_B, truncation = knobs.grid(("beta", "top_p", "top_k"), [1.0, 8.0], [0.3, 0.9],
                                            [1, 3], SMALL.teacher_components)
   seeds = jnp.arange(2, dtype=jnp.int32)
-  both = study.grid_fn(SMALL, mx.grid8(), seeds, jnp.asarray(betas_B),
-                       tuple(jnp.asarray(a) for a in truncation))
-  beta_only = study.grid_fn(SMALL, mx.grid8(), seeds, jnp.asarray(betas_B))
+  # compiled as the entry point compiles the grid (study.compiler_options: less compile time)
+  both, _ = study.compile_and_run(SMALL, mx.grid8(), seeds, betas_B, truncation)
+  beta_only, _ = study.compile_and_run(SMALL, mx.grid8(), seeds, betas_B)
   return labels, betas_B, truncation, both, beta_only
 
 
@@ -146,9 +146,11 @@ def test_beta_configurations_of_the_knob_sweep_equal_the_beta_only_sweep(sweep):
 
 def test_knob_sweep_equals_one_by_one_runs(sweep):
   _, _, (beta_T, top_p_T, top_k_T), both, _ = sweep
-  one = jax.jit(study.run_config, static_argnums=0)
+  knob = lambda t: (jnp.float32(beta_T[t]), jnp.float32(top_p_T[t]), jnp.int32(top_k_T[t]))
+  one = jax.jit(study.run_config, static_argnums=0).lower(
+      SMALL, mx.grid8(), 1, *knob(0)).compile(study.compiler_options())
   for t in range(4):
-    single = one(SMALL, mx.grid8(), 1, beta_T[t], top_p_T[t], top_k_T[t])
+    single = one(mx.grid8(), 1, *knob(t))
     for key in ("precision", "recall"):
       for m in SMALL.methods:
         np.testing.assert_allclose(float(single[key][m]), float(both[key][m][1, 2 + t]),

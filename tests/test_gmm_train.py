@@ -18,13 +18,30 @@ BETAS = np.array([1.0, 10.0, 100.0], np.float32)
 SEEDS = [0, 1]
 
 
-def _se_of_scores(cfg, p_star, seed, student):
-  """Monte Carlo standard errors of a student's precision and recall estimates (the study's own
-  draws: the seed's eval draws and p* samples)."""
-  part = study.seed_part(cfg, p_star, seed)
-  x_student = mx.sample_with(student, part["eval_draws"])
-  se = lambda v: float(jnp.std(v, ddof=1) / jnp.sqrt(v.shape[0]))
-  return se(mx.log_prob(p_star, x_student)), se(mx.log_prob(student, part["x_star"]))
+def _ses_of_scores(cfg, p_star, seeds_S, students_SxB):
+  """Monte Carlo standard errors [S, B] of the precision and recall estimates of students with
+  leading [S, B] axes (the study's own draws: each seed's eval draws and p* samples). Jitted and
+  vmapped: run eagerly, one seed part at a time, this cost more than the grid it checks."""
+  se = lambda v: jnp.std(v, ddof=1) / jnp.sqrt(v.shape[0])
+
+  def per_seed(seed, students_B):
+    part = study.seed_part(cfg, p_star, seed)
+    return jax.vmap(lambda student: (
+        se(mx.log_prob(p_star, mx.sample_with(student, part["eval_draws"]))),
+        se(mx.log_prob(student, part["x_star"]))))(students_B)
+
+  se_p, se_r = jax.jit(jax.vmap(per_seed))(seeds_S, students_SxB)
+  return np.asarray(se_p), np.asarray(se_r)
+
+
+def _grid(cfg, p_star):
+  """The study's grid over SEEDS x BETAS, compiled as the entry point compiles it."""
+  return study.compile_and_run(cfg, p_star, SEEDS, BETAS)[0]
+
+
+def _compiled(fn, *args):
+  """fn jitted and compiled with the study's XLA options (the grid's: less compile time)."""
+  return jax.jit(fn).lower(*args).compile(study.compiler_options())
 
 
 @pytest.mark.parametrize("gt,covariance", [("grid8", "diag"), ("random:6:8", "full"),
@@ -32,13 +49,12 @@ def _se_of_scores(cfg, p_star, seed, student):
 def test_fkl_one_gaussian_student_is_the_moment_match_at_every_beta(gt, covariance):
   cfg = study.StudyConfig(covariance=covariance, objectives=("fkl",), n_eval=2000)
   p_star = ground_truth(gt)
-  out = study.grid_fn(cfg, p_star, jnp.asarray(SEEDS), jnp.asarray(BETAS))
+  out = _grid(cfg, p_star)
   assert np.all(np.asarray(out["converged"]["fkl"]))
+  se_p, se_r = _ses_of_scores(cfg, p_star, jnp.asarray(SEEDS), out["students"]["exact"])
   for s, seed in enumerate(SEEDS):
     for b in range(len(BETAS)):
-      exact = jax.tree.map(lambda a: a[s, b], out["students"]["exact"])
-      se_p, se_r = _se_of_scores(cfg, p_star, seed, exact)
-      for metric, se in (("precision", se_p), ("recall", se_r)):
+      for metric, se in (("precision", se_p[s, b]), ("recall", se_r[s, b])):
         ours, lim = float(out[metric]["fkl"][s, b]), float(out[metric]["exact"][s, b])
         assert abs(ours - lim) <= 3 * se, (gt, seed, BETAS[b], metric, ours, lim, se)
 
@@ -58,9 +74,9 @@ def test_mode_seeking_students_recover_a_one_gaussian_teacher(objective):
   # start away from the answer: shifted by 1.5 teacher stds along every axis, twice as wide
   shift = jnp.einsum("kde,e->kd", tril, jnp.full((d,), 1.5))
   init = train.Whitening(teacher.means + shift, 2.0 * tril)
-  run = jax.jit(functools.partial(train.train_student, objective, components=1, steps=400,
-                                  batch_size=256, learning_rate=0.1, init=init))
-  student, info = run(teacher, jax.random.PRNGKey(3))
+  run = functools.partial(train.train_student, objective, components=1, steps=400,
+                          batch_size=256, learning_rate=0.1, init=init)
+  student, info = _compiled(run, teacher, jax.random.PRNGKey(3))(teacher, jax.random.PRNGKey(3))
   assert bool(info.converged), info
   sd = np.sqrt(np.diag(np.asarray(mx.covariances(teacher)[0])))
   np.testing.assert_array_less(np.abs(np.asarray(student.means[0] - teacher.means[0])), 0.05 * sd)
@@ -70,9 +86,9 @@ def test_mode_seeking_students_recover_a_one_gaussian_teacher(objective):
 
 def test_a_student_stopped_early_is_not_converged():
   teacher = mx.random_mixture(jax.random.PRNGKey(2), 4, 8, "full")
-  run = lambda steps: jax.jit(functools.partial(
+  run = lambda steps: _compiled(functools.partial(
       train.train_student, "fkl", components=1, steps=steps, batch_size=128,
-      learning_rate=0.1))(teacher, jax.random.PRNGKey(0))
+      learning_rate=0.1), teacher, jax.random.PRNGKey(0))(teacher, jax.random.PRNGKey(0))
   _, early = run(6)
   _, done = run(300)
   assert not bool(early.converged) and bool(done.converged), (early, done)
@@ -96,7 +112,9 @@ def _random_one_gaussian_teacher(key, d):
 
 
 def _grads(loss, student, teacher, keys, n):
-  g = jax.vmap(jax.grad(loss), in_axes=(None, None, 0, None))(student, teacher, keys, n)
+  """Per-key gradients [keys, parameters], one compiled vmap (not op by op)."""
+  grads = jax.vmap(jax.grad(functools.partial(loss, n=n)), in_axes=(None, None, 0))
+  g = _compiled(grads, student, teacher, keys)(student, teacher, keys)
   return np.concatenate([np.asarray(x).reshape(keys.shape[0], -1) for x in jax.tree.leaves(g)],
                         axis=1)
 
@@ -136,9 +154,10 @@ def test_mode_seeking_students_converge_on_one_gaussian_teachers_in_16d(objectiv
   gradient estimator, most rkl students were flagged: gap 0.02 - 0.04 nats of pure noise.)"""
   teachers = jax.vmap(lambda k: _random_one_gaussian_teacher(k, 16))(
       jax.random.split(jax.random.PRNGKey(0), 4))
-  run = jax.jit(jax.vmap(functools.partial(train.train_student, objective, components=1,
-                                           steps=300, batch_size=128, learning_rate=0.1)))
-  students, info = run(teachers, jax.random.split(jax.random.PRNGKey(1), 4))
+  run = jax.vmap(functools.partial(train.train_student, objective, components=1, steps=300,
+                                   batch_size=128, learning_rate=0.1))
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  students, info = _compiled(run, teachers, keys)(teachers, keys)
   assert np.all(np.asarray(info.converged)), info
   np.testing.assert_allclose(np.asarray(mx.covariances(students)),
                              np.asarray(mx.covariances(teachers)), atol=1e-3)
@@ -152,12 +171,11 @@ def test_mode_seeking_students_of_a_two_component_teacher_in_8d_are_at_least_as_
   cfg = study.StudyConfig(covariance="full", teacher_components=2, objectives=("rkl", "jsd"),
                           n_eval=2000)
   p_star = ground_truth("random:2:8")
-  out = study.grid_fn(cfg, p_star, jnp.asarray(SEEDS), jnp.asarray(BETAS))
+  out = _grid(cfg, p_star)
+  se_p, _ = _ses_of_scores(cfg, p_star, jnp.asarray(SEEDS), out["students"]["exact"])
   for objective in ("rkl", "jsd"):
     assert np.all(np.asarray(out["converged"][objective])), (objective, out["objective_gap"])
     for s, seed in enumerate(SEEDS):
       for b in range(len(BETAS)):
-        exact = jax.tree.map(lambda a: a[s, b], out["students"]["exact"])
-        se_p, _ = _se_of_scores(cfg, p_star, seed, exact)
         ours, lim = float(out["precision"][objective][s, b]), float(out["precision"]["exact"][s, b])
-        assert ours >= lim - 3 * se_p, (objective, seed, BETAS[b], ours, lim, se_p)
+        assert ours >= lim - 3 * se_p[s, b], (objective, seed, BETAS[b], ours, lim, se_p[s, b])
