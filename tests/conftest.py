@@ -26,15 +26,15 @@ os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {X
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# numpy / scipy / scikit-learn / torch on one thread each: two xdist workers already fill the two
+# cores, and OpenBLAS's spinning threads made a tiny scikit-learn reference 25x dearer (34 -> 1.4 s).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+  os.environ.setdefault(_var, "1")
 # One persistent compilation cache for the run, shared by the xdist workers (they inherit this
 # process's environment) and every subprocess a test starts: tests rebuild the same tiny programs
 # under new jit wrappers, and a program compiled once is then read back (test_llm_train_family,
 # test_llm_train and test_study_multihost: 538 s -> 376 s on 2 workers). A fresh directory per
 # run, so a run costs what CI's cold run costs; set JAX_COMPILATION_CACHE_DIR to keep one.
-# numpy / scipy / scikit-learn / torch on one thread each: two xdist workers already fill the two
-# cores, and OpenBLAS's spinning threads made a tiny scikit-learn reference 25x dearer (34 -> 1.4 s).
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-  os.environ.setdefault(_var, "1")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kdjax-test-jax-cache-")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

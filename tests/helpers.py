@@ -15,6 +15,9 @@ import os
 import subprocess
 import sys
 
+import jax
+
+from kdjax.gmm import study as gmm_study
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.study import work
 from kdjax.llm.study.config import StudyConfig
@@ -53,13 +56,20 @@ def study_flags(cfg: StudyConfig) -> list[str]:
 TINY_STUDY_FLAGS = study_flags(dataclasses.replace(TINY_STUDY, num_train=64, teacher_epochs=3))
 
 
+def gmm_compiled(fn, *args, static_argnums=()):
+  """fn jitted, lowered for `args` and compiled with the GMM study's XLA options (its entry
+  point's: kdjax.gmm.study.compiler_options, less compile time); call it with the non-static
+  args."""
+  lowered = jax.jit(fn, static_argnums=static_argnums).lower(*args)
+  return lowered.compile(gmm_study.compiler_options())
+
+
 def subprocess_env(devices=8, **extra) -> dict:
   """This process's environment for a child: see the module docstring; `extra` set last."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-  env["XLA_FLAGS"] = XLA_TEST_FLAGS
-  if devices is not None:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {XLA_TEST_FLAGS}"
+  count = "" if devices is None else f"--xla_force_host_platform_device_count={devices} "
+  env["XLA_FLAGS"] = count + XLA_TEST_FLAGS
   env.update(extra)
   return env
 

@@ -157,7 +157,8 @@ def test_local_failure_of_a_plain_command_and_success():
            KDJAX_LOCAL_DEVICE_COUNT="3")
   assert r.returncode == 0, r.stderr
   for i in range(3):
-    assert f"[p{i}] {i}/3 3  {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=3\n" in r.stdout, r.stdout
+    line = f"[p{i}] {i}/3 3  {XLA_TEST_FLAGS} --xla_force_host_platform_device_count=3\n"
+    assert line in r.stdout, r.stdout
 
 
 @pytest.mark.parametrize("args", [["0", "true"], ["x", "true"], ["65", "true"], ["2"]])

@@ -18,22 +18,16 @@ from tests.conftest import REPO
 from tests.helpers import TINY_STUDY_FLAGS as TINY_FLAGS
 from tests.helpers import error_line, module_argv, run_module, start
 
-@pytest.fixture(scope="module")
-def env():
-  """Extra variables of every run here: none (conftest shares one compilation cache already)."""
-  return {}
-
-
 def _cmd(*args):
   return module_argv("experiments.llm", *args)
 
 
-def _run(env, *args, timeout=600):
-  return run_module("experiments.llm", *args, devices=None, timeout=timeout, env=env)
+def _run(*args, timeout=600):
+  return run_module("experiments.llm", *args, devices=None, timeout=timeout)
 
 
-def _start(env, *args):
-  return start(_cmd(*args), devices=None, env=env, stderr=subprocess.PIPE)
+def _start(*args):
+  return start(_cmd(*args), devices=None, stderr=subprocess.PIPE)
 
 
 @pytest.mark.slow
@@ -50,9 +44,9 @@ def _start(env, *args):
                                  "seqkd x6 (64 steps", "srkl x6", "onpolicy_fkl@0.5 x6",
                                  "'fkl_T0.8_lr0.001'"]),
 ])
-def test_dry_run_both_flagfiles(env, flagfile, expect, tmp_path):
+def test_dry_run_both_flagfiles(flagfile, expect, tmp_path):
   workdir = tmp_path / "w"
-  proc = _run(env, f"--flagfile=experiments/flags/{flagfile}", f"--workdir={workdir}", "--dry_run")
+  proc = _run(f"--flagfile=experiments/flags/{flagfile}", f"--workdir={workdir}", "--dry_run")
   assert proc.returncode == 0, proc.stderr
   for stage in ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher",
                 "4_train_students", "5_score_students", "6_results"):
@@ -75,7 +69,7 @@ def _truncated_gguf(tmp_path):
 @pytest.mark.parametrize("case", ["temperature_zero", "temperature_negative", "missing_model",
                                   "truncated_model", "empty_dataset", "bad_number", "preset_seed",
                                   "not_a_checkpoint", "mesh"])
-def test_bad_input_is_one_line(env, tmp_path, case):
+def test_bad_input_is_one_line(tmp_path, case):
   """Refused before any stage runs (issue 11: nothing fails after hours on input it could have
   refused at the start), one line, nothing sampled."""
   workdir = tmp_path / "w"
@@ -92,7 +86,7 @@ def test_bad_input_is_one_line(env, tmp_path, case):
   }[case]
   if case == "truncated_model":
     _truncated_gguf(tmp_path)
-  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}", *flags)
+  proc = _run(*TINY_FLAGS, f"--workdir={workdir}", *flags)
   assert expect in error_line(proc)
   assert not (workdir / "pstar").exists() and not (workdir / "config.json").exists()
 
@@ -116,10 +110,10 @@ def _steps(path):
 
 
 @pytest.fixture(scope="module")
-def reference(env, tmp_path_factory):
+def reference(tmp_path_factory):
   """An uninterrupted run: its results.json is what every resumed run must reproduce."""
   workdir = tmp_path_factory.mktemp("reference")
-  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}")
+  proc = _run(*TINY_FLAGS, f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
 
@@ -135,21 +129,21 @@ def test_uninterrupted_run_writes_results(reference):
 
 
 @pytest.mark.slow
-def test_kill_during_sampling_and_training_then_resume(env, reference, tmp_path):
+def test_kill_during_sampling_and_training_then_resume(reference, tmp_path):
   workdir = tmp_path / "w"
   args = [*TINY_FLAGS, f"--workdir={workdir}"]
   pstar_train = workdir / "pstar" / "train"
   # 1. SIGKILL while p* is being sampled: some shards written, the dataset not done
-  proc = _start(env, *args)
+  proc = _start(*args)
   _wait_then_kill(proc, lambda: len(_shards(pstar_train)) >= 2, "p* sampling")
   assert not (pstar_train / "DONE.json").exists()
   # 2. SIGKILL while the teacher trains: a checkpoint saved, training not done
-  proc = _start(env, *args)
+  proc = _start(*args)
   _wait_then_kill(proc, lambda: len(_steps(workdir / "teacher" / "checkpoints")) >= 1,
                   "a teacher checkpoint")
   assert not (workdir / "teacher" / "DONE.json").exists()
   # 3. the same command finishes the study: the same results as the uninterrupted run
-  done = _run(env, *args)
+  done = _run(*args)
   assert done.returncode == 0, done.stderr[-3000:]
   assert (workdir / "results.json").read_text() == (reference / "results.json").read_text()
   # the resumed teacher is bit-identical too
@@ -159,9 +153,9 @@ def test_kill_during_sampling_and_training_then_resume(env, reference, tmp_path)
 
 
 @pytest.mark.slow
-def test_rerun_of_a_finished_workdir_skips_and_keeps_results(env, reference):
+def test_rerun_of_a_finished_workdir_skips_and_keeps_results(reference):
   before = (reference / "results.json").read_bytes()
-  proc = _run(env, *TINY_FLAGS, f"--workdir={reference}")
+  proc = _run(*TINY_FLAGS, f"--workdir={reference}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "done already" in proc.stderr
   assert "stage 1_sample_ground_truth: start" not in proc.stderr
@@ -169,7 +163,7 @@ def test_rerun_of_a_finished_workdir_skips_and_keeps_results(env, reference):
 
 
 @pytest.mark.slow
-def test_other_flags_reuse_the_cached_stages(env, reference, tmp_path):
+def test_other_flags_reuse_the_cached_stages(reference, tmp_path):
   """Another --students list and --num_eval_samples in a finished workdir: the dry run says what
   is cached, the run samples no p* sequence and trains no teacher, and results.json then holds
   the new flags; the first flags again give back the first results.json."""
@@ -177,32 +171,32 @@ def test_other_flags_reuse_the_cached_stages(env, reference, tmp_path):
   shutil.copytree(reference, workdir)
   first = (workdir / "results.json").read_bytes()
   other = ["--students=seqkd", "--num_eval_samples=8"]
-  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}", *other, "--dry_run")
+  proc = _run(*TINY_FLAGS, f"--workdir={workdir}", *other, "--dry_run")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "1_sample_ground_truth: 3 cached" in proc.stdout
   assert "4_train_students: 1 cached\n" in proc.stdout
   assert "5_score_students: 0 cached; 3 to run" in proc.stdout  # p*'s embeddings: as many as
   # --num_eval_samples
-  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}", *other)
+  proc = _run(*TINY_FLAGS, f"--workdir={workdir}", *other)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_train_students"):
     assert f"stage {name}: done already" in proc.stderr
   saved = json.loads((workdir / "results.json").read_text())
   assert saved["config"]["students"] == ["seqkd"] and saved["config"]["num_eval_samples"] == 8
   assert [r["objective"] for r in saved["rows"]] == ["seqkd", "seqkd"]
-  assert _run(env, *TINY_FLAGS, f"--workdir={workdir}").returncode == 0
+  assert _run(*TINY_FLAGS, f"--workdir={workdir}").returncode == 0
   assert (workdir / "results.json").read_bytes() == first
 
 
 @pytest.mark.slow
-def test_damaged_dataset_is_redone_with_one_line(env, reference, tmp_path):
+def test_damaged_dataset_is_redone_with_one_line(reference, tmp_path):
   """A finished p* dataset whose shards were deleted is sampled again (one warning line naming it),
   and the study ends with the uninterrupted run's results.json."""
   workdir = tmp_path / "w"
   shutil.copytree(reference, workdir)
   for name in _shards(workdir / "pstar" / "train"):
     shutil.rmtree(workdir / "pstar" / "train" / name)
-  proc = _run(env, *TINY_FLAGS, f"--workdir={workdir}")
+  proc = _run(*TINY_FLAGS, f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   redone = [l for l in proc.stderr.splitlines() if "redoing it" in l]
   assert len(redone) == 1 and "pstar/train" in redone[0], proc.stderr[-3000:]

@@ -12,6 +12,7 @@ import pytest
 
 from kdjax import mixture as mx
 from kdjax.gmm import knobs, study
+from tests.helpers import gmm_compiled
 
 
 def _mixture(w, d=2, sep=0.0, full=False):
@@ -147,8 +148,7 @@ def test_beta_configurations_of_the_knob_sweep_equal_the_beta_only_sweep(sweep):
 def test_knob_sweep_equals_one_by_one_runs(sweep):
   _, _, (beta_T, top_p_T, top_k_T), both, _ = sweep
   knob = lambda t: (jnp.float32(beta_T[t]), jnp.float32(top_p_T[t]), jnp.int32(top_k_T[t]))
-  one = jax.jit(study.run_config, static_argnums=0).lower(
-      SMALL, mx.grid8(), 1, *knob(0)).compile(study.compiler_options())
+  one = gmm_compiled(study.run_config, SMALL, mx.grid8(), 1, *knob(0), static_argnums=0)
   for t in range(4):
     single = one(mx.grid8(), 1, *knob(t))
     for key in ("precision", "recall"):

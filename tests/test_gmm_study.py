@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture
-from threadpoolctl import threadpool_limits
 
 from kdjax.gmm import em
 from kdjax import mixture as mx
 from kdjax.gmm import study
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-  """scikit-learn / scipy on one BLAS thread: their tiny solves cost ~25x the CPU seconds with
-  OpenBLAS's threads spinning on a busy 2-core machine (the sklearn reference: 34 s -> 1.4 s)."""
-  with threadpool_limits(1):
-    yield
+from tests.helpers import gmm_compiled
 
 
 SEEDS = 32
@@ -142,8 +134,8 @@ def test_direct_student_does_not_depend_on_beta(grid):
 
 
 def test_one_configuration_equals_its_grid_row(grid):
-  single = jax.jit(study.run_config, static_argnums=0).lower(CFG, mx.grid8(), 5, BETAS[1]).compile(
-      study.compiler_options())(mx.grid8(), 5, BETAS[1])
+  single = gmm_compiled(study.run_config, CFG, mx.grid8(), 5, BETAS[1], static_argnums=0)(
+      mx.grid8(), 5, BETAS[1])
   for metric in ("precision", "recall"):
     for m in CFG.methods:
       np.testing.assert_allclose(float(single[metric][m]), float(grid[metric][m][5, 1]),

@@ -13,6 +13,7 @@ import pytest
 from kdjax import mixture as mx
 from kdjax.gmm import study, train
 from kdjax.gmm.ground_truth import ground_truth
+from tests.helpers import gmm_compiled
 
 BETAS = np.array([1.0, 10.0, 100.0], np.float32)
 SEEDS = [0, 1]
@@ -37,11 +38,6 @@ def _ses_of_scores(cfg, p_star, seeds_S, students_SxB):
 def _grid(cfg, p_star):
   """The study's grid over SEEDS x BETAS, compiled as the entry point compiles it."""
   return study.compile_and_run(cfg, p_star, SEEDS, BETAS)[0]
-
-
-def _compiled(fn, *args):
-  """fn jitted and compiled with the study's XLA options (the grid's: less compile time)."""
-  return jax.jit(fn).lower(*args).compile(study.compiler_options())
 
 
 @pytest.mark.parametrize("gt,covariance", [("grid8", "diag"), ("random:6:8", "full"),
@@ -76,7 +72,7 @@ def test_mode_seeking_students_recover_a_one_gaussian_teacher(objective):
   init = train.Whitening(teacher.means + shift, 2.0 * tril)
   run = functools.partial(train.train_student, objective, components=1, steps=400,
                           batch_size=256, learning_rate=0.1, init=init)
-  student, info = _compiled(run, teacher, jax.random.PRNGKey(3))(teacher, jax.random.PRNGKey(3))
+  student, info = gmm_compiled(run, teacher, jax.random.PRNGKey(3))(teacher, jax.random.PRNGKey(3))
   assert bool(info.converged), info
   sd = np.sqrt(np.diag(np.asarray(mx.covariances(teacher)[0])))
   np.testing.assert_array_less(np.abs(np.asarray(student.means[0] - teacher.means[0])), 0.05 * sd)
@@ -86,7 +82,7 @@ def test_mode_seeking_students_recover_a_one_gaussian_teacher(objective):
 
 def test_a_student_stopped_early_is_not_converged():
   teacher = mx.random_mixture(jax.random.PRNGKey(2), 4, 8, "full")
-  run = lambda steps: _compiled(functools.partial(
+  run = lambda steps: gmm_compiled(functools.partial(
       train.train_student, "fkl", components=1, steps=steps, batch_size=128,
       learning_rate=0.1), teacher, jax.random.PRNGKey(0))(teacher, jax.random.PRNGKey(0))
   _, early = run(6)
@@ -114,7 +110,7 @@ def _random_one_gaussian_teacher(key, d):
 def _grads(loss, student, teacher, keys, n):
   """Per-key gradients [keys, parameters], one compiled vmap (not op by op)."""
   grads = jax.vmap(jax.grad(functools.partial(loss, n=n)), in_axes=(None, None, 0))
-  g = _compiled(grads, student, teacher, keys)(student, teacher, keys)
+  g = gmm_compiled(grads, student, teacher, keys)(student, teacher, keys)
   return np.concatenate([np.asarray(x).reshape(keys.shape[0], -1) for x in jax.tree.leaves(g)],
                         axis=1)
 
@@ -157,7 +153,7 @@ def test_mode_seeking_students_converge_on_one_gaussian_teachers_in_16d(objectiv
   run = jax.vmap(functools.partial(train.train_student, objective, components=1, steps=300,
                                    batch_size=128, learning_rate=0.1))
   keys = jax.random.split(jax.random.PRNGKey(1), 4)
-  students, info = _compiled(run, teachers, keys)(teachers, keys)
+  students, info = gmm_compiled(run, teachers, keys)(teachers, keys)
   assert np.all(np.asarray(info.converged)), info
   np.testing.assert_allclose(np.asarray(mx.covariances(students)),
                              np.asarray(mx.covariances(teachers)), atol=1e-3)
