@@ -1,11 +1,11 @@
 """Batched sampling from the Llama model: jitted prefill + KV-cache decode loop.
 
 `sample(config, params, prompt_ids, prompt_mask, key, max_new_tokens=N, ...)` draws N new tokens per
-row with temperature, top-k and top-p, stops each row at EOS (the EOS token is kept, the rest of the
+row with temperature, top-k, top-p and min-p, stops each row at EOS (the EOS token is kept, the rest of the
 row is `pad_id`) and returns the tokens, their count per row and their log-probabilities under the
-distribution each was drawn from. One compiled function serves every temperature and top-p value
-(they are traced arrays, as are eos_id and pad_id); top_k, max_new_tokens and whether top-p is on
-at all are static.
+distribution each was drawn from. One compiled function serves every temperature, top-p and min-p
+value (they are traced arrays, as are eos_id and pad_id); top_k, max_new_tokens and whether top-p
+and min-p are on at all are static.
 
 Speed. Decoding does not go through the linen module but through kdjax.llm.model.decode's layout
 (per-layer fused weights, built once per call, on the same layer functions as the model) and its
@@ -15,7 +15,9 @@ only, so a step's attention reads the slots filled so far (rounded up to a block
 whole cache; each loop also ends as soon as every row has ended (EOS), and the later ones then run
 no step. Tokens are drawn by inverse CDF on one uniform per row (block sums, then a cumsum inside
 the chosen block of 256) instead of Gumbel-max, which would draw one random number per vocabulary
-entry. Top-k / top-p work on a sorted candidate list and are traced only when enabled.
+entry. Top-k / top-p / min-p set the cut tokens' logits to -inf before that draw, by
+kdjax.llm.model.truncation's rule (one per-row logit threshold; ties at the boundary kept), the
+function the token-level distillation targets use too; each is traced only when enabled.
 `decode.decode_cost` prices a call as it runs; `decode_logits` exposes the path for parity tests.
 
 Randomness: step i draws a [B] uniform from fold_in(key, i); with partitionable threefry the
@@ -37,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax.llm.model import decode
+from kdjax.llm.model import decode, truncation
 from kdjax.llm.model.config import LlamaConfig
 # the decode path and its price, for callers of the sampler
 from kdjax.llm.model.decode import KV_BLOCK, decode_cost, decode_logits, decode_params  # noqa: F401
@@ -78,38 +80,32 @@ def _icdf_blocked(w_BxV, u_B):
   return jnp.minimum(j * _BLOCK + i, v - 1), total
 
 
-def draw(logits_BxV, u_B, temperature, top_p, top_k: int = 0, use_top_p: bool = False):
-  """One token per row from softmax(logits / T), restricted to the top-k and the top-p nucleus.
+def draw(logits_BxV, u_B, temperature, top_p, top_k: int = 0, use_top_p: bool = False,
+         min_p=0.0, use_min_p: bool = False):
+  """One token per row from softmax(logits / T), truncated to top-k, the top-p nucleus and min-p.
 
-  u_B: uniforms in [0, 1); temperature, top_p: scalars or [B] (per row); temperature <= 0 is
-  greedy. Returns (token_B int32, logprob_B), the log-probability under the (tempered, truncated)
-  distribution drawn from (0 for greedy).
+  u_B: uniforms in [0, 1); temperature, top_p, min_p: scalars or [B] (per row); temperature <= 0
+  is greedy. The truncation is kdjax.llm.model.truncation's rule (ties at a boundary kept), the
+  same function the token-level targets use. Returns (token_B int32, logprob_B), the
+  log-probability under the (tempered, truncated) distribution drawn from (0 for greedy).
   """
   b, v = logits_BxV.shape
   t_Bx1 = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (b,))[:, None]
   greedy_Bx1 = t_Bx1 <= 0
   scaled = logits_BxV * (1.0 / jnp.where(greedy_Bx1, 1.0, t_Bx1))
   greedy = greedy_Bx1[:, 0]
-  if top_k or use_top_p:  # candidates in descending order, then inverse CDF over the kept prefix
-    vals_BxC, idx_BxC = jax.lax.top_k(scaled, top_k if top_k else v)
-    w = jnp.exp(vals_BxC - vals_BxC[:, :1])
-    n_keep = jnp.full((b,), w.shape[1], jnp.int32)
-    if use_top_p:
-      cum = jnp.cumsum(w, axis=-1)
-      before = (cum - w) / cum[:, -1:]
-      p_Bx1 = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (b,))[:, None]
-      n_keep = jnp.sum(before < p_Bx1, axis=-1).astype(jnp.int32)  # >= 1: before[0] == 0
-      w = jnp.where(jnp.arange(w.shape[1])[None, :] < n_keep[:, None], w, 0.0)
-    pick, total = _icdf(w, u_B, n_keep)
-    pick = jnp.where(greedy, 0, pick)
-    tok = jnp.take_along_axis(idx_BxC, pick[:, None], axis=1)[:, 0]
-    logp = jnp.log(jnp.take_along_axis(w, pick[:, None], axis=1)[:, 0]) - jnp.log(total)
-  else:
-    m = jnp.max(scaled, axis=-1, keepdims=True)
-    w = jnp.exp(scaled - m)
-    tok, total = _icdf_blocked(w, u_B)
-    tok = jnp.where(greedy, jnp.argmax(logits_BxV, axis=-1), tok)
-    logp = jnp.take_along_axis(scaled - m, tok[:, None], axis=1)[:, 0] - jnp.log(total)
+  truncated = bool(top_k) or use_top_p or use_min_p
+  if truncated:
+    scaled, _ = truncation.truncate(scaled, top_k, top_p if use_top_p else None,
+                                    min_p if use_min_p else None)
+  m = jnp.max(scaled, axis=-1, keepdims=True)
+  w = jnp.exp(scaled - m)
+  tok, total = _icdf_blocked(w, u_B)
+  argmax = jnp.argmax(logits_BxV, axis=-1)
+  if truncated:  # u * total rounded up to total lands on a cut token (p ~ 2^-24): the top one
+    tok = jnp.where(jnp.take_along_axis(w, tok[:, None], axis=1)[:, 0] > 0, tok, argmax)
+  tok = jnp.where(greedy, argmax, tok)
+  logp = jnp.take_along_axis(scaled - m, tok[:, None], axis=1)[:, 0] - jnp.log(total)
   return tok.astype(jnp.int32), jnp.where(greedy, 0.0, logp)
 
 
@@ -128,9 +124,9 @@ def _emit(i, logits, state, key, draw_args, eos_id, pad_id):
   return tok, (tokens, logps, lengths, done)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), static_argnames=("kv_block",))
-def _sample_jit(config, max_new_tokens, top_k, use_top_p,
-                params, ids_BxP, mask_BxP, key, temperature, top_p, eos_id, pad_id,
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=("kv_block",))
+def _sample_jit(config, max_new_tokens, top_k, use_top_p, use_min_p,
+                params, ids_BxP, mask_BxP, key, temperature, top_p, min_p, eos_id, pad_id,
                 kv_block=KV_BLOCK):
   c = config
   n = max_new_tokens
@@ -142,7 +138,8 @@ def _sample_jit(config, max_new_tokens, top_k, use_top_p,
   nb = len(caches[0])
   key_mask = jnp.concatenate([mask_BxP, jnp.zeros((b, nb * kv_block - p), bool)], axis=1)
   n_valid = jnp.sum(mask_BxP, axis=1).astype(jnp.int32)
-  emit = functools.partial(_emit, key=key, draw_args=(temperature, top_p, top_k, use_top_p),
+  emit = functools.partial(_emit, key=key, draw_args=(temperature, top_p, top_k, use_top_p, min_p,
+                                                               use_min_p),
                            eos_id=eos_id, pad_id=pad_id)
   state = (jnp.full((b, n), pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
            jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
@@ -170,12 +167,13 @@ def _sample_jit(config, max_new_tokens, top_k, use_top_p,
 
 def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
            max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
-           eos_id: Optional[int] = None, pad_id: int = 0, kv_block: int = KV_BLOCK) -> SampleOutput:
+           min_p: float = 0.0, eos_id: Optional[int] = None, pad_id: int = 0, kv_block: int = KV_BLOCK) -> SampleOutput:
   """Sample `max_new_tokens` new tokens per row after (left- or right-padded) prompts.
 
   temperature: traced, a scalar or one per row (<= 0 is greedy); top_k: static, 0 = off; top_p:
   traced, scalar or per row, 1.0 = off (whether it is on at all is decided here from its value, so
-  full-vocabulary sampling pays nothing for it).
+  full-vocabulary sampling pays nothing for it); min_p: likewise, 0.0 = off (keep tokens of
+  probability >= min_p x the top token's).
   eos_id: None means config.eos_token_id; None or -1 there disables stopping. Rows are
   reproducible from `key` on the same devices; params and prompts may arrive sharded (e.g. the
   batch over 'data': the same uniforms and the same tokens up to rounding, see the module doc).
@@ -198,13 +196,20 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
     if np.any(top_p_host <= 0) or np.any(top_p_host > 1):
       raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     use_top_p = bool(np.any(top_p_host < 1))
+  if isinstance(min_p, jax.core.Tracer):  # likewise for min-p
+    use_min_p = True
+  else:
+    min_p_host = np.asarray(min_p)
+    if np.any(min_p_host < 0) or np.any(min_p_host > 1):
+      raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    use_min_p = bool(np.any(min_p_host > 0))
   b = prompt_ids_BxP.shape[0]
   rows = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (b,))  # one shape: one compile
   if eos_id is None:
     eos_id = config.eos_token_id
   eos_id = -1 if eos_id is None or int(eos_id) < 0 else int(eos_id)
-  return _sample_jit(config, int(max_new_tokens), top_k, use_top_p, params,
+  return _sample_jit(config, int(max_new_tokens), top_k, use_top_p, use_min_p, params,
                      jnp.asarray(prompt_ids_BxP, jnp.int32), prompt_mask_BxP, key,
-                     rows(temperature), rows(top_p),
+                     rows(temperature), rows(top_p), rows(min_p),
                      jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32),
                      kv_block=int(kv_block))
