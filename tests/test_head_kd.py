@@ -68,7 +68,7 @@ def test_head_kd_matches_the_unfused_heads_and_loss(name, layout):
     return kd, nll
 
   def fused(x, w):
-    return head_kd.head_kd_sums(name, x, w, tx, tw, inv_t, y, mask.astype(jnp.float32),
+    return head_kd.head_kd_sums(name, x, w, tx, tw, inv_t, 1 / inv_t, y, mask.astype(jnp.float32),
                                 (layout, "vd"))
 
   (kd1, nll1), (kd2, nll2) = fused(x, w), reference(x, w)

@@ -29,7 +29,7 @@ from kdjax import distributed
 from kdjax import sharding as sharding_lib
 from kdjax.cli import UserError, prepare_workdir, require
 from kdjax.llm import data as data_lib
-from kdjax.llm.model import partition
+from kdjax.llm.model import partition, truncation
 from kdjax.llm.model.config import ATTENTION_IMPLS, REMAT_POLICIES
 from kdjax.llm.weights import loading
 from kdjax.objectives import tokens
@@ -39,7 +39,8 @@ from kdjax.objectives import tokens
 _NEW_FIELDS = {"student_data_fraction": 1.0,
                "teacher_temperatures": (), "onpolicy": False, "prompt": (), "max_new_tokens": 0,
                "eos_id": -1, "eval_sequences": 0, "attention": "einsum", "remat": "none",
-               "common_random_numbers": False, "learning_rates": ()}
+               "common_random_numbers": False, "learning_rates": (),
+               "teacher_knob": "temperature"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,10 @@ class TrainConfig:
   # teacher-only tempered KD: N = len(teacher_temperatures) students, student i's target
   # softmax(z_teacher / T_i), student untempered; ONE train dataset shared by all of them
   teacher_temperatures: tuple = ()
+  # what teacher_temperatures are: "temperature" (T_i), or a truncation of the teacher at T = 1
+  # (kdjax.llm.model.truncation): top_p, min_p (values in (0, 1]) or top_k (whole numbers >= 1),
+  # student i's target the teacher's next-token distribution truncated at value i, renormalised
+  teacher_knob: str = "temperature"
   # on-policy: student i's batches are B samples of its current params at T = 1 after `prompt`
   # (token ids), max_new_tokens new tokens, stopped at eos_id (-1: never); rows are
   # len(prompt) + max_new_tokens long; no train_data; --steps required
@@ -138,6 +143,24 @@ class TrainConfig:
     return d
 
 
+def _validate_knob(cfg: TrainConfig) -> None:
+  """--teacher_knob and the range of its values (teacher_temperatures)."""
+  knob, values = cfg.teacher_knob, cfg.teacher_temperatures
+  require(knob in truncation.KNOBS, f"--teacher_knob={knob!r}: one of {', '.join(truncation.KNOBS)}")
+  if knob == "temperature":
+    return
+  require(bool(values), f"--teacher_knob={knob} needs its values in --teacher_temperatures")
+  if knob == "top_k":
+    require(all(float(v).is_integer() and v >= 1 for v in values),
+            f"--teacher_knob=top_k: {list(values)}: every k must be a whole number >= 1")
+  else:
+    require(all(0 < v <= 1 for v in values), f"--teacher_knob={knob}: {list(values)}: every "
+            "value must be in (0, 1]")
+  require(cfg.objective not in ("rkl",), f"--objective={cfg.objective}: reverse KL to a "
+          f"truncated teacher ({knob}) is infinite (the student's mass on the cut tokens); use "
+          "srkl, jsd, skl, tvd or fkl")
+
+
 def _validate_tempered(cfg: TrainConfig) -> None:
   """The teacher_temperatures / onpolicy fields."""
   temps = cfg.teacher_temperatures
@@ -147,6 +170,7 @@ def _validate_tempered(cfg: TrainConfig) -> None:
             f"--teacher_temperatures={list(temps)}: every temperature must be a number > 0")
     require(cfg.kd_temperature == 1.0, f"--kd_temperature={cfg.kd_temperature} tempers both "
             "models; with --teacher_temperatures (teacher only) leave it at 1")
+  _validate_knob(cfg)
   lam = cfg.student_data_fraction
   require(isinstance(lam, (int, float)) and 0 <= lam <= 1,
           f"--student_data_fraction={lam} must be in [0, 1]")

@@ -26,6 +26,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from kdjax.llm.model import truncation
 from kdjax.llm.train import head_nll
 from kdjax.llm.train.head_nll import _logits, _split, _target_rows, _unsplit
 from kdjax.objectives import fused_tokens
@@ -60,7 +61,20 @@ def _student_chunk(name, x, w, pt, lt, y, wt, layout, with_grads):
   return kd, nll, dz, dx
 
 
-def _scan(name, x_N, w_N, tx, tw, inv_t_N, y, wt, layouts, with_grads):
+def _target_parts(zt, inv_t, knob_value, knob):
+  """(p, log p) of the teacher's target on a chunk: softmax(zt * inv_t) (the temperature knob,
+  exactly as before knobs existed), or the truncation `knob` at `knob_value` (kdjax.llm.model.
+  truncation, the sampler's rule; inv_t is then 1) renormalised, the cut tokens' log p set to 0
+  (their p is 0: every loss's terms in them vanish, none forms 0 x -inf)."""
+  if knob == "temperature":
+    pt, lt, _ = fused_tokens._softmax_parts(zt * inv_t)
+    return pt, lt
+  z, kept = truncation.knob_target(zt * inv_t, knob, knob_value)
+  pt, lt, _ = fused_tokens._softmax_parts(z)
+  return pt, jnp.where(kept, lt, 0.0)
+
+
+def _scan(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob, with_grads):
   """Over chunks of positions: the teacher's logits once per chunk, then each student in turn
   (lax.map over the student axis: one student's [rows, V] arrays at a time)."""
   b, t = y.shape
@@ -71,14 +85,14 @@ def _scan(name, x_N, w_N, tx, tw, inv_t_N, y, wt, layouts, with_grads):
     zt = _logits(tx_c, tw, layouts[1])
 
     def student(args):
-      x_c, w, inv_t, dw = args
-      pt, lt, _ = fused_tokens._softmax_parts(zt * inv_t)
+      x_c, w, inv_t, knob_value, dw = args
+      pt, lt = _target_parts(zt, inv_t, knob_value, knob)
       kd, nll, dz, dx = _student_chunk(name, x_c, w, pt, lt, y_c, wt_c, layouts[0], with_grads)
       if with_grads:
         dw = dw + jnp.einsum("bcd,bcv->dv", x_c, dz, preferred_element_type=jnp.float32)
       return kd, nll, dx, dw
 
-    kd_N, nll_N, dx_N, dw_N = jax.lax.map(student, (x_c_N, w_N, inv_t_N, dw_N))
+    kd_N, nll_N, dx_N, dw_N = jax.lax.map(student, (x_c_N, w_N, inv_t_N, knob_N, dw_N))
     return dw_N, (kd_N, nll_N, dx_N)
 
   n = x_N.shape[0]
@@ -91,38 +105,40 @@ def _scan(name, x_N, w_N, tx, tw, inv_t_N, y, wt, layouts, with_grads):
   return jnp.sum(kd_CxN, axis=0), jnp.sum(nll_CxN, axis=0), dw_N, dx_CxN
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 8))
-def head_kd_sums(name, x_NxBxTxD, w_N, teacher_x_BxTxE, teacher_w, inv_temperature_N, targets_BxT,
-                 weights_BxT, layouts=("vd", "vd")):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 9, 10))
+def head_kd_sums(name, x_NxBxTxD, w_N, teacher_x_BxTxE, teacher_w, inv_temperature_N, knob_N,
+                 targets_BxT, weights_BxT, layouts=("vd", "vd"), knob="temperature"):
   """(kd_sum [N], nll_sum [N]) of N students on one batch, over positions weighted by weights_BxT
   (the target mask), float32. Student i: hidden states x[i], head weight w[i] ([V, D] "vd" or
-  [D, V] "dv"), target softmax(teacher logits * inv_temperature[i]); teacher_x / teacher_w: the
+  [D, V] "dv"), target softmax(teacher logits * inv_temperature[i]), or with `knob` a
+  truncation (top_p, min_p, top_k) the teacher's logits truncated at knob_N[i] and renormalised
+  (knob_N is ignored under the default knob "temperature"); teacher_x / teacher_w: the
   teacher's hidden states and head weight, shared; layouts: (students', teacher's). kd_sum[i] is
   differentiable in x[i] and w[i]; nll_sum is a metric (its cotangent is ignored).
   """
-  return _scan(name, x_NxBxTxD, w_N, teacher_x_BxTxE, teacher_w, inv_temperature_N, targets_BxT,
-               weights_BxT.astype(jnp.float32), layouts, False)[:2]
+  return _scan(name, x_NxBxTxD, w_N, teacher_x_BxTxE, teacher_w, inv_temperature_N, knob_N,
+               targets_BxT, weights_BxT.astype(jnp.float32), layouts, knob, False)[:2]
 
 
-def _fwd(name, x_N, w_N, tx, tw, inv_t_N, y, wt, layouts):
+def _fwd(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob):
   b, t = y.shape
-  kd, nll, dw_NxDxV, dx_CxN = _scan(name, x_N, w_N, tx, tw, inv_t_N, y, wt.astype(jnp.float32),
-                                    layouts, True)
+  kd, nll, dw_NxDxV, dx_CxN = _scan(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y,
+                                    wt.astype(jnp.float32), layouts, knob, True)
   dx_N = jax.vmap(lambda a: _unsplit(a, b, t))(dx_CxN.swapaxes(0, 1))
   # the barrier keeps XLA from folding the transpose into the dot (head_nll's note)
   dw_N = (jax.lax.optimization_barrier(dw_NxDxV).swapaxes(1, 2) if layouts[0] == "vd"
           else dw_NxDxV)
-  return (kd, nll), (dx_N, dw_N.astype(w_N.dtype), tx, tw, inv_t_N, y, wt)
+  return (kd, nll), (dx_N, dw_N.astype(w_N.dtype), tx, tw, inv_t_N, knob_N, y, wt)
 
 
-def _bwd(name, layouts, residuals, cotangents):
-  dx_N, dw_N, tx, tw, inv_t_N, y, wt = residuals
+def _bwd(name, layouts, knob, residuals, cotangents):
+  dx_N, dw_N, tx, tw, inv_t_N, knob_N, y, wt = residuals
   g_kd_N, _ = cotangents  # nll_sum is a metric
   zero = lambda a: (jnp.zeros(a.shape, jax.dtypes.float0)
                     if not jnp.issubdtype(a.dtype, jnp.floating) else jnp.zeros_like(a))
   scale = lambda g, a: (g.reshape((-1,) + (1,) * (a.ndim - 1)) * a).astype(a.dtype)
-  return (scale(g_kd_N, dx_N), scale(g_kd_N, dw_N), zero(tx), zero(tw), zero(inv_t_N), zero(y),
-          zero(wt))
+  return (scale(g_kd_N, dx_N), scale(g_kd_N, dw_N), zero(tx), zero(tw), zero(inv_t_N),
+          zero(knob_N), zero(y), zero(wt))
 
 
 head_kd_sums.defvjp(_fwd, _bwd)

@@ -92,6 +92,7 @@ def step_spec(cfg: TrainConfig, config, teacher_config, total: int) -> StepSpec:
                   grad_accum=cfg.grad_accum, num_students=cfg.num_students,
                   teacher=teacher_config, objective=cfg.objective,
                   kd_temperature=cfg.kd_temperature, tempered_teacher=tempered,
+                  teacher_knob=cfg.teacher_knob,
                   shared_batch=tempered and not cfg.onpolicy,
                   common_streams=cfg.common_random_numbers,
                   lr_scales=tuple(r / cfg.lr for r in cfg.learning_rates))

@@ -52,6 +52,9 @@ class StepSpec:
   objective: str = "fkl"            # kdjax.objectives.tokens name, used when teacher is set
   kd_temperature: float = 1.0       # tempers both models (unless tempered_teacher)
   tempered_teacher: bool = False    # target softmax(z_teacher / T), T = the step's temperatures
+  teacher_knob: str = "temperature"  # with tempered_teacher: what the step's `temperatures` are,
+  #                                    T, or the values of a truncation (top_p, min_p, top_k) of
+  #                                    the teacher at T = 1 (kdjax.llm.model.truncation)
   shared_batch: bool = False        # one [B, T] batch for all students, teacher once per batch
   lr_scales: tuple = ()             # student i's peak learning rate is lr x lr_scales[i]
   common_streams: bool = False      # every student initialised from stream 0 (TrainConfig's
@@ -139,14 +142,19 @@ def kd_mean(spec: StepSpec, logits_BxTxV, teacher_BxTxV, tmask_BxT):
                                         spec.kd_temperature)
 
 
-def _head_kd(spec: StepSpec, x_NxBxTxD, w_N, teacher, inv_temps_N, targets_BxT, tmask_BxT):
+def _head_kd(spec: StepSpec, x_NxBxTxD, w_N, teacher, temps_N, targets_BxT, tmask_BxT):
   """kdjax.llm.train.head_kd.head_kd_sums of N students' hidden states and head weights against the
-  teacher's (hidden states, head weight), on each device's own rows (head_nll.over_batch_shards)."""
+  teacher's (hidden states, head weight), on each device's own rows (head_nll.over_batch_shards).
+  temps_N: the students' temperatures, or under a truncation knob its values (T = 1)."""
   layouts = (_layout(spec.model), _layout(spec.teacher))
-  fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts)
+  if spec.teacher_knob == "temperature":
+    inv_temps_N, knob_N = 1.0 / temps_N, temps_N
+  else:
+    inv_temps_N, knob_N = jnp.ones_like(temps_N), temps_N
+  fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts, spec.teacher_knob)
   return head_nll.over_batch_shards(
-      fn, (x_NxBxTxD, w_N, *teacher, inv_temps_N, targets_BxT, tmask_BxT.astype(jnp.float32)),
-      (1, None, 0, None, None, 0, 0))
+      fn, (x_NxBxTxD, w_N, *teacher, inv_temps_N, knob_N, targets_BxT,
+           tmask_BxT.astype(jnp.float32)), (1, None, 0, None, None, None, 0, 0))
 
 
 def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
@@ -172,7 +180,7 @@ def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
     w, layout = model.head_weight(spec.model, params)
     x_BxTxD = model.hidden_states(spec.model, params, ids_BxT, mask_BxT)
     kd_1, nll_1 = _head_kd(spec, x_BxTxD[None], w[None], teacher_BxTxV,
-                           jnp.reshape(1.0 / temperature, (1,)), targets_BxT, tmask_BxT)
+                           jnp.reshape(temperature, (1,)), targets_BxT, tmask_BxT)
     return kd_1[0], (jax.lax.stop_gradient(nll_1[0]), count)
   logits_BxTxV = model.forward(spec.model, params, ids_BxT, mask_BxT)
   if teacher_BxTxV is None:
@@ -234,7 +242,7 @@ def shared_loss_and_grads(params_N, batch, teacher_params, spec: StepSpec, tempe
     x_N = jax.vmap(lambda p: model.hidden_states(spec.model, p, ids_BxT, mask_BxT))(p_N)
     w_N = jax.vmap(lambda p: model.head_weight(spec.model, p)[0])(p_N)
     kd_N, nll_N = _head_kd(spec, x_N, w_N, teacher_head_inputs(spec, teacher_params, mb),
-                           1.0 / temperatures_N, targets_BxT, tmask_BxT)
+                           temperatures_N, targets_BxT, tmask_BxT)
     count = jnp.sum(tmask_BxT.astype(jnp.float32))
     return jnp.sum(kd_N), (kd_N, jax.lax.stop_gradient(nll_N), count)
 
