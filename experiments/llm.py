@@ -14,7 +14,6 @@ its flags leave unchanged, resumes what a killed run left half done, and runs th
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import datasets
 import jax
@@ -86,10 +85,12 @@ flags.DEFINE_integer("teacher_num_val", _D.teacher_num_val,
                      "Teacher validation samples per temperature.")
 flags.DEFINE_integer("num_eval_samples", _D.num_eval_samples, "Samples per student (precision).")
 flags.DEFINE_integer("max_new_tokens", _D.max_new_tokens, "Tokens sampled after the prompt.")
-flags.DEFINE_integer("sample_batch_size", _D.sample_batch_size, "Sequences per sampling batch; "
-                     "0: sized from the devices' memory for p* (the --hardware chip's in a dry "
-                     "run; the CPU default 64 where devices report none). The batch shapes the "
-                     "random draws: give it to get the same samples on other hardware.")
+flags.DEFINE_integer("sample_batch_size", _D.sample_batch_size, "Sequences each device samples "
+                     "at once (a process samples this many per local device per call): a row's "
+                     "tokens depend on it, not on the device or process count; 0: sized from a "
+                     "device's memory for p* (the --hardware chip's in a dry run; the CPU default "
+                     "64 where devices report none): give it to get the same samples on other "
+                     "hardware.")
 flags.DEFINE_integer("shard_size", _D.shard_size, "Sequences per dataset shard (resume unit).")
 flags.DEFINE_integer("teacher_epochs", _D.teacher_epochs, "Teacher training epochs.")
 flags.DEFINE_integer("student_epochs", _D.student_epochs, "Student training epochs.")
@@ -139,19 +140,16 @@ def config_from_flags() -> StudyConfig:
 
 
 def sample_batch_from_devices(cfg: StudyConfig) -> int:
-  """--sample_batch_size=0: the --hardware chip's memory in a dry run, the device's reported
-  memory in a run (none on CPU), over the devices of one host (kdjax.llm.study.cost)."""
-  device_bytes, devices = None, 1
+  """--sample_batch_size=0: rows per device from the --hardware chip's memory in a dry run, the
+  device's reported memory in a run (none on CPU) (kdjax.llm.study.cost)."""
+  device_bytes = None
   if FLAGS.dry_run and FLAGS.hardware:
-    chip, chips = hardware.parse(FLAGS.hardware)
-    mesh_chips = math.prod(hardware.resolve_mesh(cfg.mesh, chip, chips))
-    device_bytes, devices = chip.hbm_bytes, hardware.hosts(chip, mesh_chips)[1]
+    device_bytes = hardware.parse(FLAGS.hardware)[0].hbm_bytes
   elif not FLAGS.dry_run:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    device_bytes, devices = stats.get("bytes_limit"), jax.local_device_count()
-  b = cost.study_sample_batch(cfg, device_bytes, devices, FLAGS.ground_truth_preset)
-  logging.warning("--sample_batch_size=0: sampling %d sequences per batch (%s)", b,
-                  f"{device_bytes / 1e9:.0f} GB per device, {devices} per host" if device_bytes
+    device_bytes = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+  b = cost.study_sample_batch(cfg, device_bytes, FLAGS.ground_truth_preset)
+  logging.warning("--sample_batch_size=0: sampling %d sequences per device at once (%s)", b,
+                  f"{device_bytes / 1e9:.0f} GB per device" if device_bytes
                   else "no device memory reported: the CPU default")
   return b
 

@@ -212,13 +212,12 @@ def test_auto_sample_batch_fits_the_cache_in_the_device_memory():
   # 16384 B, plus two float32 logit rows 2 x 256 x 4 = 2048 B: 18432 B per row
   weights = CFG.num_params() * 4
   device = (10 * 18432 + weights) / 0.7 + 1  # room for exactly 10 rows per device
-  assert plan.auto_sample_batch(CFG, 32, device, devices=4) == 40
-  assert plan.auto_sample_batch(CFG, 32, device, devices=3) == 30
-  assert plan.auto_sample_batch(CFG, 32, 1e15, devices=8) == plan.AUTO_SAMPLE_BATCH_MAX
-  assert plan.auto_sample_batch(CFG, 32, None, devices=8) == plan.AUTO_SAMPLE_BATCH_CPU
-  assert plan.auto_sample_batch(CFG.replace(dtype="bfloat16"), 32, device, devices=1) > 10
+  assert plan.auto_sample_batch(CFG, 32, device) == 10  # rows per device, whatever their count
+  assert plan.auto_sample_batch(CFG, 32, 1e15) == plan.AUTO_SAMPLE_BATCH_MAX
+  assert plan.auto_sample_batch(CFG, 32, None) == plan.AUTO_SAMPLE_BATCH_CPU
+  assert plan.auto_sample_batch(CFG.replace(dtype="bfloat16"), 32, device) > 10
   with pytest.raises(UserError, match="do not fit"):
-    plan.auto_sample_batch(CFG, 32, weights / 0.7, devices=1)
+    plan.auto_sample_batch(CFG, 32, weights / 0.7)
 
 
 @pytest.mark.slow
@@ -227,4 +226,4 @@ def test_study_dry_run_sizes_the_sampling_batch_for_the_hardware():
                     "--sample_batch_size=0", "--hardware=h100", "--nomemory_analysis",
                     devices=None, timeout=300)
   assert h100.returncode == 0, h100.stderr[-3000:]
-  assert "sampling 1024 sequences per batch (80 GB per device, 8 per host)" in h100.stderr
+  assert "sampling 1024 sequences per device at once (80 GB per device)" in h100.stderr

@@ -27,12 +27,13 @@ def _mesh_size(mesh: str) -> int:
   return data * fsdp * tensor
 
 
-def _sampling(c: LlamaConfig, sequences: int, seq_len: int, batch: int, devices: int, dtype: str):
+def _sampling(c: LlamaConfig, sequences: int, seq_len: int, rows: int, dtype: str):
+  """(tokens, flops, memory per device): `rows` = --sample_batch_size, each device's rows."""
   tokens = sequences * seq_len
   flops = tokens * c.forward_flops_per_token(seq_len // 2)
-  kv = c.kv_cache_bytes(batch, seq_len, "bfloat16" if dtype == "bfloat16" else "float32")
-  logits = batch * c.vocab_size * 4 * 3  # logits, probabilities, cumulative sum
-  memory = c.param_bytes("float32") + (kv + logits) / devices  # params replicated, batch split
+  kv = c.kv_cache_bytes(rows, seq_len, "bfloat16" if dtype == "bfloat16" else "float32")
+  logits = rows * c.vocab_size * 4 * 3  # logits, probabilities, cumulative sum
+  memory = c.param_bytes("float32") + kv + logits  # params replicated, `rows` rows per device
   return tokens, flops, memory
 
 
@@ -88,7 +89,7 @@ def _scoring(cfg: StudyConfig, gt, student, seq_len: int, devices: int):
   """(tokens, flops, memory) of stage 5: sample every student, score under p* and the student."""
   n_students = len(cfg.student_names()) * cfg.num_seeds
   s_tok, s_flops, s_mem = _sampling(student, cfg.num_eval_samples * n_students, seq_len,
-                                    cfg.sample_batch_size, devices, cfg.dtype)
+                                    cfg.sample_batch_size, cfg.dtype)
   p_tok = cfg.num_eval_samples * n_students * seq_len
   p_flops = p_tok * gt.forward_flops_per_token(seq_len // 2)
   r_tok = cfg.num_val * n_students * seq_len
@@ -131,7 +132,7 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
   add("1_sample_ground_truth", f"sample p* ({cfg.ground_truth}) at T=1: {cfg.num_train} train + "
       f"{cfg.num_val} validation (recall) + {cfg.num_select} teacher selection"
       + (f", x{n_pstar} seeds" if n_pstar > 1 else ""), n,
-      _sampling(gt, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
+      _sampling(gt, n, seq_len, cfg.sample_batch_size, cfg.dtype))
   tok, flops, mem = _training(teacher, cfg.num_train, seq_len, cfg.teacher_epochs,
                               cfg.batch_size, devices, cfg.dtype)
   add("2_train_teacher", f"train teacher {cfg.teacher} from scratch, {cfg.teacher_epochs:g} "
@@ -140,7 +141,7 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
       cfg.num_train * n_teachers, (tok * n_teachers, flops * n_teachers, mem))
   n = (cfg.teacher_num_train + cfg.teacher_num_val) * n_temps * n_seeds
   add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)} x {n_seeds} seeds",
-      n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, devices, cfg.dtype))
+      n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, cfg.dtype))
   ests = [_student_kind(cfg, k, student, teacher, seq_len, devices) for k in cfg.students]
   add("4_train_students", f"train the students {cfg.student} per seed, matched budgets of "
       f"{cfg.student_steps * cfg.batch_size} sequences each: {', '.join(e[3] for e in ests)} "
@@ -162,17 +163,17 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
 
 
 AUTO_SAMPLE_BATCH_CPU = 64      # --sample_batch_size=0 where devices report no memory (CPU)
-AUTO_SAMPLE_BATCH_MAX = 1024    # decode is memory-bound: past this the KV reads dominate anyway
+AUTO_SAMPLE_BATCH_MAX = 1024    # rows per device; decode is memory-bound: past this the KV reads
+#                                 dominate anyway
 AUTO_SAMPLE_MEMORY_FRACTION = 0.7  # of a device's memory for the weights, cache and logits
 
 
-def auto_sample_batch(config: LlamaConfig, max_len: int, device_bytes: Optional[float],
-                      devices: int) -> int:
-  """--sample_batch_size=0: the largest sampling batch whose weights, KV cache (both in the
-  compute dtype) and float32 logits fit AUTO_SAMPLE_MEMORY_FRACTION of each device's memory,
-  rows split over `devices` (a multiple of it, at most AUTO_SAMPLE_BATCH_MAX);
-  AUTO_SAMPLE_BATCH_CPU when the device reports no memory. The batch shapes the random draws:
-  give --sample_batch_size to make samples the same on other hardware."""
+def auto_sample_batch(config: LlamaConfig, max_len: int, device_bytes: Optional[float]) -> int:
+  """--sample_batch_size=0: the most rows per device (at most AUTO_SAMPLE_BATCH_MAX) whose
+  weights, KV cache (both in the compute dtype) and float32 logits fit
+  AUTO_SAMPLE_MEMORY_FRACTION of a device's memory; AUTO_SAMPLE_BATCH_CPU when the device reports
+  no memory. The rows per device shape the random draws (not the device count): give
+  --sample_batch_size to make samples the same on hardware with other memory."""
   if not device_bytes:
     return AUTO_SAMPLE_BATCH_CPU
   weights = config.param_bytes(config.dtype)
@@ -180,7 +181,7 @@ def auto_sample_batch(config: LlamaConfig, max_len: int, device_bytes: Optional[
   rows = int((AUTO_SAMPLE_MEMORY_FRACTION * device_bytes - weights) // per_row)
   require(rows >= 1, f"--sample_batch_size=0: {config.num_params() / 1e6:.0f}M parameters and one "
           f"row's {max_len}-slot KV cache do not fit {device_bytes / 1e9:.0f} GB per device")
-  return max(devices, min(AUTO_SAMPLE_BATCH_MAX, rows * devices) // devices * devices)
+  return min(AUTO_SAMPLE_BATCH_MAX, rows)
 
 
 def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
@@ -195,13 +196,13 @@ def dry_run_plan(cfg: StudyConfig, ground_truth_preset: str = "") -> dict:
   return plan
 
 
-def study_sample_batch(cfg: StudyConfig, device_bytes: Optional[float], devices: int,
+def study_sample_batch(cfg: StudyConfig, device_bytes: Optional[float],
                        ground_truth_preset: str = "") -> int:
   """--sample_batch_size=0: auto_sample_batch for p* (the largest model sampled) at the study's
-  sequence length, from one device's memory (None: the CPU default) and the devices of a host."""
+  sequence length, from one device's memory (None: the CPU default)."""
   gt = inputs.describe(cfg.ground_truth, ground_truth_preset)
   max_len = inputs.prompt_len_or_one(cfg) + cfg.max_new_tokens
-  return auto_sample_batch(gt.replace(dtype=cfg.dtype), max_len, device_bytes, devices)
+  return auto_sample_batch(gt.replace(dtype=cfg.dtype), max_len, device_bytes)
 
 
 def _human(x: float, unit: str) -> str:

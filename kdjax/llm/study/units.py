@@ -53,8 +53,9 @@ STAGES = ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_tra
 SPLITS = ("train", "val", "select")  # p*'s splits; a split's index names its random stream
 
 # What each stage computes, versioned (see the module docstring). 2: the version field itself
-# (keys before it had none); students 2: common random numbers (identity by seed, not position).
-VERSIONS = {"pstar": 2, "teacher": 2, "teacher_samples": 2, "students": 2, "student_samples": 2,
+# (keys before it had none); students 2: common random numbers (identity by seed, not position);
+# samples 3: rows drawn in chunks of --sample_batch_size per device (kdjax.llm.model.sample_rows).
+VERSIONS = {"pstar": 3, "teacher": 2, "teacher_samples": 3, "students": 2, "student_samples": 3,
             "pstar_embeddings": 2, "scores": 2}
 
 # fold_in tags of the sampling streams: seed_key(seed, tag, ...)

@@ -25,8 +25,7 @@ from kdjax import cli, distributed
 from kdjax.cli import UserError
 from kdjax.llm import data
 from kdjax.llm.dataset_record import verify_dataset_dir
-from kdjax.llm.model import embeddings, evaluate
-from kdjax.llm.model.sampling import sample
+from kdjax.llm.model import embeddings, evaluate, sample_rows
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.study.units import DONE
 from kdjax.llm.train import loop as trainlib
@@ -137,13 +136,16 @@ def loglik_and_embeddings(config, params, ds, batch: int, seq_len: int, desc: st
 
 def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, key, *,
                    num: int, temperature: float, cfg: StudyConfig, eos_id: Optional[int],
-                   desc: str) -> None:
+                   desc: str, draw_kwargs: Optional[dict] = None) -> None:
   """Sample `num` sequences into out_dir, shard by shard; shard i uses fold_in(key, i).
 
-  With several processes, shard i is sampled by process i % P on its own devices: a shard's
-  samples depend on its key alone, so the dataset is the same whatever the process count. Resumes
-  from the shards already complete; marks out_dir done when all are written. Every batch has the
-  same shape (the last one is cut after sampling), so one compiled program serves all.
+  Row r of shard i is row r % R of chunk r // R, drawn from fold_in(fold_in(key, i), r // R) by
+  one device running the sampler on R = --sample_batch_size rows (kdjax.llm.model.sample_rows),
+  so a shard's samples are a function of its key, R and the params alone: the same tokens, bit
+  for bit, on any number of devices and processes. Shard i is sampled by process i % P; a process
+  deals the chunks of its shards to its devices, one chunk per device per call, and writes a
+  shard when its chunks are in. Resumes from the shards already complete; marks out_dir done when
+  all are written. draw_kwargs: sampler keywords (top_k, top_p, ...) for sampling.sample.
   """
   if is_done(out_dir):
     return
@@ -154,28 +156,29 @@ def sample_dataset(out_dir: str, config, params, prompt: list[int], tokenizer, k
   distributed.sync("kdjax_sample_start")
   complete = data.complete_shards(out_dir)
   todo = [i for i in range(shards) if i % procs == me and i not in complete]
-  b, p = cfg.sample_batch_size, len(prompt)
-  params, shard = data_parallel(params, b)
-  prompt_BxP = _put(np.tile(np.asarray(prompt, np.int32), (b, 1)), shard)
-  pmask_BxP = _put(np.ones((b, p), bool), shard)
+  rows = lambda i: min(cfg.shard_size, num - i * cfg.shard_size)
+  sampler = sample_rows.ChunkSampler(config, params, prompt, rows_per_device=cfg.sample_batch_size,
+                                     max_new_tokens=cfg.max_new_tokens, eos_id=eos_id,
+                                     draw_kwargs=draw_kwargs)
+  chunks = [(i, c) for i in todo for c in range(math.ceil(rows(i) / sampler.rows))]
   writer = data.ShardWriter(out_dir, cleanup=False)
-  t_arr = jnp.float32(temperature)
   bar = tqdm(total=num * cfg.max_new_tokens,
-             initial=(num - sum(min(cfg.shard_size, num - i * cfg.shard_size) for i in todo))
-             * cfg.max_new_tokens, desc=desc, unit="tok", unit_scale=True, smoothing=0.1)
-  for shard in todo:
-    n_shard = min(cfg.shard_size, num - shard * cfg.shard_size)
-    shard_key = jax.random.fold_in(key, shard)
-    ids_rows = []
-    for j in range(math.ceil(n_shard / b)):
-      out = sample(config, params, prompt_BxP, pmask_BxP, jax.random.fold_in(shard_key, j),
-                   max_new_tokens=cfg.max_new_tokens, temperature=t_arr, eos_id=eos_id)
-      tokens_BxN, lengths_B = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
-      for i in range(min(b, n_shard - j * b)):
-        ids_rows.append(prompt + tokens_BxN[i, :lengths_B[i]].tolist())
-      bar.update(min(b, n_shard - j * b) * cfg.max_new_tokens)
-    writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows],
-                 prompt_lens=[len(prompt)] * len(ids_rows), index=shard)
+             initial=(num - sum(rows(i) for i in todo)) * cfg.max_new_tokens, desc=desc,
+             unit="tok", unit_scale=True, smoothing=0.1)
+  pending = {i: [] for i in todo}  # shard -> its chunks' rows so far, in chunk order
+  for g in range(0, len(chunks), sampler.devices):
+    group = chunks[g:g + sampler.devices]
+    out = sampler([sample_rows.chunk_key(jax.random.fold_in(key, i), c) for i, c in group],
+                  temperature)
+    for k, (i, c) in enumerate(group):
+      lo, n = k * sampler.rows, min(sampler.rows, rows(i) - c * sampler.rows)
+      pending[i] += [prompt + out.tokens_BxN[lo + r, :out.lengths_B[lo + r]].tolist()
+                     for r in range(n)]
+      bar.update(n * cfg.max_new_tokens)
+      if len(pending[i]) == rows(i):
+        ids_rows = pending.pop(i)
+        writer.write(ids_rows, [tokenizer.decode(ids) for ids in ids_rows],
+                     prompt_lens=[len(prompt)] * len(ids_rows), index=i)
   bar.close()
   distributed.sync("kdjax_sample_done")  # every shard written before the directory is done
   record = verify_dataset_dir(out_dir) if me == 0 else None

@@ -1,0 +1,92 @@
+"""Samples that depend on the row, not on the machine (kdjax.llm.model.sample_rows, issue 21 item 3).
+
+A row's tokens AND log-probabilities must be the same bits on 1, 2, 4 and 8 devices: a row drawn
+by a program compiled for another number of rows rounds its logits differently (log-probs off in
+the last bits, and now and then a token flipped), which is what the chunked sampler exists to
+prevent. The study's sample_dataset must write exactly the chunked stream of each shard's key.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from kdjax.cli import UserError
+from kdjax.llm import data
+from kdjax.llm.model import sample_rows as sr
+from kdjax.llm.study import work
+from kdjax.llm.weights import loading
+from tests.helpers import TINY_STUDY
+
+PROMPT = [1, 2, 3]
+ROWS, R, NEW = 20, 3, 6  # 7 chunks, the last one cut to 2 rows; spare devices on 2, 4 and 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return loading.load_model("preset:test-tiny@3")
+
+
+def _rows(tiny, devices: int, num_rows=ROWS, **kw):
+  config, params = tiny
+  return sr.sample_rows(config, params, PROMPT, jax.random.key(11), num_rows=num_rows,
+                        rows_per_device=R, max_new_tokens=NEW, temperature=1.0, eos_id=7,
+                        devices=jax.local_devices()[:devices], **kw)
+
+
+def test_rows_are_the_same_bits_on_1_2_4_and_8_devices(tiny):
+  outs = {d: _rows(tiny, d) for d in (1, 2, 4, 8)}
+  ref = outs[1]
+  assert ref.tokens_BxN.shape == (ROWS, NEW) and ref.lengths_B.shape == (ROWS,)
+  assert len({tuple(r) for r in ref.tokens_BxN}) > ROWS // 2  # rows are distinct samples
+  for d in (2, 4, 8):
+    for name, a, b in zip(ref._fields, ref, outs[d]):
+      assert np.array_equal(a, b), f"{d} devices: {name} differ from 1 device's"
+  # row r is a function of r: a shorter stream is a prefix of the longer one
+  short = _rows(tiny, 8, num_rows=7)
+  for a, b in zip(short, ref):
+    assert np.array_equal(a, b[:7])
+
+
+def test_sampler_keywords_pass_through(tiny):
+  out = _rows(tiny, 2, draw_kwargs={"top_k": 1})  # one candidate: each drawn with probability 1
+  assert np.all(out.logprobs_BxN == 0)
+  assert np.any(_rows(tiny, 2).logprobs_BxN < 0)
+
+
+def test_bad_row_counts_are_one_error_line(tiny):
+  config, params = tiny
+  for kw, what in (({"rows_per_device": 0, "num_rows": 4}, "0 rows per device"),
+                   ({"rows_per_device": 2, "num_rows": 0}, "0 rows: must be >= 1")):
+    with pytest.raises(UserError, match=what) as e:
+      sr.sample_rows(config, params, PROMPT, jax.random.key(0), max_new_tokens=2, **kw)
+    assert "\n" not in str(e.value)
+  sampler = sr.ChunkSampler(config, params, PROMPT, rows_per_device=2, max_new_tokens=2,
+                            mesh=sr.row_mesh(jax.local_devices()[:2]))
+  with pytest.raises(UserError, match="3 chunks for one call on 2 device"):
+    sampler([jax.random.key(0)] * 3, 1.0)
+
+
+class _Tokenizer:
+  def decode(self, ids):
+    return " ".join(map(str, ids))
+
+
+def test_sample_dataset_writes_each_shards_chunked_stream(tiny, tmp_path):
+  """shard i of sample_dataset = sample_rows(fold_in(key, i)): chunks of several shards share a
+  call on the 8 devices (shards of 5 rows, R = 3: 2 chunks each), the last shard short."""
+  config, params = tiny
+  cfg = dataclasses.replace(TINY_STUDY, sample_batch_size=R, shard_size=5, max_new_tokens=NEW)
+  key = jax.random.key(5)
+  work.sample_dataset(str(tmp_path), config, params, PROMPT, _Tokenizer(), key, num=23,
+                      temperature=0.9, cfg=cfg, eos_id=7, desc="test")
+  ds = data.load_dataset_dir(str(tmp_path))
+  assert len(ds) == 23
+  got = [list(r) for r in ds["input_ids"]]
+  for shard, lo in enumerate(range(0, 23, 5)):
+    n = min(5, 23 - lo)
+    want = sr.sample_rows(config, params, PROMPT, jax.random.fold_in(key, shard), num_rows=n,
+                          rows_per_device=R, max_new_tokens=NEW, temperature=0.9, eos_id=7)
+    for r in range(n):
+      assert got[lo + r] == PROMPT + want.tokens_BxN[r, :want.lengths_B[r]].tolist()
