@@ -23,34 +23,71 @@ CHIP = hardware.Chip("test", peak_flops=1e6, hbm_bandwidth=1e4, hbm_bytes=1e9, c
                      mfu=0.5, layer_step_s=0.01)
 
 
-def test_decode_step_by_hand():
-  assert SMALL.num_params() == 1992
-  # 4 rows, 10 slots: weights 1992 * 2 B = 3984; K and V: 2 * 2 layers * 4 rows * 1 kv head *
-  # 10 slots * 4 * 2 B = 1280; logits 4 rows * 100 * 4 B * 3 passes = 4800.
-  assert hardware.decode_step_bytes(SMALL, 4, 10) == {"weights": 3984, "kv_cache": 1280,
-                                                      "logits": 4800}
-  # memory: 10064 B / (1e4 B/s * 0.5) = 2.0128 s. FLOPs per row: 2 * 1992 (matmuls, the tied
-  # head included) + 2 * 2 * 2 layers * 2 heads * 4 * 10 keys = 3984 + 640 = 4624; 4 rows:
-  # 18496 / (1e6 * 0.5) = 0.036992 s < 2.0128: HBM-bound. Plus 2 layers * 10 ms.
-  seconds, bound = hardware.decode_step_seconds(SMALL, 4, 10, CHIP, mfu=0.5, mbu=0.5)
-  assert bound == "HBM" and seconds == pytest.approx(2.0128 + 0.02)
-  # 100x the bandwidth: memory 0.020128 s < 0.036992 s of FLOPs: FLOPs-bound.
+# decode.decode_cost on SMALL, counted here by hand (bf16 weights w = 2 B, float32 norms):
+#   weights per layer 8*(2 + 2*1)*4 + 2*4*8 + 3*8*16 = 576; a pass reads (2*576 + 100*8) * 2 +
+#   (2*2 + 1) norms * 8 * 4 = 4064 B and applies 2 * (2*576 + 800) = 3904 FLOPs per row;
+#   K+V of one slot for 4 rows: 2 * 2 layers * 4 rows * 1 kv head * 4 * 2 B = 128 B.
+# 4 rows, prompt 1, 9 new tokens, blocks of 4 slots: the cache holds 1 + 9 - 1 = 9 -> 3 blocks.
+#   prefill: 4 * (2*2*576 + 2*8*100) + 4*2*4*2*4*1*1 = 15872 FLOPs; 4064 + 4*8*2 (embeddings)
+#            + 12 slots * 128 (the cache written) + 4*100*4 (f32 logits) = 7264 B.
+#   step i (token i+1) writes slot i, reads its blocks: 4 slots for i = 1..3, 8 for 4..7, 12 for 8:
+#            4 * (3904 + 4*2*2*4 * read) FLOPs = 16640, 17664, 18688;
+#            4064 + 64 + (read + 1) * 128 + 1600 B = 6368, 6880, 7392.
+PREFILL, STEP4, STEP8, STEP12 = 7264, 6368, 6880, 7392
+
+
+def test_decode_call_priced_on_the_blocks_read_by_hand():
+  # HBM-bound (5000 B/s at MBU 0.5 against 5e5 FLOP/s): 7264 + 3 * 6368 + 4 * 6880 + 7392 B
+  # = 61280 B -> 12.256 s, plus 9 tokens * 2 layers * 10 ms.
+  seconds, bound = hardware.decode_call_seconds(SMALL, 4, 1, 9, CHIP, 0.5, 0.5, kv_block=4)
+  assert bound == "HBM" and seconds == pytest.approx(12.256 + 0.18)
+  assert (PREFILL + 3 * STEP4 + 4 * STEP8 + STEP12) / 5000 == pytest.approx(12.256)
+  # Reading all 12 slots at every step (the pricing before the blocked cache) would be 7264 +
+  # 8 * 7392 B = 66400 B -> 13.28 s: the figure above is not that.
+  assert seconds < (PREFILL + 8 * STEP12) / 5000 + 0.18 - 0.5
+  # every row ended after 5 tokens: the prefill and steps 1..4 -> 6.6496 s + 5 * 20 ms
+  seconds, _ = hardware.decode_call_seconds(SMALL, 4, 1, 9, CHIP, 0.5, 0.5, steps=5, kv_block=4)
+  assert seconds == pytest.approx((PREFILL + 3 * STEP4 + STEP8) / 5000 + 0.1)
+  # 100x the bandwidth: FLOPs-bound, (15872 + 3*16640 + 4*17664 + 18688) / 5e5 = 0.310272 s
   fast = hardware.Chip("fast", 1e6, 1e6, 1e9, 2, 0.5, 0.01)
-  seconds, bound = hardware.decode_step_seconds(SMALL, 4, 10, fast, mfu=0.5, mbu=0.5)
-  assert bound == "FLOPs" and seconds == pytest.approx(0.036992 + 0.02)
+  seconds, bound = hardware.decode_call_seconds(SMALL, 4, 1, 9, fast, 0.5, 0.5, kv_block=4)
+  assert bound == "FLOPs" and seconds == pytest.approx(0.310272 + 0.18)
+
+
+def test_decode_call_takes_each_run_of_steps_at_its_own_bound():
+  """A prompt of 4 tokens, 2 new, blocks of 4 (the cache holds 5 slots: 2 blocks):
+  prefill 4 * (4*2*2*576 + 2*8*100) + 4*2*4*2*4*4*4 = 47360 FLOPs, 4064 + 4*4*8*2 + 8*128 + 1600
+  = 6944 B; step 1 writes slot 4 and reads both blocks: 4 * (3904 + 64*8) = 17664 FLOPs, 6880 B.
+  At 2e4 FLOP/s and 5000 B/s (MFU, MBU 0.5) the prefill is FLOPs-bound (2.368 s > 1.3888 s) and
+  the step HBM-bound (1.376 s > 0.8832 s): the call is the sum of each part's own max (3.744 s),
+  not the max of the sums (3.2512 s)."""
+  chip = hardware.Chip("mixed", peak_flops=4e4, hbm_bandwidth=1e4, hbm_bytes=1e9,
+                       chips_per_host=1, mfu=0.5, layer_step_s=0.0)
+  seconds, bound = hardware.decode_call_seconds(SMALL, 4, 4, 2, chip, 0.5, 0.5, kv_block=4)
+  assert seconds == pytest.approx(2.368 + 1.376) and bound == "FLOPs"
 
 
 def test_sampling_and_scoring_by_hand():
+  cfg = StudyConfig(sample_batch_size=4, shard_size=16, max_new_tokens=9, eval_batch_size=8)
+  # 40 sequences: shards of 16, 16, 8 rows -> 4, 4, 2 chunks of 4 rows; shards 0 and 2 to process
+  # 0 (6 chunks), shard 1 to process 1 (4): on 2 chips each, process 0 makes 3 calls of the
+  # 4-row call above (each chip its own chunk) -> 3 * 12.436 s.
+  assert programs.sampling_calls(cfg, 40, processes=2, local=2) == 3
+  s = hardware.sampling_seconds(SMALL, 40, 1, cfg, CHIP, processes=2, local=2, mfu=0.5, mbu=0.5,
+                                kv_block=4)
+  assert s == pytest.approx(3 * 12.436)
+  s = hardware.sampling_seconds(SMALL, 40, 1, cfg, CHIP, processes=2, local=2, mfu=0.5, mbu=0.5,
+                                steps=5, kv_block=4)
+  assert s == pytest.approx(3 * (6.6496 + 0.1))
+  # 1 process, 3 chips: 10 chunks -> 4 calls (the last draws 1 chunk: its spare chips redraw it);
+  # 8 rows a chip: a slot 256 B; prefill 4064 + 128 + 12 * 256 + 3200 = 10464 B; steps 4064 + 128
+  # + (read + 1) * 256 + 3200 = 8672, 9696, 10720 B -> (10464 + 3*8672 + 4*9696 + 10720) / 5000
+  # = 17.1968 s + 0.18 per call; 40 rows in chunks of 8: 2 + 2 + 1 = 5 chunks -> 2 calls.
+  assert programs.sampling_calls(cfg, 40, processes=1, local=3) == 4
   cfg = StudyConfig(sample_batch_size=8, shard_size=16, max_new_tokens=9, eval_batch_size=8)
-  # 40 sequences: 3 shards of <= 16, dealt to 2 processes -> 2 rounds of 2 batches of 8; each
-  # process splits a batch over its 2 chips (4 rows each, the decode step above) -> 4 batches *
-  # 9 steps * 2.0328 s.
-  s = hardware.sampling_seconds(SMALL, 40, 10, cfg, CHIP, processes=2, local=2, mfu=0.5, mbu=0.5)
-  assert s == pytest.approx(4 * 9 * 2.0328)
-  # a batch the chips do not divide runs on one chip: 8 rows, memory 3984 + 2560 + 9600 = 16144
-  # B -> 3.2288 s + 0.02; 40 sequences, 1 process: 3 shards * 2 batches * 9 steps.
-  s = hardware.sampling_seconds(SMALL, 40, 10, cfg, CHIP, processes=1, local=3, mfu=0.5, mbu=0.5)
-  assert s == pytest.approx(3 * 2 * 9 * 3.2488)
+  s = hardware.sampling_seconds(SMALL, 40, 1, cfg, CHIP, processes=1, local=3, mfu=0.5, mbu=0.5,
+                                kv_block=4)
+  assert s == pytest.approx(2 * 17.3768)
   # scoring 40 rows of 10 tokens, batches of 8: 5 batches, 2 processes -> 3 rounds; per token
   # 3984 + 2*2*2*2*4*5 keys = 4304 FLOPs; a batch 8 * 10 * 4304 = 344320; 3 rounds on 2 chips:
   # 1032960 / (2 * 1e6 * 0.5) = 1.03296 s.

@@ -9,22 +9,28 @@ names count 2 cores per chip), v6e-16 (16 chips). Without a size the chips are t
 Time, per stage (every assumption is printed with the figures):
   training   its FLOPs (kdjax.llm.study.plan) / (chips x peak bf16 FLOP/s x MFU), the teacher's
              validation passes added as forward FLOPs.
-  decoding   memory-bound: each step reads the weights (compute dtype: the sampler's decode
-             layout), the whole KV cache (the sampler attends over all max_len slots) and the f32
-             logits (LOGIT_PASSES passes) for the rows one chip holds, over HBM bandwidth x MBU
-             (the FLOPs / (peak x MFU) when larger), plus a fixed cost per layer and step.
+  decoding   each sampling call as kdjax.llm.model.decode.decode_cost counts it (the call as the
+             sampler runs it: the prefill, then one step per token drawn reading the weights in
+             the compute dtype and only the KV cache's blocks filled so far), the prefill and each
+             run of steps reading as many blocks at max(bytes / (HBM bandwidth x MBU), FLOPs /
+             (peak x MFU)), plus a fixed cost per layer and token. Tokens drawn per call: all
+             --max_new_tokens (the loop stops when every row has ended, and the longest of a
+             chunk's rows rarely ends early), or fewer where the caller knows a model's samples
+             (`steps`); the printed assumptions say which.
   scoring    forward FLOPs / (chips x peak x MFU).
 Where the work runs follows kdjax/llm/study/pipeline.py: training on the --mesh (`data` replicates
 parameters and splits the batch, `fsdp` shards both, `tensor` shards heads, MLP and vocabulary);
-sampling and scoring on each process's own chips (pipeline.data_parallel: parameters replicated,
-the batch split over them, or one chip when they do not divide it), dataset shards and scoring
-batches dealt round-robin to the processes, one process per host.
+sampling on each process's own chips, every chip drawing its own chunk of --sample_batch_size rows
+per call (kdjax.llm.model.sample_rows; programs.sampling_calls), scoring with the batch split over
+them (or one chip when they do not divide it); dataset shards and scoring batches dealt
+round-robin to the processes, one process per host.
 
 Memory: each stage's programs compiled from abstract arrays for its mesh (nothing allocated;
 kdjax/llm/study/programs.py: by the TPU compiler for a topology of the slice when the chip is a TPU
 and libtpu is installed, which then also times every stage from the programs' own FLOPs and bytes;
-otherwise by XLA:CPU on fake CPU devices): the train step by kdjax.llm.train.footprint (remat none and layer), the sampler
-(sampling._sample_jit) and the scorer (evaluate._sums_jit) as the pipeline places them. The
+otherwise by XLA:CPU on fake CPU devices): the train step by kdjax.llm.train.footprint (remat
+none and layer), the sampler (sampling._sample_jit on one chip's chunk of rows: the chips draw
+theirs independently) and the scorer (evaluate._sums_jit) as the pipeline places them. The
 per-device figure is XLA's (arguments + outputs + temporaries - donated). The programs are
 compiled for the real mesh, however many chips: XLA partitions one program per device, so the
 compile time does not grow with the device count (measured here: a 135M train step for data=1,
@@ -44,13 +50,13 @@ from typing import Optional
 import jax
 
 from kdjax.cli import UserError, require
+from kdjax.llm.model import decode
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.study import inputs, kinds, programs
 from kdjax.llm.study.programs import (ensure_cpu_devices, per_chip, sampler_memory,  # noqa: F401
-                                      scorer_memory, train_memory)
+                                      sampling_calls, scorer_memory, train_memory)
 from kdjax.sharding import parse_mesh
 
-LOGIT_PASSES = 3        # the f32 [B, V] logits: written by the head, read by max/exp-sum and block sums
 USABLE_HBM = 0.9        # a program fits when it needs at most this fraction of a chip's HBM
 DEFAULT_MBU = 0.6       # fraction of HBM bandwidth a decode step achieves
 
@@ -118,32 +124,40 @@ def hosts(chip: Chip, chips: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- time
 
 
-def decode_step_bytes(c: LlamaConfig, batch: int, max_len: int) -> dict:
-  """HBM bytes one chip reads per decode step for `batch` rows: the weights (compute dtype),
-  K and V of every layer over all max_len slots, and the f32 logits LOGIT_PASSES times."""
-  return {"weights": c.param_bytes(c.dtype), "kv_cache": c.kv_cache_bytes(batch, max_len),
-          "logits": batch * c.vocab_size * 4 * LOGIT_PASSES}
+def decode_call_seconds(c: LlamaConfig, rows: int, prompt_len: int, new_tokens: int, chip: Chip,
+                        mfu: float, mbu: float, steps: Optional[int] = None,
+                        kv_block: int = decode.KV_BLOCK) -> tuple[float, str]:
+  """(seconds, 'HBM' or 'FLOPs') of one sampling call on one chip holding `rows` rows, from
+  decode.decode_cost (the call as the sampler runs it: the prefill, then one step per further token
+  drawn, each reading the KV blocks filled so far). The prefill and each run of steps reading the
+  same number of blocks (their steps cost alike) take max(bytes / (bandwidth x mbu), FLOPs / (peak
+  x mfu)); every token drawn adds num_layers x the chip's fixed per-layer cost. steps: tokens the
+  loop draws (it stops when every row has ended), default new_tokens; the bound is the one that
+  took most of the time."""
+  steps = new_tokens if steps is None else max(1, min(int(steps), new_tokens))
+  cost = lambda s: decode.decode_cost(c, rows, prompt_len, new_tokens, s, kv_block)
+  # the step drawing token i (i >= 1) writes slot prompt_len + i - 1: a new block starts there
+  marks = [1] + [i for i in range(2, steps) if (prompt_len + i - 1) % kv_block == 0] + [steps]
+  time_by = {"HBM": 0.0, "FLOPs": 0.0}
+  prev = (0.0, 0.0)
+  for s in dict.fromkeys(marks):  # the prefill (1 token), then each run of steps to `s` tokens
+    flops, bytes_ = cost(s)
+    memory_s = (bytes_ - prev[1]) / (chip.hbm_bandwidth * mbu)
+    compute_s = (flops - prev[0]) / (chip.peak_flops * mfu)
+    time_by["HBM" if memory_s >= compute_s else "FLOPs"] += max(memory_s, compute_s)
+    prev = (flops, bytes_)
+  bound = max(time_by, key=time_by.get)
+  return sum(time_by.values()) + steps * c.num_layers * chip.layer_step_s, bound
 
 
-def decode_step_seconds(c: LlamaConfig, batch: int, max_len: int, chip: Chip, mfu: float,
-                        mbu: float) -> tuple[float, str]:
-  """(seconds, 'HBM' or 'FLOPs'): the larger of bytes / (bandwidth x mbu) and FLOPs / (peak x
-  mfu), plus num_layers x the chip's fixed per-layer cost."""
-  memory_s = sum(decode_step_bytes(c, batch, max_len).values()) / (chip.hbm_bandwidth * mbu)
-  compute_s = batch * c.forward_flops_per_token(max_len) / (chip.peak_flops * mfu)
-  return max(memory_s, compute_s) + c.num_layers * chip.layer_step_s, (
-      "HBM" if memory_s >= compute_s else "FLOPs")
-
-
-def sampling_seconds(c: LlamaConfig, num: int, seq_len: int, cfg, chip: Chip, processes: int,
-                     local: int, mfu: float, mbu: float) -> float:
-  """One dataset of `num` sequences: shards dealt to the processes, each shard in batches of
-  --sample_batch_size, every batch --max_new_tokens steps (no row stops early at EOS)."""
-  rows, _ = per_chip(cfg.sample_batch_size, local)
-  shards = math.ceil(num / cfg.shard_size)
-  batches = math.ceil(shards / processes) * math.ceil(min(cfg.shard_size, num)
-                                                      / cfg.sample_batch_size)
-  return batches * cfg.max_new_tokens * decode_step_seconds(c, rows, seq_len, chip, mfu, mbu)[0]
+def sampling_seconds(c: LlamaConfig, num: int, prompt_len: int, cfg, chip: Chip, processes: int,
+                     local: int, mfu: float, mbu: float, steps: Optional[int] = None,
+                     kv_block: int = decode.KV_BLOCK) -> float:
+  """One dataset of `num` sequences: the busiest process's sampling_calls, each a chunk of
+  --sample_batch_size rows on every chip, drawing `steps` tokens (default --max_new_tokens: no
+  row assumed to end early)."""
+  return sampling_calls(cfg, num, processes, local) * decode_call_seconds(
+      c, cfg.sample_batch_size, prompt_len, cfg.max_new_tokens, chip, mfu, mbu, steps, kv_block)[0]
 
 
 def compute_seconds(flops: float, chips: int, chip: Chip, mfu: float) -> float:
@@ -209,42 +223,48 @@ def _student_programs(cfg, models: dict) -> list[tuple[str, dict]]:
 
 
 def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, processes: int,
-                   local: int, mfu: float, mbu: float) -> dict:
-  """{stage: (hours, how)} from the plan's FLOPs and the decode model."""
-  seq_len = plan["seq_len"]
+                   local: int, mfu: float, mbu: float, steps: Optional[dict] = None) -> dict:
+  """{stage: (hours, how)} from the plan's FLOPs and the sampler's decode_cost. steps: {model name:
+  tokens a sampling call draws (its longest row)}, default --max_new_tokens for each."""
+  seq_len, prompt_len = plan["seq_len"], plan["seq_len"] - cfg.max_new_tokens
   flops = {s["stage"]: s["flops"] for s in plan["stages"]}
   gt, teacher, student = models["ground_truth"], models["teacher"], models["student"]
-  sample = lambda c, num: sampling_seconds(c, num, seq_len, cfg, chip, processes, local, mfu, mbu)
+  steps = {name: (steps or {}).get(name) or cfg.max_new_tokens for name in models}
+  sample = lambda name, num: sampling_seconds(models[name], num, prompt_len, cfg, chip, processes,
+                                              local, mfu, mbu, steps[name])
   score = lambda c, num: scoring_seconds(c, num, seq_len, cfg.eval_batch_size, chip, processes,
                                          local, mfu)
-  rows, _ = per_chip(cfg.sample_batch_size, local)
+  rows = cfg.sample_batch_size
 
-  def step(c):
-    s, bound = decode_step_seconds(c, rows, seq_len, chip, mfu, mbu)
-    return f"{s * 1e3:.3g} ms/step ({bound}-bound), {rows} rows/chip"
+  def step(name):
+    n = steps[name]
+    s, bound = decode_call_seconds(models[name], rows, prompt_len, cfg.max_new_tokens, chip, mfu,
+                                   mbu, n)
+    return (f"{s:.3g} s per call of {rows} rows/chip x {n} tokens ({s / n * 1e3:.3g} ms/token, "
+            f"{bound}-bound)")
 
   out = {}
-  s1 = sum(sample(gt, n) for n in (cfg.num_train, cfg.num_val, cfg.num_select))
-  out["1_sample_ground_truth"] = (s1, f"decode p*: {step(gt)}")
+  s1 = sum(sample("ground_truth", n) for n in (cfg.num_train, cfg.num_val, cfg.num_select))
+  out["1_sample_ground_truth"] = (s1, f"decode p*: {step('ground_truth')}")
   val = teacher_validation_flops(cfg, teacher, seq_len)
   s2 = compute_seconds(flops["2_train_teacher"] + val, mesh_chips, chip, mfu)
   out["2_train_teacher"] = (s2, f"{flops['2_train_teacher']:.3g} FLOP + validation {val:.3g} "
                             f"FLOP on {mesh_chips} chips")
-  per = sample(teacher, cfg.teacher_num_train) + sample(teacher, cfg.teacher_num_val)
+  per = sample("teacher", cfg.teacher_num_train) + sample("teacher", cfg.teacher_num_val)
   out["3_sample_teacher"] = (per * len(cfg.temperatures) * cfg.num_seeds,
-                             f"decode teacher: {step(teacher)}")
+                             f"decode teacher: {step('teacher')}")
   out["4_train_students"] = (compute_seconds(flops["4_train_students"], mesh_chips, chip, mfu),
                              f"{flops['4_train_students']:.3g} FLOP on {mesh_chips} chips")
   decode, forward = 0.0, 0.0
   for kind, group in cfg.student_groups():
     for _ in group:
-      decode += sample(student, cfg.num_eval_samples)
+      decode += sample("student", cfg.num_eval_samples)
       forward += score(student, cfg.num_val) + score(gt, cfg.num_eval_samples)
       if kind == "seqkd":
         forward += score(student, cfg.teacher_num_val)
   out["5_score_students"] = ((decode + forward) * cfg.num_seeds,
                              f"decode students {decode * cfg.num_seeds / 3600:.3g} h "
-                             f"({step(student)}) + forward passes "
+                             f"({step('student')}) + forward passes "
                              f"{forward * cfg.num_seeds / 3600:.3g} h")
   return {k: (v / 3600, how) for k, (v, how) in out.items()}
 
@@ -258,9 +278,12 @@ def prepare(cfg, hardware: str, memory: bool) -> None:
 
 
 def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
-             mfu: float = 0.0, mbu: float = 0.0, memory: bool = True, progress=None) -> dict:
+             mfu: float = 0.0, mbu: float = 0.0, memory: bool = True, progress=None,
+             steps: Optional[dict] = None) -> dict:
   """Hours per stage on `hardware` for the flags `cfg` and their plan (plan.dry_run_plan), and,
-  with `memory`, every stage's compiled programs' memory per device against the chip's HBM."""
+  with `memory`, every stage's compiled programs' memory per device against the chip's HBM.
+  steps: {model name: tokens each of its sampling calls draws}, where known (the datasheet path);
+  default --max_new_tokens."""
   chip, chips = parse(hardware)
   mfu, mbu = mfu or chip.mfu, mbu or DEFAULT_MBU
   require(0 < mfu <= 1, f"--mfu={mfu}: must be in (0, 1]")
@@ -269,9 +292,10 @@ def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
   mesh_chips = math.prod(mesh_shape)
   processes, local = hosts(chip, mesh_chips)
   models = _configs(cfg, ground_truth_preset)
-  hours = _hours_and_how(cfg, plan, models, chip, mesh_chips, processes, local, mfu, mbu)
+  steps = {name: (steps or {}).get(name) or cfg.max_new_tokens for name in models}
+  hours = _hours_and_how(cfg, plan, models, chip, mesh_chips, processes, local, mfu, mbu, steps)
   progress = progress or (lambda line: print(line, file=sys.stderr, flush=True))
-  timed_by = "datasheet formulas (plan FLOPs, decode bytes)"
+  timed_by = "datasheet formulas (plan FLOPs; the sampler's decode_cost)"
   mem = {}
   if memory:
     mem = programs.compile_stages(cfg, plan, models, mesh_shape, local,
@@ -280,11 +304,11 @@ def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
       val = compute_seconds(teacher_validation_flops(cfg, models["teacher"], plan["seq_len"]),
                             mesh_chips, chip, mfu)
       hours = programs.compiled_hours(cfg, mem, lambda k: _student_program(cfg, k, models)[0],
-                                      chip, processes, mfu, mbu, val)
+                                      chip, processes, local, mfu, mbu, val)
       timed_by = "the TPU compiler's programs (roofline of their FLOPs and bytes)"
   return {"chip": dataclasses.asdict(chip), "hardware": hardware, "chips": mesh_chips,
           "mesh": mesh_shape, "processes": processes, "chips_per_process": local, "mfu": mfu,
-          "mbu": mbu, "hours": hours, "timed_by": timed_by, "dtype": cfg.dtype,
+          "mbu": mbu, "steps": steps, "max_new_tokens": cfg.max_new_tokens, "hours": hours, "timed_by": timed_by, "dtype": cfg.dtype,
           "memory": {stage: [(label, mesh, r["memory_per_device_gb"], r["compiled_by"])
                              for label, mesh, r in progs] for stage, progs in mem.items()},
           "total_hours": sum(h for h, _ in hours.values())}
@@ -322,6 +346,15 @@ def format_estimate(est: dict) -> str:
   return "\n".join(lines)
 
 
+def _steps_text(est: dict) -> str:
+  n = est.get("max_new_tokens")
+  steps = est.get("steps") or {}
+  if all(v == n for v in steps.values()):
+    return f"all --max_new_tokens={n} (no row assumed to end early at EOS)"
+  return ", ".join(f"{name} {v}" + (" (--max_new_tokens: none known)" if v == n else
+                                    " (its longest rows known)") for name, v in steps.items())
+
+
 def assumptions(est: dict) -> list[str]:
   c = est["chip"]
   tpu = ["hours: each program's seconds per call = max(FLOPs / (peak x MFU "
@@ -336,14 +369,19 @@ def assumptions(est: dict) -> list[str]:
       f"{c['chips_per_host']} chips per host (vendor datasheets); the same peak for float32 runs",
       f"training and forward passes at MFU {est['mfu']:g} (--mfu); no input pipeline, checkpoint, "
       "compile or host time; the teacher's validation passes counted, every epoch's",
-      f"decoding: per step max(HBM bytes / (bandwidth x MBU {est['mbu']:g} (--mbu)), FLOPs / "
-      f"(peak x MFU)) + {c['layer_step_s'] * 1e6:g} us per layer (kernel launches, small ops: a "
-      f"guess, not measured); bytes = weights in {est['dtype']} + K, V over all max_len slots + "
-      f"f32 logits x {LOGIT_PASSES}; every row runs all --max_new_tokens steps",
+      f"decoding: each sampling call as kdjax.llm.model.decode.decode_cost counts it (the prefill, "
+      f"then one step per token drawn reading the weights in {est['dtype']}, the KV cache's "
+      f"{decode.KV_BLOCK}-slot blocks filled so far and writing f32 logits; activations not "
+      f"counted); the prefill and each run of steps that read as many blocks at max(HBM bytes / (bandwidth x "
+      f"MBU {est['mbu']:g} (--mbu)), FLOPs / (peak x MFU)), + {c['layer_step_s'] * 1e6:g} us per "
+      "layer and token (kernel launches, small ops: a guess, not measured)",
+      "tokens drawn per sampling call (the loop stops when every row has ended): "
+      + _steps_text(est),
       f"sampling and scoring: one process per host, params replicated on its "
-      f"{est['chips_per_process']} chip(s), the batch split over them; shards and scoring "
-      f"batches dealt round-robin to the {est['processes']} process(es) (a dataset of one shard "
-      "keeps one host busy); on-policy students' sampling priced as FLOPs (plan)",
+      f"{est['chips_per_process']} chip(s), each drawing its own chunk of --sample_batch_size "
+      f"rows per sampling call, the scoring batch split over them; shards and scoring batches "
+      f"dealt round-robin to the {est['processes']} process(es) (a dataset of one shard keeps one "
+      "host busy); on-policy students' sampling priced as FLOPs (plan)",
       "memory: the compiler's buffer assignment of the partitioned program (XLA:CPU on fake "
       "devices fuses differently from the GPU / TPU compilers; TPU chips are compiled by the TPU "
       "compiler when libtpu is installed: setup.py's tpu extra); on GPUs JAX preallocates 75% of HBM unless "

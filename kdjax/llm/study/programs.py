@@ -44,6 +44,19 @@ def per_chip(batch: int, local: int) -> tuple[int, int]:
   return (batch // local, local) if batch % local == 0 else (batch, 1)
 
 
+def sampling_calls(cfg, num: int, processes: int, local: int) -> int:
+  """Sampler calls the busiest process makes for a dataset of `num` sequences, as
+  kdjax.llm.study.work.sample_dataset deals them: shard i (--shard_size rows) to process i % P, each
+  shard cut in chunks of R = --sample_batch_size rows, a call drawing one chunk on each of the
+  process's `local` chips (a spare chip redraws a chunk: the call costs the same)."""
+  shards = math.ceil(num / cfg.shard_size)
+  chunks = [0] * min(processes, shards)
+  for i in range(shards):
+    chunks[i % processes] += math.ceil(min(cfg.shard_size, num - i * cfg.shard_size)
+                                       / cfg.sample_batch_size)
+  return max(math.ceil(n / local) for n in chunks)
+
+
 def tpu_target(chip) -> bool:
   """Whether the TPU compiler compiles this chip's programs here (a TPU chip, libtpu installed)."""
   return bool(getattr(chip, "tpu", "")) and compiled.tpu_compiler() is not None
@@ -96,15 +109,15 @@ def compile_stages(cfg, plan: dict, models: dict, mesh_shape, local: int, studen
   """{stage: [(program, mesh text, report)]}: every program compiled (report: footprint's, with
   `compiled_by`)."""
   seq_len, prompt_len = plan["seq_len"], plan["seq_len"] - cfg.max_new_tokens
-  b, rows_chips = cfg.sample_batch_size, per_chip(cfg.sample_batch_size, local)[1]
+  rows = cfg.sample_batch_size  # per chip: each chip draws its own chunk (no collective)
   eb, eval_chips = cfg.eval_batch_size, per_chip(cfg.eval_batch_size, local)[1]
   mesh_text = "data={},fsdp={},tensor={}".format(*mesh_shape)
 
   def sampler(name):
     c = models[name]
-    label = f"sampler {name}, batch {b} ({b // rows_chips}/chip)"
-    return (label, f"data={rows_chips}",
-            lambda: sampler_memory(c, b, prompt_len, cfg.max_new_tokens, rows_chips, chip))
+    label = f"sampler {name}, {rows} rows/chip (one chunk per chip, {local} chips)"
+    return (label, "1 chip",
+            lambda: sampler_memory(c, rows, prompt_len, cfg.max_new_tokens, 1, chip))
 
   def scorer(name):
     label = f"scorer {name}, batch {eb} x {seq_len} ({eb // eval_chips}/chip)"
@@ -150,8 +163,8 @@ def _program(stages: dict, stage: str, prefix: str) -> dict:
   return next(r for label, _, r in stages[stage] if label.startswith(prefix))
 
 
-def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, mfu: float,
-                   mbu: float, validation_s: float) -> dict:
+def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, local: int,
+                   mfu: float, mbu: float, validation_s: float) -> dict:
   """{stage: (hours, how)}: each stage's calls x its compiled programs' roofline seconds.
   student_label(kind) -> the label of the kind's train program (hardware._student_programs)."""
   def call(stage, prefix):
@@ -163,10 +176,7 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, mfu: 
       how += f" [LOWER BOUND: {report['unknown_trip_counts']} loops of unknown trip count]"
     return s, how
 
-  def batches(num):  # sampling: shards dealt to the processes, each in sampling batches
-    shards = math.ceil(num / cfg.shard_size)
-    return math.ceil(shards / processes) * math.ceil(min(cfg.shard_size, num)
-                                                     / cfg.sample_batch_size)
+  batches = lambda num: sampling_calls(cfg, num, processes, local)
 
   def rounds(num):  # scoring batches dealt to the processes
     return math.ceil(math.ceil(num / cfg.eval_batch_size) / processes)
