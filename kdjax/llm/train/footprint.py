@@ -113,10 +113,10 @@ def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_toke
   key = jax.eval_shape(lambda: jax.random.key(0))
   started = time.perf_counter()
   lowered = sampling._sample_jit.lower(
-      config, max_new_tokens, 0, False, _abstract_params(config, rep),
+      config, max_new_tokens, 0, False, False, _abstract_params(config, rep),
       arr((batch, prompt_len), jnp.int32, rows), arr((batch, prompt_len), jnp.bool_, rows),
       arr((), key.dtype, rep), arr((batch,), jnp.float32, rows), arr((batch,), jnp.float32, rows),
-      arr((), jnp.int32, rep), arr((), jnp.int32, rep))
+      arr((batch,), jnp.float32, rows), arr((), jnp.int32, rep), arr((), jnp.int32, rep))
   return _report(lowered, mesh, started, decode_trips(prompt_len, max_new_tokens, steps))
 
 
