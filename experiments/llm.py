@@ -20,6 +20,7 @@ import jax
 from absl import flags, logging
 
 from kdjax import cli, distributed
+from kdjax.llm.model import truncation
 from kdjax.llm.study import cost, hardware, pipeline, plots
 from kdjax.llm.study.config import EMBEDDING_MAPS, SEED_SCOPES, StudyConfig, validate
 
@@ -55,6 +56,16 @@ flags.DEFINE_string("student", _D.student, "Student architecture, preset:NAME[@S
                     "scratch; initialised from SEED, else from each seed).")
 flags.DEFINE_string("temperatures", ",".join(f"{t:g}" for t in _D.temperatures),
                     "Teacher sampling temperatures, comma-separated, each > 0.")
+flags.DEFINE_enum("teacher_knob", _D.teacher_knob, list(truncation.KNOBS),
+                  "How the teacher is made selective, besides --temperatures (kdjax/llm/model/"
+                  "truncation.py): temperature (only the temperatures); top_p, min_p (keep tokens "
+                  "of probability >= min_p x the top one's) or top_k: students at each of "
+                  "--knob_values too, the teacher at T = 1 truncated so (seqkd: its samples drawn "
+                  "so; token-level kinds: the target truncated and renormalised; rkl refused: "
+                  "infinite). Each row records the teacher's mean per-token entropy on p*'s "
+                  "select split; results.json's entropy_slopes, *_vs_entropy.png.")
+flags.DEFINE_string("knob_values", "", "The --teacher_knob's values, comma-separated (top_p, "
+                    "min_p in (0, 1]; top_k whole numbers >= 1).")
 flags.DEFINE_string("students", ",".join(_D.students),
                     "Student kinds, comma-separated: direct (p*'s samples), seqkd (the teacher's "
                     "samples at T: the paper's KD), token-level fkl, rkl, jsd, skl, srkl, tvd "
@@ -133,6 +144,8 @@ def config_from_flags() -> StudyConfig:
   values = {n: FLAGS[n].value for n in names}
   values["temperatures"] = tuple(cli.parse_float_list("temperatures", FLAGS.temperatures))
   values["students"] = tuple(k.strip() for k in FLAGS.students.split(",") if k.strip())
+  values["knob_values"] = tuple(cli.parse_float_list("knob_values", FLAGS.knob_values)
+                                if FLAGS.knob_values.strip() else ())
   values["student_learning_rates"] = tuple(
       cli.parse_float_list("student_learning_rates", FLAGS.student_learning_rates)
       if FLAGS.student_learning_rates.strip() else ())

@@ -8,6 +8,7 @@ import math
 from typing import Any, Optional
 
 from kdjax.cli import require
+from kdjax.llm.model import truncation
 from kdjax.llm.model.config import ATTENTION_IMPLS, REMAT_POLICIES
 from kdjax.llm.study import kinds as kindlib
 from kdjax.llm.study.kinds import student_name
@@ -22,6 +23,8 @@ class StudyConfig:
   teacher: str = "preset:tiny-49k"       # p' from scratch: preset:NAME[@SEED] (default: --seed)
   student: str = "preset:micro-49k"      # p'' from scratch: preset:NAME[@SEED] (default: each seed)
   temperatures: tuple = (0.8, 0.875, 0.95, 1.0)
+  teacher_knob: str = "temperature"      # a truncation knob's students beside the temperatures'
+  knob_values: tuple = ()                # its values (top_p / min_p in (0, 1], top_k >= 1)
   students: tuple = ("direct", "seqkd")  # student kinds (KINDS); all but direct at every T
   num_seeds: int = 1
   seed_scope: str = "students"           # what a seed re-draws: students, teacher (and on), all
@@ -61,6 +64,7 @@ class StudyConfig:
     d["temperatures"] = list(self.temperatures)
     d["students"] = list(self.students)
     d["student_learning_rates"] = list(self.student_learning_rates)
+    d["knob_values"] = list(self.knob_values)
     return d
 
   @property
@@ -77,15 +81,32 @@ class StudyConfig:
   def seeds(self) -> list[int]:
     return [self.seed + i for i in range(self.num_seeds)]
 
-  def student_groups(self) -> list[tuple[str, list[tuple[str, Optional[float]]]]]:
-    """[(kind, [(name, T)])]: one training run per kind (its students vmapped over the
-    temperatures), in --students order; direct has the one student ('direct', None)."""
-    return [(kind, kindlib.get(kind).names(self.temperatures, self.student_learning_rates))
-            for kind in self.students]
+  @property
+  def knobs(self) -> list[str]:
+    """The teacher's knobs this run sweeps: temperature (--temperatures) always, and
+    --teacher_knob (--knob_values) when it is a truncation."""
+    return ["temperature"] + ([self.teacher_knob] if self.teacher_knob != "temperature" else [])
 
-  def student_grid(self, kind: str) -> list[tuple[str, Optional[float], Optional[float]]]:
-    """[(name, T, learning rate or None)] of a kind's students, in their run's vmapped order."""
-    return kindlib.get(kind).grid(self.temperatures, self.student_learning_rates)
+  def knob_values_of(self, knob: str) -> tuple:
+    return self.temperatures if knob == "temperature" else self.knob_values
+
+  def student_runs(self) -> list[tuple[str, str]]:
+    """[(kind, knob)]: one training run per kind and knob (its students vmapped over the knob's
+    values), in --students order, the temperature run first; direct has one run."""
+    return [(kind, knob) for kind in self.students
+            for knob in (self.knobs if kindlib.get(kind).per_temperature else ["temperature"])]
+
+  def student_groups(self) -> list[tuple[str, list[tuple[str, Optional[float]]]]]:
+    """[(kind, [(name, value)])] of every training run (student_runs: a kind appears once per
+    knob), in --students order; direct has the one student ('direct', None)."""
+    return [(kind, [(n, v) for n, v, _ in self.student_grid(kind, knob)])
+            for kind, knob in self.student_runs()]
+
+  def student_grid(self, kind: str, knob: str = "temperature"
+                   ) -> list[tuple[str, Optional[float], Optional[float]]]:
+    """[(name, knob value (T for temperature), learning rate or None)] of a kind's students
+    under a knob, in their run's vmapped order."""
+    return kindlib.get(kind).grid(self.knob_values_of(knob), self.student_learning_rates, knob)
 
   @property
   def lr_sweep(self) -> bool:
@@ -112,6 +133,7 @@ def validate(cfg: StudyConfig) -> None:
     require(math.isfinite(t) and t > 0, f"--temperatures: {t:g} is not a positive temperature")
   require(len(set(kd_name(t) for t in cfg.temperatures)) == len(cfg.temperatures),
           "--temperatures: a temperature is repeated")
+  _validate_knob(cfg)
   require(len(cfg.students) > 0, "--students: give at least one student kind")
   for kind in cfg.students:
     kindlib.get(kind)  # a one-line error naming the known kinds
@@ -167,9 +189,33 @@ def validate(cfg: StudyConfig) -> None:
             "preset:NAME[@SEED]")
 
 
+def _validate_knob(cfg: StudyConfig) -> None:
+  """--teacher_knob and --knob_values (kdjax.llm.model.truncation)."""
+  knob, values = cfg.teacher_knob, cfg.knob_values
+  require(knob in truncation.KNOBS,
+          f"--teacher_knob={knob!r}: one of {', '.join(truncation.KNOBS)}")
+  if knob == "temperature":
+    require(not values, "--knob_values: for --teacher_knob=temperature give --temperatures")
+    return
+  require(len(values) > 0, f"--teacher_knob={knob}: give its values in --knob_values")
+  require(len(set(values)) == len(values), "--knob_values: a value is repeated")
+  if knob == "top_k":
+    require(all(float(v).is_integer() and v >= 1 for v in values),
+            f"--knob_values={','.join(f'{v:g}' for v in values)}: every k must be a whole "
+            "number >= 1")
+  else:
+    require(all(0 < v <= 1 for v in values), f"--knob_values="
+            f"{','.join(f'{v:g}' for v in values)}: every {knob} must be in (0, 1]")
+  for kind in cfg.students:
+    require(kindlib.get(kind).objective != "rkl", f"--students: {kind} with --teacher_knob="
+            f"{knob}: reverse KL to a truncated teacher is infinite (the student's mass on the "
+            "cut tokens); use srkl, jsd, skl, tvd or fkl")
+
+
 def config_from_dict(d: dict[str, Any]) -> StudyConfig:
   d = dict(d)
   d["temperatures"] = tuple(d.get("temperatures", StudyConfig.temperatures))
   d["students"] = tuple(d.get("students", StudyConfig.students))
   d["student_learning_rates"] = tuple(d.get("student_learning_rates", ()))
+  d["knob_values"] = tuple(d.get("knob_values", ()))
   return StudyConfig(**d)

@@ -76,7 +76,8 @@ def student_budget(cfg: StudyConfig, name: str, student: LlamaConfig, teacher: L
 def _student_kind(cfg: StudyConfig, name: str, student, teacher, seq_len: int, devices: int):
   """(tokens, flops, memory, label) of one kind's training run of a seed (kinds.KINDS)."""
   kind = kinds.get(name)
-  copies = len(cfg.student_grid(name))  # one per T (and per rate of a sweep)
+  copies = sum(len(cfg.student_grid(k, knob)) for k, knob in cfg.student_runs() if k == name)
+  # one per T and truncation knob value (and per rate of a sweep)
   b = student_budget(cfg, name, student, teacher, seq_len)
   mem = _training(student, b["sequences"], seq_len, 1, cfg.batch_size, devices, cfg.dtype,
                   copies=copies)[2]
@@ -117,7 +118,7 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
   gt, teacher, student = _models(cfg, describe)
   devices = _mesh_size(cfg.mesh)
   seq_len = (prompt_len or 1) + cfg.max_new_tokens
-  n_temps, n_seeds = len(cfg.temperatures), cfg.num_seeds
+  n_temps, n_seeds = len(cfg.temperatures) + len(cfg.knob_values), cfg.num_seeds
   stages = []
 
   def add(name, what, sequences, est):
@@ -140,7 +141,10 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
       + (f", x{n_teachers} seeds (--seed_scope={cfg.seed_scope})" if n_teachers > 1 else ""),
       cfg.num_train * n_teachers, (tok * n_teachers, flops * n_teachers, mem))
   n = (cfg.teacher_num_train + cfg.teacher_num_val) * n_temps * n_seeds
-  add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)} x {n_seeds} seeds",
+  knob = (f" and {cfg.teacher_knob} in {list(cfg.knob_values)} at T=1" if cfg.knob_values
+          else "")
+  add("3_sample_teacher", f"sample the teacher at T in {list(cfg.temperatures)}{knob} x "
+      f"{n_seeds} seeds",
       n, _sampling(teacher, n, seq_len, cfg.sample_batch_size, cfg.dtype))
   ests = [_student_kind(cfg, k, student, teacher, seq_len, devices) for k in cfg.students]
   add("4_train_students", f"train the students {cfg.student} per seed, matched budgets of "

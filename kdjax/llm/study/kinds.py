@@ -54,15 +54,17 @@ class StudentKind:
     held-out set: p*'s stands in)."""
     return TEACHER_SAMPLES if self.data == TEACHER_SAMPLES else PSTAR
 
-  def grid(self, temperatures, learning_rates=()) -> list[tuple[str, float | None, float | None]]:
-    """[(student name, T, learning rate)] in the order its training run vmaps them: T-major,
+  def grid(self, temperatures, learning_rates=(), knob: str = "temperature"
+           ) -> list[tuple[str, float | None, float | None]]:
+    """[(student name, T, learning rate)] in the order its training run vmaps them: T-major
+    (under a truncation `knob`, its values stand for the temperatures: names student_name's),
     then each learning rate of a sweep (--student_learning_rates with more than one rate, each
     name suffixed `_lr<rate>`; lr None: --learning_rate). ('direct', None, lr) for direct."""
     temps = list(temperatures) if self.per_temperature else [None]
     lrs = list(learning_rates) if len(learning_rates) > 1 else [None]
     out = []
     for t in temps:
-      base = self.name if t is None else student_name(self.name, t)
+      base = self.name if t is None else student_name(self.name, t, knob)
       out += [(base if lr is None else f"{base}_lr{lr:g}", t, lr) for lr in lrs]
     return out
 
@@ -107,5 +109,14 @@ def get(name: str) -> StudentKind:
   return dataclasses.replace(KINDS[base], name=name, student_fraction=lam)
 
 
-def student_name(kind: str, temperature: float) -> str:
-  return f"{kind}_T{temperature:g}"
+# a knob's label in student and directory names: <kind>_T0.8, <kind>_topp0.9, <kind>_minp0.1, ...
+KNOB_LABELS = {"temperature": "T", "top_p": "topp", "min_p": "minp", "top_k": "topk"}
+
+
+def setting_label(value: float, knob: str = "temperature") -> str:
+  """'T0.8', 'topp0.9', 'minp0.1', 'topk20': a knob's value in names."""
+  return f"{KNOB_LABELS[knob]}{value:g}"
+
+
+def student_name(kind: str, temperature: float, knob: str = "temperature") -> str:
+  return f"{kind}_{setting_label(temperature, knob)}"

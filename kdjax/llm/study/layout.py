@@ -45,13 +45,23 @@ class Layout:
   def pstar_embeddings(self, seed: int) -> str:
     return os.path.join(*self._prefix(seed), "embeddings", "pstar_val")
 
-  @staticmethod
-  def teacher_samples(seed: int, t: float, split: str) -> str:
-    return os.path.join(f"seed_{seed}", f"teacher_T{t:g}", split)
+  def teacher_entropy(self, seed: int, value: float, knob: str = "temperature") -> str:
+    """The teacher's (trained with `seed`, a Layout.teacher_seed) mean per-token entropy on p*'s
+    select split under a knob's value."""
+    return os.path.join(*self._prefix(seed), "teacher_entropy", kinds.setting_label(value, knob))
 
   @staticmethod
-  def students(seed: int, kind: str) -> str:
-    return os.path.join(f"seed_{seed}", "students", kind)
+  def teacher_samples(seed: int, t: float, split: str, knob: str = "temperature") -> str:
+    """The teacher's samples at T (teacher_T<t>), or at a truncation knob's value
+    (teacher_topp0.9, ...)."""
+    return os.path.join(f"seed_{seed}", f"teacher_{kinds.setting_label(t, knob)}", split)
+
+  @staticmethod
+  def students(seed: int, kind: str, knob: str = "temperature") -> str:
+    """A kind's training run (its students at every temperature: students/KIND), or under a
+    truncation knob (students/KIND_top_p, ...)."""
+    return os.path.join(f"seed_{seed}", "students",
+                        kind if knob == "temperature" else f"{kind}_{knob}")
 
   @staticmethod
   def student_samples(seed: int, name: str) -> str:
@@ -61,9 +71,9 @@ class Layout:
   def scores(seed: int, name: str) -> str:
     return os.path.join(f"seed_{seed}", "scores", name)
 
-  def held_out(self, seed: int, kind: str, t: Optional[float]) -> str:
+  def held_out(self, seed: int, kind: str, t: Optional[float], knob: str = "temperature") -> str:
     """A student's validation set (its training distribution's held-out samples,
     kinds.held_out)."""
     if kinds.get(kind).held_out == TEACHER_SAMPLES:
-      return self.teacher_samples(seed, t, "val")
+      return self.teacher_samples(seed, t, "val", knob)
     return self.pstar("val", self.pstar_seed(seed))

@@ -16,6 +16,15 @@
   6. results.json (these flags, rows with the sample-based measures of kdjax.sample_metrics,
      summary: mean and standard error over seeds), results.csv, figures, embedding_map.png.
 
+A truncation knob (--teacher_knob=top_p|min_p|top_k, --knob_values; kdjax.llm.model.truncation)
+adds, beside the temperatures' units (their keys unchanged), the teacher's samples at T = 1
+truncated at each value (seed_S/teacher_topp0.9/...), one training run per kind under the knob
+(seed_S/students/KIND_top_p: seqkd on those samples, token-level kinds against the truncated,
+renormalised target) and their scores. Stage 5 also measures the teacher's mean per-token entropy
+on p*'s select split under every setting (teacher_entropy/<setting>: kdjax.llm.study.entropy);
+results.json's rows carry knob, knob_value and teacher_entropy, and entropy_slopes the slope of
+precision and recall per nat of it per kind and knob (kdjax.llm.study.stats.entropy_slopes).
+
 p*'s splits serve one purpose each: train (the teacher's and the direct and token-level students'
 training set), select (held out; selects the teacher's checkpoint) and val (recall's test set and
 nothing else: no model is selected on it). Students are not selected at all: each keeps its final
@@ -44,8 +53,8 @@ from absl import logging
 from kdjax import cli, distributed
 from kdjax.cli import require
 from kdjax.llm import data
-from kdjax.llm.model import embeddings
-from kdjax.llm.study import inputs, plots, report, runs, units
+from kdjax.llm.model import embeddings, truncation
+from kdjax.llm.study import entropy, inputs, plots, report, runs, units
 from kdjax.llm.study.config import StudyConfig, validate
 from kdjax.llm.study.units import Unit
 from kdjax.llm.study.work import (is_done, load_dataset, loglik_and_embeddings, mark_done,
@@ -95,12 +104,16 @@ class Study:
     self._models[spec] = self._models.pop(spec)  # most recently used last
     return self._models[spec]
 
-  def sample(self, unit: Unit, spec: str, num: int, temperature: float, desc: str) -> None:
+  def sample(self, unit: Unit, spec: str, num: int, temperature: float, desc: str,
+             knob: str = "temperature") -> None:
+    """Sample a dataset unit at `temperature`, or under a truncation knob at its value
+    `temperature` (T = 1: kdjax.llm.model.truncation.sampler_kwargs)."""
     out = unit.dir(self.workdir)
     if not is_done(out):
+      kw = truncation.sampler_kwargs(knob, temperature)
       sample_dataset(out, *self.model(spec), self.prompt, self.tokenizer,
-                     seed_key(*unit.stream), num=num, temperature=temperature, cfg=self.cfg,
-                     eos_id=self.eos_id, desc=desc)
+                     seed_key(*unit.stream), num=num, temperature=kw.pop("temperature"),
+                     cfg=self.cfg, eos_id=self.eos_id, desc=desc, draw_kwargs=kw or None)
 
   def run(self, name: str, todo: list[Unit], fn) -> None:
     """Run fn(unit, *unit.args) for the units not done for their key (a stale unit is removed
@@ -187,13 +200,15 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
   st.run("2_train_teacher", todo["2_train_teacher"],
          lambda u, seed: train_models(u.dir(st.workdir), runs.teacher_run(st.runs, seed)))
   st.run("3_sample_teacher", todo["3_sample_teacher"],
-         lambda u, seed, n, t, desc: st.sample(u, teacher_spec(st, seed), n, t, desc))
+         lambda u, seed, n, t, desc, knob: st.sample(u, teacher_spec(st, seed), n, t, desc, knob))
   # Students keep their final parameters (one epoch ending in the WSD decay); each one's validation
   # perplexity, on held-out samples of its own training distribution, is measured in stage 5.
   st.run("4_train_students", todo["4_train_students"],
-         lambda u, seed, kind: train_models(
-             u.dir(st.workdir), runs.student_run(st.runs, seed, kind, teacher_spec(st, seed))))
-  scorers = {"pstar_val": embed_pstar_val, "student": score_student}
+         lambda u, seed, kind, knob: train_models(
+             u.dir(st.workdir),
+             runs.student_run(st.runs, seed, kind, teacher_spec(st, seed), knob)))
+  scorers = {"pstar_val": embed_pstar_val, "student": score_student,
+             "teacher_entropy": measure_entropy}
   st.run("5_score_students", todo["5_score_students"], lambda u, what, *a: scorers[what](st, u, *a))
   with stage(st.workdir, "6_results", st.timings):
     rows = report.results_rows(cfg, st.workdir, st.seq_len)
@@ -215,20 +230,31 @@ def checkpoint_spec(st: Study, rel: str, j: int) -> str:
   return "ckpt:" + os.path.join(st.path(rel), model["checkpoint"])
 
 
-def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str, t) -> None:
+def measure_entropy(st: Study, unit: Unit, seed: int, value: float, knob: str) -> None:
+  """The teacher's mean per-token entropy on p*'s select split under a knob's value
+  (kdjax.llm.study.entropy) -> DONE.json {"entropy", "knob", "value"}."""
+  select = load_dataset(st.path(st.units.pstar("select", seed).rel))
+  batches = data.eval_batches(select, st.cfg.eval_batch_size, st.seq_len)
+  h = entropy.mean_entropy(*st.model(teacher_spec(st, seed)), batches, knob, value)
+  logging.info("teacher entropy %s=%g seed %d: %.4f nats per token", knob, value, seed, h)
+  mark_done(unit.dir(st.workdir), {"entropy": h, "knob": knob, "value": value})
+
+
+def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str, t,
+                  knob: str = "temperature") -> None:
   """Sample student `name` at T=1, score the samples under p* (precision), score p*'s validation
   samples under the student (recall); DONE.json holds the three numbers."""
   cfg, out = st.cfg, unit.dir(st.workdir)
   layout = st.units.layout
-  student = checkpoint_spec(st, layout.students(seed, kind), j)
-  samples_unit = st.units.student_samples(seed, kind, name)
+  student = checkpoint_spec(st, layout.students(seed, kind, knob), j)
+  samples_unit = st.units.student_samples(seed, kind, name, knob)
   claim(samples_unit, st.workdir)
   st.sample(samples_unit, student, cfg.num_eval_samples, 1.0, f"student {name} seed {seed}")
   b, n = cfg.eval_batch_size, st.seq_len
   pstar_val = st.units.pstar("val", seed).rel
   recall = mean_loglik(*st.model(student), load_dataset(st.path(pstar_val)), b, n,
                        f"recall {name} seed {seed}")
-  own_val = layout.held_out(seed, kind, t)
+  own_val = layout.held_out(seed, kind, t, knob)
   val = recall if own_val == pstar_val else mean_loglik(
       *st.model(student), load_dataset(st.path(own_val)), b, n, f"val {name} seed {seed}")
   select = None
@@ -271,8 +297,9 @@ def prepare_workdir(cfg: StudyConfig, workdir: str, overwrite: bool) -> None:
   logging.info("%s %s", "reusing" if existed and not overwrite else "starting", workdir)
 
 
-OUTPUTS = ("pstar", "teacher", "embeddings", "results.json", "results.csv", "comparisons.csv",
-           "timings.json", "embedding_map.png") + plots.FIGURES
+OUTPUTS = (("pstar", "teacher", "embeddings", "teacher_entropy", "results.json", "results.csv",
+           "comparisons.csv", "timings.json", "embedding_map.png") + plots.FIGURES
+           + plots.ENTROPY_FIGURES)
 
 
 def clear_outputs(workdir: str) -> None:

@@ -30,6 +30,7 @@ COLUMNS = (("objective", "temperature", "seed", "precision", "recall", "val_perp
 METRICS = stats.METRICS  # precision, recall, val_perplexity and SAMPLE_METRICS
 FIGURES = ("precision_vs_recall.png", "precision_recall_vs_temperature.png",
            "knn_vs_likelihood.png")
+ENTROPY_FIGURES = ("precision_vs_entropy.png", "recall_vs_entropy.png")
 
 
 def write_csv(rows: list[dict], path: str) -> None:
@@ -125,17 +126,54 @@ def _versus_temperature(plt, kinds: dict, path: str, title: str,
   plt.close(fig)
 
 
+def _versus_entropy(plt, summary: list[dict], metric: str, path: str, title: str) -> None:
+  """`metric` against the teacher's mean per-token entropy on p*'s select split: one panel per
+  kind, one curve per knob through its values (seed means of both; bars: 95% t-intervals of the
+  metric over seeds; points labelled by the knob's value)."""
+  cells = defaultdict(lambda: defaultdict(list))
+  for e in summary:
+    if e.get("knob") and e.get("teacher_entropy_mean") is not None:
+      cells[e["objective"]][e["knob"]].append(e)
+  kinds = list(cells)
+  fig, axes = plt.subplots(1, max(len(kinds), 1), figsize=(4.6 * max(len(kinds), 1), 3.8),
+                           squeeze=False)
+  for ax, kind in zip(axes[0], kinds):
+    for knob, es in cells[kind].items():
+      es = sorted(es, key=lambda e: e["teacher_entropy_mean"])
+      line = ax.errorbar([e["teacher_entropy_mean"] for e in es], [e[f"{metric}_mean"] for e in es],
+                         yerr=_err(es, metric), marker="o", capsize=2, markersize=4, label=knob)
+      for e in es:
+        ax.annotate(f"{e['knob_value']:g}", (e["teacher_entropy_mean"], e[f"{metric}_mean"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points",
+                    color=line[0].get_color())
+    ax.set_xlabel("teacher's mean per-token entropy on p*'s select split (nats)", fontsize=8)
+    ax.set_ylabel(f"{metric} ({UNITS.get(metric, '')})", fontsize=8)
+    ax.set_title(kind)
+    ax.legend(fontsize=7)
+  fig.suptitle((title + "\n" if title else "") + f"{metric} against the teacher's entropy, one "
+               "curve per knob; bars: 95% t-interval over seeds", fontsize=8)
+  _save(fig, path)
+  plt.close(fig)
+
+
 def write_figures(rows: list[dict], workdir: str, title: str = "") -> list[str]:
+  """The temperature figures (FIGURES: the temperature students and direct) and, when rows
+  carry the teacher's entropy, ENTROPY_FIGURES (every knob)."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  kinds = _by_kind(summarize(rows))
+  kinds = _by_kind(summarize(stats.temperature_rows(rows)))
   paths = [os.path.join(workdir, name) for name in FIGURES]
   _plane(plt, kinds, paths[0], title)
   _versus_temperature(plt, kinds, paths[1], title)
   _versus_temperature(plt, kinds, paths[2], title + ("\n" if title else "") + "likelihood "
                       "(top) and k-NN (bottom, in p*'s embedding space) precision and recall",
                       grid=(("precision", "recall"), ("knn_precision", "knn_recall")))
+  if any(r.get("teacher_entropy") is not None for r in rows):
+    summary = summarize(rows)
+    for metric, name in zip(("precision", "recall"), ENTROPY_FIGURES):
+      paths.append(os.path.join(workdir, name))
+      _versus_entropy(plt, summary, metric, paths[-1], title)
   return paths
 
 
@@ -150,7 +188,8 @@ def format_table(rows: list[dict]) -> str:
   lines = ["| objective | T | seeds | precision | recall | val perplexity | k-NN precision | "
            "k-NN recall | distinct-2 |", "|---|---|---|---|---|---|---|---|---|"]
   for e in summarize(rows):
-    t = "-" if e["temperature"] is None else f"{e['temperature']:g}"
+    t = ("-" if e["temperature"] is None else f"{e['temperature']:g}" if
+         e.get("knob") in (None, "temperature") else f"{e['knob']}={e['knob_value']:g}")
     lines.append(f"| {e['objective']} | {t} | {e['n']} | "
                  f"{_pm(e['precision_mean'], e['precision_se'], 2)} | "
                  f"{_pm(e['recall_mean'], e['recall_se'], 2)} | "

@@ -33,7 +33,10 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   (kdjax.sample_metrics.sample_measures: knn_precision, knn_recall and mauve against p*'s
   reference samples in p*'s embedding space; distinct_1/2/3 and mean_length of its tokens), and
   its training budget: steps (as trained), train_sequences, train_tokens, train_flops and
-  sampling_flops (on-policy; cost.student_budget); `student` (its name) and `learning_rate`; with
+  sampling_flops (on-policy; cost.student_budget); `student` (its name) and `learning_rate`;
+  `knob` and `knob_value` (its teacher's setting: temperature and T, or a truncation at T = 1,
+  whose rows have temperature 1.0; None for direct) and `teacher_entropy` (the teacher's mean
+  per-token entropy on p*'s select split under that setting, kdjax.llm.study.entropy); with
   a --student_learning_rates sweep, every rate's student and its `select_loglik` (choose_rates
   keeps one per kind, T and seed)."""
   path = lambda rel: os.path.join(workdir, rel)  # noqa: E731
@@ -41,14 +44,19 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   rows = []
   for seed in cfg.seeds:
     reference = embeddings.load(path(layout.pstar_embeddings(layout.pstar_seed(seed))))
-    for kind in cfg.students:
-      trained = units.read_record(path(layout.students(seed, kind)))["steps"]
-      for name, t, lr in cfg.student_grid(kind):
+    for kind, knob in cfg.student_runs():
+      trained = units.read_record(path(layout.students(seed, kind, knob)))["steps"]
+      for name, t, lr in cfg.student_grid(kind, knob):
         scores = path(layout.scores(seed, name))
         s = units.read_record(scores)
         b = budgets[kind]
         sweep = {"select_loglik": s["select_loglik"]} if cfg.lr_sweep else {}
-        rows.append({"objective": kind, "temperature": t, "seed": seed, "student": name,
+        entropy = None if t is None else units.read_record(path(layout.teacher_entropy(
+            layout.teacher_seed(seed), t, knob)))["entropy"]
+        rows.append({"objective": kind,
+                     "temperature": t if t is None or knob == "temperature" else 1.0,
+                     "knob": None if t is None else knob, "knob_value": t,
+                     "teacher_entropy": entropy, "seed": seed, "student": name,
                      "learning_rate": lr or cfg.learning_rate, **sweep,
                      "precision": s["precision"], "recall": s["recall"],
                      "val_perplexity": s["val_perplexity"], "steps": trained,
@@ -69,7 +77,7 @@ def choose_rates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return rows, []
   best = {}
   for r in rows:
-    k = (r["objective"], r["temperature"], r["seed"])
+    k = (r["objective"], r.get("knob"), r.get("knob_value", r["temperature"]), r["seed"])
     if k not in best or r["select_loglik"] > best[k]["select_loglik"]:
       best[k] = r
   chosen_ids = {id(r) for r in best.values()}
@@ -84,14 +92,15 @@ def write_results(workdir: str, rows: list[dict], cfg: StudyConfig) -> None:
   objective and T)."""
   rows, sweep = choose_rates(rows)
   summary = plots.summarize(rows)
-  comparisons = stats.comparisons(rows)
+  comparisons = stats.comparisons(stats.temperature_rows(rows))
   plots.write_csv(rows, os.path.join(workdir, "results.csv"))
   stats.write_csv(comparisons, os.path.join(workdir, "comparisons.csv"))
   plots.write_figures(rows, workdir, title=f"p* = {cfg.ground_truth}, teacher {cfg.teacher}, "
                       f"students {cfg.student}")
   cli.atomic_write_json(os.path.join(workdir, "results.json"),
                         {"config": cfg.to_dict(), "rows": rows, "summary": summary,
-                         "comparisons": comparisons, "lr_sweep": sweep})
+                         "comparisons": comparisons, "lr_sweep": sweep,
+                         "entropy_slopes": stats.entropy_slopes(rows)})
 
 
 def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> None:
@@ -104,7 +113,7 @@ def write_embedding_map(cfg: StudyConfig, workdir: str, rows: list[dict]) -> Non
       os.remove(path)
     return
   layout, panels = units.Layout(cfg), []
-  rows = choose_rates(rows)[0]
+  rows = stats.temperature_rows(choose_rates(rows)[0])  # the temperature students' panels
   for e in plots.summarize(rows):
     mine = [r for r in rows if (r["objective"], r["temperature"]) ==
             (e["objective"], e["temperature"])]

@@ -59,14 +59,17 @@ def teacher_run(ri: RunInputs, seed: int) -> TrainConfig:
                       cfg.teacher_epochs, seed, ri.seq_len)
 
 
-def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str) -> TrainConfig:
+def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str,
+                knob: str = "temperature") -> TrainConfig:
   """One kind's students of a seed (kinds.KINDS): on p*'s train set, on the teacher's samples at
   each temperature, or on their own samples; distilling kinds against the teacher's next-token
   distribution at each T. Every kind trains cfg.student_steps steps of --batch_size sequences
   (matched budgets). Its students (one per T, and per rate of a --student_learning_rates sweep,
-  cfg.student_grid's order) train vmapped in one run with the seed's common random numbers."""
+  cfg.student_grid's order) train vmapped in one run with the seed's common random numbers.
+  Under a truncation `knob` its values stand for the temperatures: seqkd reads the teacher's
+  samples drawn with the knob, the token-level kinds its truncated target (teacher_knob)."""
   cfg, k, layout = ri.cfg, kinds.get(kind), units.Layout(ri.cfg)
-  grid = cfg.student_grid(kind)
+  grid = cfg.student_grid(kind, knob)
   extra = {"steps": cfg.student_steps}  # matched budgets: every kind the same steps
   if len(grid) > 1:
     extra["common_random_numbers"] = True
@@ -75,9 +78,11 @@ def student_run(ri: RunInputs, seed: int, kind: str, teacher_spec: str) -> Train
   if k.distills_tokens:
     extra.update(teacher=teacher_spec, teacher_temperatures=tuple(t for _, t, _ in grid),
                  objective=k.objective)
+    if knob != "temperature":
+      extra["teacher_knob"] = knob
   pstar_train = ri.path(layout.pstar("train", layout.pstar_seed(seed)))
   if k.data == TEACHER_SAMPLES:
-    data = [ri.path(layout.teacher_samples(seed, t, "train")) for _, t, _ in grid]
+    data = [ri.path(layout.teacher_samples(seed, t, "train", knob)) for _, t, _ in grid]
   elif k.data == OWN_SAMPLES:  # GKD's lambda < 1: the rest of each batch is p*'s sequences
     data = [pstar_train] if k.student_fraction < 1 else []
     extra.update(onpolicy=True, prompt=tuple(ri.prompt), max_new_tokens=cfg.max_new_tokens,
@@ -97,5 +102,5 @@ def training_runs(ri: RunInputs, teacher_spec: Optional[str] = None) -> dict[str
   teacher_spec = teacher_spec or cfg.teacher
   teachers = sorted({layout.teacher_seed(s) for s in cfg.seeds})
   return {"2_train_teacher": [teacher_run(ri, s) for s in teachers],
-          "4_train_students": [student_run(ri, seed, kind, teacher_spec)
-                               for seed in cfg.seeds for kind in cfg.students]}
+          "4_train_students": [student_run(ri, seed, kind, teacher_spec, knob)
+                               for seed in cfg.seeds for kind, knob in cfg.student_runs()]}

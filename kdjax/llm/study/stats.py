@@ -120,15 +120,31 @@ def mean_interval(values, level: float = 0.95) -> dict:
   return out
 
 
+def _knob(r: dict) -> str:
+  """A row's teacher knob (rows without one: direct, or written before knobs: temperature)."""
+  return r.get("knob") or "temperature"
+
+
+def temperature_rows(rows: list[dict]) -> list[dict]:
+  """The rows of the temperature students and direct (the comparisons, the temperature
+  figures and the embedding map read these; a truncation knob's rows have T = 1 too)."""
+  return [r for r in rows if _knob(r) == "temperature"]
+
+
 def summarize(rows: list[dict], metrics=METRICS) -> list[dict]:
-  """[{objective, temperature, n, <metric>_mean, _se, _ci95_low, _ci95_high}] per (objective, T),
-  in row order (module docstring)."""
+  """[{objective, temperature, knob, knob_value, n, <metric>_mean, _se, _ci95_low, _ci95_high}]
+  per (objective, knob, value), in row order (module docstring; teacher_entropy is summarised as
+  a metric when rows have it)."""
   groups = defaultdict(list)
   for r in rows:
-    groups[(r["objective"], r["temperature"])].append(r)
+    groups[(r["objective"], _knob(r), r.get("knob_value", r["temperature"]))].append(r)
+  if any("teacher_entropy" in r for r in rows):
+    metrics = tuple(metrics) + ("teacher_entropy",)
   out = []
-  for (kind, t), rs in groups.items():
-    entry = {"objective": kind, "temperature": t, "n": len(rs)}
+  for (kind, knob, value), rs in groups.items():
+    entry = {"objective": kind, "temperature": rs[0]["temperature"], "n": len(rs)}
+    if "knob" in rs[0]:
+      entry.update(knob=rs[0]["knob"], knob_value=value)
     for m in metrics:
       s = mean_interval([r.get(m) for r in rs])
       for field in ("mean", "se", "ci95_low", "ci95_high"):
@@ -198,6 +214,48 @@ def comparisons(rows: list[dict], metrics=COMPARED) -> list[dict]:
         continue
       out.append({"comparison": name, "metric": m, "kind": kind, "temperature": t,
                   "baseline_kind": base, "baseline_temperature": bt, **d})
+  return out
+
+
+# ----------------------------------------------------------------------------- entropy slopes
+
+
+def slope(x, y) -> Optional[float]:
+  """Least-squares slope of y on x; None with fewer than two distinct x."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 2:
+    return None
+  dx = x - x.mean()
+  if not np.any(np.abs(dx) > 1e-9 * max(1.0, float(np.abs(x).max()))):
+    return None
+  return float(np.sum(dx * (y - y.mean())) / np.sum(dx * dx))
+
+
+def entropy_slopes(rows: list[dict], metrics=("precision", "recall")) -> dict:
+  """{kind: {knob: {metric: mean_interval of the per-seed slopes, "seed_slopes": {metric:
+  {seed: slope}}, "entropy_range": [lo, hi]}}}: per kind and knob, each seed's least-squares
+  slope of the metric (nats per token) per nat of the teacher's mean per-token entropy
+  (`teacher_entropy`) over the knob's values, then the mean and 95% t-interval over seeds
+  (mean_interval; a seed with fewer than two distinct entropies gives no slope)."""
+  out: dict = {}
+  cells = defaultdict(lambda: defaultdict(list))
+  for r in rows:
+    if r.get("knob") and r.get("teacher_entropy") is not None:
+      cells[(r["objective"], r["knob"])][r["seed"]].append(r)
+  for (kind, knob), by_seed in cells.items():
+    entry: dict = {"seed_slopes": {}}
+    for m in metrics:
+      per = {}
+      for seed, rs in sorted(by_seed.items()):
+        got = [r for r in rs if r.get(m) is not None]
+        s = slope([r["teacher_entropy"] for r in got], [r[m] for r in got])
+        if s is not None:
+          per[seed] = s
+      entry[m] = mean_interval(list(per.values()))
+      entry["seed_slopes"][m] = per
+    ent = [r["teacher_entropy"] for rs in by_seed.values() for r in rs]
+    entry["entropy_range"] = [min(ent), max(ent)]
+    out.setdefault(kind, {})[knob] = entry
   return out
 
 

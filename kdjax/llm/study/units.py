@@ -56,7 +56,7 @@ SPLITS = ("train", "val", "select")  # p*'s splits; a split's index names its ra
 # (keys before it had none); students 2: common random numbers (identity by seed, not position);
 # samples 3: rows drawn in chunks of --sample_batch_size per device (kdjax.llm.model.sample_rows).
 VERSIONS = {"pstar": 3, "teacher": 2, "teacher_samples": 3, "students": 2, "student_samples": 3,
-            "pstar_embeddings": 2, "scores": 2}
+            "pstar_embeddings": 2, "scores": 2, "teacher_entropy": 1}
 
 # fold_in tags of the sampling streams: seed_key(seed, tag, ...)
 PSTAR_STREAM, TEACHER_STREAM, STUDENT_STREAM = 0, 2, 3
@@ -172,40 +172,47 @@ class StudyUnits:
                       eval_every=c.eval_every, train=self.pstar("train", s).key,
                       select=self.pstar("select", s).key, training=self._training(), **extra)
 
-  def teacher_samples(self, seed: int, t: float, split: str) -> Unit:
+  def teacher_samples(self, seed: int, t: float, split: str, knob: str = "temperature") -> Unit:
+    """The teacher's samples at T, or under a truncation knob at its value t (T = 1): another
+    stream, directory and key (`knob`, `knob_value`) than any temperature's."""
     c = self.cfg
     n = c.teacher_num_train if split == "train" else c.teacher_num_val
-    stream = [seed, TEACHER_STREAM, stable_id(f"T{t:g}"), ("train", "val").index(split)]
-    return self._unit("3_sample_teacher", self.layout.teacher_samples(seed, t, split),
-                      "teacher_samples", (seed, n, t, f"teacher T={t:g} {split} seed {seed}"),
-                      teacher=self.teacher(seed).key, seed=seed, temperature=t, split=split,
+    label = kinds.setting_label(t, knob)
+    stream = [seed, TEACHER_STREAM, stable_id(label), ("train", "val").index(split)]
+    setting = ({"temperature": t} if knob == "temperature" else
+               {"temperature": 1.0, "knob": knob, "knob_value": t})
+    return self._unit("3_sample_teacher", self.layout.teacher_samples(seed, t, split, knob),
+                      "teacher_samples", (seed, n, t, f"teacher {label} {split} seed {seed}", knob),
+                      teacher=self.teacher(seed).key, seed=seed, **setting, split=split,
                       num=n, sampling=self._sampling(), stream=stream)
 
-  def students(self, seed: int, kind: str) -> Unit:
-    """One kind's training run of a seed (all its temperatures: they train together)."""
+  def students(self, seed: int, kind: str, knob: str = "temperature") -> Unit:
+    """One kind's training run of a seed under a knob (all its values: they train together)."""
     c, k = self.cfg, kinds.get(kind)
     what = {"kind": kind, "student": c.student, "seed": seed, "steps": c.student_steps,
             "training": self._training()}
+    values = c.knob_values_of(knob)
+    if knob != "temperature":
+      what["knob"] = knob
     if k.data == TEACHER_SAMPLES:
-      what["data"] = [self.teacher_samples(seed, t, "train").key for t in c.temperatures]
+      what["data"] = [self.teacher_samples(seed, t, "train", knob).key for t in values]
     else:
       what["data"] = self.pstar("train", seed).key
     if k.distills_tokens:
       what["teacher"] = self.teacher(seed).key
-      what["temperatures"] = list(c.temperatures)
+      what["temperatures" if knob == "temperature" else "knob_values"] = list(values)
     if c.lr_sweep:
       what["learning_rates"] = list(c.student_learning_rates)
     if k.onpolicy:
       what["sampling"] = self._sampling()
-    return self._unit("4_train_students", self.layout.students(seed, kind), "students",
-                      (seed, kind),
-                      **what)
+    return self._unit("4_train_students", self.layout.students(seed, kind, knob), "students",
+                      (seed, kind, knob), **what)
 
-  def student_samples(self, seed: int, kind: str, name: str) -> Unit:
+  def student_samples(self, seed: int, kind: str, name: str, knob: str = "temperature") -> Unit:
     c = self.cfg
     return self._unit("5_score_students", self.layout.student_samples(seed, name),
                       "student_samples",
-                      students=self.students(seed, kind).key, name=name,
+                      students=self.students(seed, kind, knob).key, name=name,
                       num=c.num_eval_samples, sampling=self._sampling(),
                       stream=[seed, STUDENT_STREAM, stable_id(name)])
 
@@ -217,19 +224,30 @@ class StudyUnits:
                       ("pstar_val", s), val=self.pstar("val", s).key, num=num_reference(c),
                       eval_batch_size=c.eval_batch_size, embedding=EMBEDDING)
 
-  def scores(self, seed: int, kind: str, j: int, name: str, t: Optional[float]) -> Unit:
-    """A student's precision, recall, validation perplexity and its samples' embeddings (j: its
-    index among its kind's students, whose checkpoints the training run lists in that order)."""
+  def teacher_entropy(self, seed: int, value: float, knob: str = "temperature") -> Unit:
+    """The mean per-token entropy of the teacher seed `seed`'s units read, on p*'s select split,
+    under a knob's value (kdjax.llm.study.entropy)."""
     c = self.cfg
-    what = {"samples": self.student_samples(seed, kind, name).key,
+    s = self.layout.teacher_seed(seed)
+    return self._unit("5_score_students", self.layout.teacher_entropy(s, value, knob),
+                      "teacher_entropy", ("teacher_entropy", s, value, knob),
+                      teacher=self.teacher(s).key, select=self.pstar("select", s).key,
+                      knob=knob, value=value, eval_batch_size=c.eval_batch_size)
+
+  def scores(self, seed: int, kind: str, j: int, name: str, t: Optional[float],
+             knob: str = "temperature") -> Unit:
+    """A student's precision, recall, validation perplexity and its samples' embeddings (j: its
+    index among its run's students, whose checkpoints the training run lists in that order)."""
+    c = self.cfg
+    what = {"samples": self.student_samples(seed, kind, name, knob).key,
             "val": self.pstar("val", seed).key,
             "eval_batch_size": c.eval_batch_size, "embedding": EMBEDDING}
     if kinds.get(kind).held_out == TEACHER_SAMPLES:
-      what["own_val"] = self.teacher_samples(seed, t, "val").key
+      what["own_val"] = self.teacher_samples(seed, t, "val", knob).key
     if c.lr_sweep:  # the select split's log-likelihood chooses each student's rate
       what["select"] = self.pstar("select", seed).key
     return self._unit("5_score_students", self.layout.scores(seed, name), "scores",
-                      ("student", seed, kind, j, name, t), **what)
+                      ("student", seed, kind, j, name, t, knob), **what)
 
   def by_stage(self) -> dict[str, list[Unit]]:
     """Every unit of every stage, in the order the stages run them."""
@@ -240,14 +258,18 @@ class StudyUnits:
     out["2_train_teacher"] = [self.teacher(s) for s in
                               sorted({self.layout.teacher_seed(s) for s in c.seeds})]
     out["5_score_students"] += [self.pstar_embeddings(s) for s in pstar_seeds]
+    out["5_score_students"] += [self.teacher_entropy(s, v, knob) for s in
+                                sorted({self.layout.teacher_seed(s) for s in c.seeds})
+                                for knob in c.knobs for v in c.knob_values_of(knob)]
     seqkd = any(kinds.get(k).data == TEACHER_SAMPLES for k in c.students)
     for seed in c.seeds:
-      for t in (c.temperatures if seqkd else ()):  # seqkd's data only
-        out["3_sample_teacher"] += [self.teacher_samples(seed, t, s) for s in ("train", "val")]
-      for kind, group in c.student_groups():
-        out["4_train_students"].append(self.students(seed, kind))
-        out["5_score_students"] += [self.scores(seed, kind, j, name, t)
-                                    for j, (name, t) in enumerate(group)]
+      for knob in (c.knobs if seqkd else ()):  # seqkd's data only
+        out["3_sample_teacher"] += [self.teacher_samples(seed, t, s, knob)
+                                    for t in c.knob_values_of(knob) for s in ("train", "val")]
+      for kind, knob in c.student_runs():
+        out["4_train_students"].append(self.students(seed, kind, knob))
+        out["5_score_students"] += [self.scores(seed, kind, j, name, t, knob)
+                                    for j, (name, t, _) in enumerate(c.student_grid(kind, knob))]
     return out
 
 
@@ -318,7 +340,9 @@ def _check_scores(path: str, record: dict) -> Optional[str]:
 _CHECKS = {"pstar": _check_dataset, "teacher_samples": _check_dataset,
            "student_samples": _check_dataset, "teacher": _check_training,
            "students": _check_training, "scores": _check_scores,
-           "pstar_embeddings": lambda path, r: _check_embeddings(path, r.get("sequences"))}
+           "pstar_embeddings": lambda path, r: _check_embeddings(path, r.get("sequences")),
+           "teacher_entropy": lambda path, r: (None if isinstance(r.get("entropy"), (int, float))
+                                               else "DONE.json has no entropy")}
 
 
 def check_outputs(unit: Unit, workdir: str) -> Optional[str]:
