@@ -198,12 +198,15 @@ def test_entropy_against_closed_forms():
 
 
 def test_top_p_boundary_is_strict():
-  """At the knife edge (the mass before a token equals p, in the float32 the rule computes) the
-  token is out: a token is in the nucleus iff the mass before it is < p."""
-  z = jnp.asarray([[0.0, 0.0, 0.0, -1.0]])
-  w = jnp.exp(z - 0.0)
-  cum = jnp.cumsum(w, axis=-1)
-  edge = np.float32(((cum - w) / cum[..., -1:])[0, 3])  # the mass before the last token
-  kept = lambda p: np.flatnonzero(np.asarray(truncation.truncate(z, top_p=jnp.float32(p))[1][0]))
-  assert kept(edge).tolist() == [0, 1, 2]
-  assert kept(np.nextafter(edge, np.float32(1))).tolist() == [0, 1, 2, 3]
+  """At the knife edge (the mass before a token equals p exactly: binary fractions, exact in any
+  summation order) the token is out: in the nucleus iff the mass before it is < p, i.e. the
+  threshold is the largest logit whose tokens at or above hold >= p."""
+  z = jnp.asarray([[3.0, 2.0, 1.0, 0.0]])
+  w = jnp.asarray([[0.5, 0.25, 0.125, 0.125]])
+  tau = lambda need: float(truncation._largest_reaching(z, w, jnp.asarray([need], jnp.float32))[0])
+  assert tau(0.75) == 2.0  # mass before z = 1 is exactly 0.75: out
+  assert tau(np.nextafter(np.float32(0.75), np.float32(1))) == 1.0
+  assert tau(0.5) == 3.0 and tau(1.0) == 0.0
+  ones = jnp.ones((1, 4))
+  assert [float(truncation._largest_reaching(z, ones, jnp.asarray([k], jnp.float32))[0])
+          for k in (1, 2, 3, 4)] == [3.0, 2.0, 1.0, 0.0]
