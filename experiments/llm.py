@@ -21,7 +21,7 @@ from absl import flags, logging
 
 from kdjax import cli, distributed
 from kdjax.llm.model import truncation
-from kdjax.llm.study import cost, hardware, pipeline, plots
+from kdjax.llm.study import cost, hardware, observed, pipeline, plots
 from kdjax.llm.study.config import EMBEDDING_MAPS, SEED_SCOPES, StudyConfig, validate
 
 _D = StudyConfig()
@@ -171,9 +171,10 @@ def dry_run(cfg: StudyConfig) -> None:
   plan = cost.dry_run_plan(cfg, FLAGS.ground_truth_preset)
   print(cost.format_plan(plan), flush=True)
   if FLAGS.hardware:
+    steps = observed.known_steps(cfg, FLAGS.workdir) if FLAGS.workdir else None
     print(hardware.format_estimate(hardware.estimate(
         cfg, plan, FLAGS.hardware, FLAGS.ground_truth_preset, FLAGS.mfu, FLAGS.mbu,
-        FLAGS.memory_analysis)))
+        FLAGS.memory_analysis, steps=steps)))
   if FLAGS.workdir:
     print(pipeline.cache_report(cfg, FLAGS.workdir))
 

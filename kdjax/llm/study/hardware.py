@@ -299,7 +299,7 @@ def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
   mem = {}
   if memory:
     mem = programs.compile_stages(cfg, plan, models, mesh_shape, local,
-                                  _student_programs(cfg, models), chip, progress)
+                                  _student_programs(cfg, models), chip, progress, steps)
     if programs.tpu_target(chip):
       val = compute_seconds(teacher_validation_flops(cfg, models["teacher"], plan["seq_len"]),
                             mesh_chips, chip, mfu)
@@ -360,7 +360,7 @@ def assumptions(est: dict) -> list[str]:
   tpu = ["hours: each program's seconds per call = max(FLOPs / (peak x MFU "
          f"{est['mfu']:g}), bytes accessed / (HBM bandwidth x MBU {est['mbu']:g})), its FLOPs and "
          "bytes per chip from the TPU compiler's executable (kdjax.compiled.cost: loop bodies "
-         "weighted by their trip counts; the sampler as if every row drew all --max_new_tokens); "
+         "weighted by their trip counts; the sampler's loops for the tokens drawn below); "
          "the decoding formula below is not used"] if est.get("timed_by", "").startswith(
              "the TPU") else []
   return tpu + [

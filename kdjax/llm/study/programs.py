@@ -12,7 +12,8 @@ abstract arrays, nothing allocated) are compiled for the mesh the pipeline gives
 
 Every figure says which compiler gave it. With the TPU compiler each program's FLOPs and bytes
 accessed per chip and call (kdjax.compiled.cost: XLA's cost analysis of the TPU executable, loop
-bodies weighted by their trip counts; the sampler as if every row drew all --max_new_tokens) give
+bodies weighted by their trip counts; the sampler for the tokens a call draws: all
+--max_new_tokens, or what a workdir's finished samples show, kdjax/llm/study/observed.py) give
 its time by roofline:
 
   seconds per call = max(FLOPs / (peak x MFU), bytes / (HBM bandwidth x MBU))
@@ -86,10 +87,12 @@ def ensure_cpu_devices(n: int) -> None:
 
 
 def sampler_memory(c: LlamaConfig, batch: int, prompt_len: int, max_new_tokens: int,
-                   chips: int, chip=None) -> dict:
-  """footprint.sampler on `chips` devices (params replicated, the batch split) + its compiler."""
+                   chips: int, chip=None, steps=None) -> dict:
+  """footprint.sampler on `chips` devices (params replicated, the batch split) + its compiler;
+  its cost for `steps` tokens drawn (default max_new_tokens)."""
   mesh, how = mesh_for(chip, chips, 1, 1)
-  return {**footprint.sampler(c, mesh, batch, prompt_len, max_new_tokens), "compiled_by": how}
+  return {**footprint.sampler(c, mesh, batch, prompt_len, max_new_tokens, steps),
+          "compiled_by": how}
 
 
 def scorer_memory(c: LlamaConfig, batch: int, seq_len: int, chips: int, chip=None) -> dict:
@@ -105,9 +108,9 @@ def train_memory(c: LlamaConfig, mesh_shape, batch: int, seq_len: int, chip=None
 
 
 def compile_stages(cfg, plan: dict, models: dict, mesh_shape, local: int, student_programs,
-                   chip, progress) -> dict:
+                   chip, progress, steps=None) -> dict:
   """{stage: [(program, mesh text, report)]}: every program compiled (report: footprint's, with
-  `compiled_by`)."""
+  `compiled_by`; steps: {model name: tokens a sampling call draws}, default max_new_tokens)."""
   seq_len, prompt_len = plan["seq_len"], plan["seq_len"] - cfg.max_new_tokens
   rows = cfg.sample_batch_size  # per chip: each chip draws its own chunk (no collective)
   eb, eval_chips = cfg.eval_batch_size, per_chip(cfg.eval_batch_size, local)[1]
@@ -117,7 +120,8 @@ def compile_stages(cfg, plan: dict, models: dict, mesh_shape, local: int, studen
     c = models[name]
     label = f"sampler {name}, {rows} rows/chip (one chunk per chip, {local} chips)"
     return (label, "1 chip",
-            lambda: sampler_memory(c, rows, prompt_len, cfg.max_new_tokens, 1, chip))
+            lambda: sampler_memory(c, rows, prompt_len, cfg.max_new_tokens, 1, chip,
+                                   (steps or {}).get(name)))
 
   def scorer(name):
     label = f"scorer {name}, batch {eb} x {seq_len} ({eb // eval_chips}/chip)"
