@@ -178,16 +178,16 @@ def test_tiny_study_with_a_knob(tmp_path):
   (the same per setting for every kind of a seed, lower for a smaller p), entropy_slopes and the
   entropy figures are written."""
   from kdjax.llm.study import pipeline
-  cfg = dataclasses.replace(TINY_STUDY, students=("seqkd", "fkl"), teacher_knob="top_p",
-                            knob_values=(0.3, 0.9), num_seeds=2)
+  cfg = dataclasses.replace(TINY_STUDY, students=("seqkd", "fkl", "onpolicy_jsd"),
+                            teacher_knob="top_p", knob_values=(0.3, 0.9), num_seeds=2)
   rows = pipeline.run_study(cfg, str(tmp_path))
-  assert len(rows) == 2 * 2 * 4
+  assert len(rows) == 2 * 3 * 4
   ent = {(r["knob"], r["knob_value"]): r["teacher_entropy"] for r in rows}
   assert len(ent) == 4 and all(h > 0 for h in ent.values())
   assert ent[("top_p", 0.3)] < ent[("top_p", 0.9)] and ent[("temperature", 0.8)] < ent[
       ("temperature", 1.0)]
   saved = json.load(open(tmp_path / "results.json"))
-  assert set(saved["entropy_slopes"]) == {"seqkd", "fkl"}
+  assert set(saved["entropy_slopes"]) == {"seqkd", "fkl", "onpolicy_jsd"}
   assert saved["entropy_slopes"]["fkl"]["top_p"]["precision"]["n"] == 2
   for name in ("precision_vs_entropy.png", "recall_vs_entropy.png"):
     assert os.path.getsize(tmp_path / name) > 0

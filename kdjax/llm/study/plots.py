@@ -25,7 +25,8 @@ from kdjax.llm.study.stats import summarize  # noqa: F401 (plots.summarize: repo
 SAMPLE_METRICS = ("knn_precision", "knn_recall", "mauve", "distinct_1", "distinct_2", "distinct_3",
                   "mean_length")
 BUDGET = ("steps", "train_sequences", "train_tokens", "train_flops", "sampling_flops")
-COLUMNS = (("objective", "temperature", "seed", "precision", "recall", "val_perplexity")
+COLUMNS = (("objective", "temperature", "knob", "knob_value", "teacher_entropy", "seed",
+            "precision", "recall", "val_perplexity")
            + SAMPLE_METRICS + BUDGET)
 METRICS = stats.METRICS  # precision, recall, val_perplexity and SAMPLE_METRICS
 FIGURES = ("precision_vs_recall.png", "precision_recall_vs_temperature.png",
