@@ -121,6 +121,11 @@ def test_entropy_slopes_against_polyfit():
       assert got["seed_slopes"][m] == pytest.approx({s: v[i] for s, v in enumerate(slopes)})
       assert got[m] == pytest.approx(stats.mean_interval([v[i] for v in slopes]), rel=1e-9)
       assert got[m]["ci95_low"] < got[m]["mean"] < got[m]["ci95_high"]
+  for i, m in enumerate(("precision", "recall")):
+    diff = [p[i] - t[i] for p, t in zip(want["top_p"], want["temperature"])]
+    assert out["fkl"]["top_p"]["minus_temperature"][m] == pytest.approx(
+        stats.mean_interval(diff), rel=1e-9)
+  assert "minus_temperature" not in out["fkl"]["temperature"]
   # the summary keeps T = 1 and top_p rows (temperature 1.0 both) apart; comparisons read T only
   summary = stats.summarize(rows)
   assert len(summary) == 7 and {e.get("knob") for e in summary} == {"temperature", "top_p", None}

@@ -152,7 +152,7 @@ def _versus_entropy(plt, summary: list[dict], metric: str, path: str, title: str
     ax.set_title(kind)
     ax.legend(fontsize=7)
   fig.suptitle((title + "\n" if title else "") + f"{metric} against the teacher's entropy, one "
-               "curve per knob; bars: 95% t-interval over seeds", fontsize=8)
+               "curve per knob; bars: 95% t-interval over seeds", fontsize=8, y=1.06)
   _save(fig, path)
   plt.close(fig)
 

@@ -236,7 +236,10 @@ def entropy_slopes(rows: list[dict], metrics=("precision", "recall")) -> dict:
   {seed: slope}}, "entropy_range": [lo, hi]}}}: per kind and knob, each seed's least-squares
   slope of the metric (nats per token) per nat of the teacher's mean per-token entropy
   (`teacher_entropy`) over the knob's values, then the mean and 95% t-interval over seeds
-  (mean_interval; a seed with fewer than two distinct entropies gives no slope)."""
+  (mean_interval; a seed with fewer than two distinct entropies gives no slope); for a
+  truncation knob also "minus_temperature": the interval of its per-seed slope minus the
+  temperature knob's (paired by seed: the knobs share each seed's teacher and initialisation).
+  Slopes equal within their intervals across knobs are what "entropy is the knob" predicts."""
   out: dict = {}
   cells = defaultdict(lambda: defaultdict(list))
   for r in rows:
@@ -256,6 +259,13 @@ def entropy_slopes(rows: list[dict], metrics=("precision", "recall")) -> dict:
     ent = [r["teacher_entropy"] for rs in by_seed.values() for r in rs]
     entry["entropy_range"] = [min(ent), max(ent)]
     out.setdefault(kind, {})[knob] = entry
+  for kind, knobs in out.items():  # paired by seed: a knob's slope minus temperature's
+    base = knobs.get("temperature")
+    for knob, entry in knobs.items():
+      if knob != "temperature" and base is not None:
+        entry["minus_temperature"] = {m: mean_interval(
+            [s - base["seed_slopes"][m][seed] for seed, s in entry["seed_slopes"][m].items()
+             if seed in base["seed_slopes"][m]]) for m in metrics}
   return out
 
 
