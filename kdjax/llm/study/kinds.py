@@ -16,6 +16,11 @@ estimate all read `KINDS` instead of branching on names.
                  e.g. onpolicy_fkl@0.5): each batch's first round(lambda B) rows the student's own
                  samples, the rest p*'s training sequences (kdjax.llm.train.batches); lambda 0
                  is token-level KD on p*'s sequences, one teacher forward per student
+
+Every kind but direct also has students under a truncation knob of the teacher when the study
+sets --teacher_knob (top_p, min_p, top_k at T = 1; kdjax.llm.model.truncation): named with the
+knob's label instead of T (seqkd_topp0.9, fkl_minp0.1, fkl_topk20: setting_label), trained in a
+run of their own (StudyConfig.student_runs); rkl-based kinds are refused there (infinite).
 """
 
 from __future__ import annotations
