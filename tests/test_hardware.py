@@ -230,3 +230,23 @@ def test_bad_hardware_flags_are_one_line(args, expect):
   assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert len(errors) == 1 and expect in errors[0], proc.stderr[-3000:]
+
+
+def test_a_program_the_compiler_refuses_for_memory_is_one_line(monkeypatch):
+  """The TPU compiler refuses a program HBM cannot hold (RESOURCE_EXHAUSTED, as libtpu did for
+  p*'s sampler at 624 rows per v5p chip): one `error:` line naming the stage and program."""
+  import jax
+  from kdjax.llm.study import cost
+  from tests.helpers import TINY_STUDY
+
+  def refuse(*args, **kw):
+    raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total "
+                                     "memory required for HLO temporaries (101.69G)\nexceeds 95.74G")
+  monkeypatch.setattr(programs, "sampler_memory", refuse)
+  models = hardware._configs(TINY_STUDY, "")
+  with pytest.raises(UserError) as e:
+    programs.compile_stages(TINY_STUDY, cost.dry_run_plan(TINY_STUDY), models, (1, 1, 1), 1, [],
+                            hardware.CHIPS["v5p"], print)
+  assert ("1_sample_ground_truth: sampler ground_truth, 8 rows/chip (one chunk per chip, 1 chips) "
+          "does not fit TPU v5p: RESOURCE_EXHAUSTED: Ran out of memory on HBM") in str(e.value)
+  assert "\n" not in str(e.value)

@@ -144,7 +144,12 @@ def compile_stages(cfg, plan: dict, models: dict, mesh_shape, local: int, studen
     out[stage] = []
     for label, mesh, fn in programs:
       started = time.perf_counter()
-      report = fn()
+      try:
+        report = fn()
+      except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses what HBM cannot hold
+        require("RESOURCE_EXHAUSTED" not in str(e), f"--hardware: {stage}: {label} does not fit "
+                f"{chip.name}: {' '.join(str(e).split())[:300]}")
+        raise
       progress(f"compiled {stage}: {label} on {mesh} by {report['compiled_by']}: "
                f"{report['memory_per_device_gb']:.3g} GB per device "
                f"({time.perf_counter() - started:.0f} s)")
