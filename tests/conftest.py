@@ -63,34 +63,127 @@ def pytest_configure(config):
     config.option.loadscopereorder = False  # the order below
 
 
-# Unit tests of over ~8 CPU seconds each (`--cpu-durations`, fast tier, 2026-12-05): they run in
-# the whole suite, not the fast tier; each module keeps a cheaper test of the same code there.
-# A prefix names every parametrization of a test; a whole module (the real checkpoint) ends in .py.
-HEAVY = (
-    "tests/test_llm_real_checkpoint.py",  # SmolLM2-135M and transformers loaded: 80 s
-    "tests/test_gmm_train.py::test_mode_seeking_students_of_a_two_component_teacher_in_8d",
-    "tests/test_gmm_train.py::test_fkl_one_gaussian_student_is_the_moment_match_at_every_beta[random",
-    "tests/test_gmm_train.py::test_a_student_stopped_early_is_not_converged",
-    "tests/test_gmm_study.py::test_full_covariance_two_component_students_agree_with_sklearn",
-    "tests/test_gmm_knobs.py::test_grid_lays_out_every_knob_at_the_others_identity",
-    "tests/test_gmm_knn.py::test_grid_knn_is_the_metric_on_the_grids_samples",
-    "tests/test_embedding_map.py::test_same_seed_same_map[umap]",
-    "tests/test_llm_train_family.py::test_train_runs_and_exports_each_student[False]",
-    "tests/test_llm_train_family.py::test_vmapped_temperatures_equal_one_by_one_runs",
-    "tests/test_llm_train_family.py::test_onpolicy_steps_train_on_fresh_samples",
-    "tests/test_compiled.py::test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients",
-    "tests/test_compiled.py::test_footprint_train_step_students_and_remat",
-    "tests/test_hardware.py::test_compiled_memory_follows_the_mesh",
-    "tests/test_gkd_lambda.py::test_train_with_a_mixed_batch_runs_and_records_the_data_position",
-    "tests/test_llm_train.py::test_vmapped_students_equal_one_by_one[lr_scales1]",
-    "tests/test_llm_train.py::test_train_summary_checksum_and_determinism",
-    "tests/test_llm_train.py::test_every_score_counts_the_generated_tokens_only[False]",
-    "tests/test_llm_train.py::test_grad_accumulation_equals_full_batch[False]",
-    "tests/test_llm_sampling.py::test_top_k_and_top_p_never_emit_excluded_tokens",
-    "tests/test_train_eval.py::test_train_selects_each_student_on_the_first_n_of_its_own_set",
-    "tests/test_sharding.py::test_2x2x2_mesh_trains_like_one_device",
-    "tests/test_decode_blocks.py::test_samples_do_not_depend_on_the_block_size",
-)
+# Unit tests of over ~4 CPU seconds each (`--cpu-durations`, 2026-12-05): they run in the whole
+# suite, not the fast tier; every module keeps cheaper tests of the same code there (e.g. one
+# parametrization of two). Per module: test-name prefixes ("" = the whole module).
+HEAVY = {
+    "test_attention.py": (
+        "test_training_loss_and_gradients_match",
+    ),
+    "test_checkpoint.py": (
+        "test_state_roundtrip_keep_n_and_shardings",
+    ),
+    "test_compiled.py": (
+        "test_bfloat16_study_samples_and_scores_with_bfloat16_weights_and_cache",
+        "test_footprint_train_step_students_and_remat",
+        "test_fsdp_shards_activations_over_the_batch_and_reduces_the_head_once",
+        "test_remat_reaches_train_lm_and_the_study_and_keeps_the_gradients",
+    ),
+    "test_compiled_cost.py": (
+        "test_train_step_compiled_by_the_tpu_compiler_for_a_v5p_slice",
+    ),
+    "test_decode_blocks.py": (
+        "test_decoding_in_blocks_equals_the_full_forward[3]",
+        "test_samples_do_not_depend_on_the_block_size",
+        "test_step_i_draws_from_fold_in_key_i_by_inverse_cdf",
+    ),
+    "test_embedding_map.py": (
+        "test_one_pass_gives_the_scores_and_the_mean_hidden_state[preset:test-tiny@3]",
+        "test_same_seed_same_map[umap]",
+    ),
+    "test_gkd_lambda.py": (
+        "test_mixed_batches_take_the_right_rows_from_each_source",
+        "test_train_with_a_mixed_batch_runs_and_records_the_data_position",
+    ),
+    "test_gmm_knn.py": (
+        "test_grid_knn_is_the_metric_on_the_grids_samples",
+        "test_knn_orders_the_students_like_the_likelihoods",
+    ),
+    "test_gmm_knobs.py": (
+        "test_beta_configurations_of_the_knob_sweep_equal_the_beta_only_sweep",
+        "test_grid_lays_out_every_knob_at_the_others_identity",
+        "test_knob_sweep_equals_one_by_one_runs",
+    ),
+    "test_gmm_study.py": (
+        "test_agrees_with_sklearn_within_monte_carlo_error[precision-direct]",
+        "test_full_covariance_two_component_students_agree_with_sklearn",
+        "test_one_gaussian_fkl_is_checked_against_its_known_optimum",
+    ),
+    "test_gmm_train.py": (
+        "test_a_student_stopped_early_is_not_converged",
+        "test_fkl_one_gaussian_student_is_the_moment_match_at_every_beta[grid8-diag]",
+        "test_fkl_one_gaussian_student_is_the_moment_match_at_every_beta[random",
+        "test_mode_seeking_gradient_estimator_is_unbiased[jsd]",
+        "test_mode_seeking_gradient_estimator_is_unbiased[rkl]",
+        "test_mode_seeking_students_converge_on_one_gaussian_teachers_in_16d[jsd]",
+        "test_mode_seeking_students_converge_on_one_gaussian_teachers_in_16d[rkl]",
+        "test_mode_seeking_students_of_a_two_component_teacher_in_8d",
+        "test_mode_seeking_students_recover_a_one_gaussian_teacher[jsd]",
+    ),
+    "test_hardware.py": (
+        "test_compiled_memory_follows_the_mesh",
+    ),
+    "test_head_kd.py": (
+        "test_head_kd_matches_the_unfused_heads_and_loss[vd-fkl]",
+    ),
+    "test_llm_bad_input.py": (
+        "test_preset_seed_and_tokenizer_vocab_check",
+        "test_truncated_gguf[-1]",
+        "test_truncated_gguf[2000000]",
+    ),
+    "test_llm_model.py": (
+        "test_left_padding_matches_unpadded",
+        "test_token_by_token_decoding_equals_full_forward[test-tiny-untied]",
+    ),
+    "test_llm_real_checkpoint.py": ("",),  # SmolLM2-135M and transformers loaded: 80 s
+    "test_llm_sampling.py": (
+        "test_batch_sharded_over_data_agrees_with_unsharded_up_to_rounding",
+        "test_decode_loop_follows_the_model",
+        "test_fast_decode_path_matches_model_forward[test-tiny-untied]",
+        "test_first_token_frequencies_match_softmax_over_temperature",
+        "test_top_k_and_top_p_never_emit_excluded_tokens",
+        "test_top_p_keeps_the_boundary_token_at_its_renormalised_frequency",
+    ),
+    "test_llm_train.py": (
+        "test_evaluate_is_per_token_mean",
+        "test_every_score_counts_the_generated_tokens_only[False]",
+        "test_every_score_counts_the_generated_tokens_only[True]",
+        "test_fused_head_nll_matches_autodiff_of_the_unfused_loss[shape0-vd]",
+        "test_grad_accumulation_equals_full_batch[False]",
+        "test_grad_accumulation_equals_full_batch[True]",
+        "test_kd_step_runs_and_self_distillation_is_zero",
+        "test_train_summary_checksum_and_determinism",
+        "test_vmapped_students_equal_one_by_one[lr_scales0]",
+        "test_vmapped_students_equal_one_by_one[lr_scales1]",
+    ),
+    "test_llm_train_family.py": (
+        "test_each_objective_trains[jsd]",
+        "test_onpolicy_batches_are_each_students_own_samples",
+        "test_onpolicy_steps_train_on_fresh_samples",
+        "test_target_is_the_tempered_teacher_and_the_student_is_untempered[fkl]",
+        "test_train_runs_and_exports_each_student[False]",
+        "test_train_runs_and_exports_each_student[True]",
+        "test_vmapped_temperatures_equal_one_by_one_runs",
+    ),
+    "test_mixture_paths.py": (
+        "test_unrolled_and_vectorized_log_prob_agree_with_gradients[2-8]",
+    ),
+    "test_objectives_density.py": (
+        "test_forward_kl_covers_reverse_kl_seeks_a_mode",
+    ),
+    "test_sharding.py": (
+        "test_2x2x2_mesh_trains_like_one_device",
+    ),
+    "test_train_eval.py": (
+        "test_first_n_sequences_only_and_each_student_on_its_own_set",
+        "test_train_selects_each_student_on_the_first_n_of_its_own_set",
+    ),
+    "test_train_state.py": (
+        "test_same_checksum_on_one_device_and_sharded_over_eight",
+    ),
+}
+_HEAVY_PREFIXES = tuple(f"tests/{module}::{name}".rstrip(":") for module, names in HEAVY.items()
+                        for name in names)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -98,7 +191,7 @@ def pytest_collection_modifyitems(config, items):
   """Every multiprocess and HEAVY test is slow (before -m deselects); modules with slow tests
   first."""
   for item in items:
-    heavy = item.nodeid.startswith(HEAVY)
+    heavy = item.nodeid.startswith(_HEAVY_PREFIXES)
     if (heavy or item.get_closest_marker("multiprocess")) and not item.get_closest_marker("slow"):
       item.add_marker(pytest.mark.slow)
   slow_files = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}

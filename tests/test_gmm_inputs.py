@@ -104,9 +104,11 @@ def _one_dimensional_flags(tmp_path, covariance):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("covariance", ["diag", "full"])
-def test_one_dimensional_ground_truth_end_to_end(tmp_path, covariance):
-  proc = _run(*_one_dimensional_flags(tmp_path, covariance), f"--workdir={tmp_path}/w")
+def test_one_dimensional_ground_truth_end_to_end(tmp_path):
+  # diagonal covariance only: a full-covariance json p* runs end to end in
+  # tests/test_experiments_gmm.py (the README's json line, 2-D); the [full] variant of this test
+  # (35 CPU-s) went to keep the suite in its time
+  proc = _run(*_one_dimensional_flags(tmp_path, "diag"), f"--workdir={tmp_path}/w")
   assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
   rows = json.load(open(f"{tmp_path}/w/results.json"))["rows"]
   assert rows and all(r["precision"] is not None and r["recall"] is not None for r in rows)

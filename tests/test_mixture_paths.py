@@ -13,8 +13,9 @@ from tests.test_mixture import _scipy_log_prob
 
 # (K, D): 3 x 2 unrolled chains; 1 x 3 static loop over D; 1 x 8, 3 x 8 and 20 x 6 one reduction
 # over D (K x D above mixture._UNROLL_MAX_TERMS, D above mixture._UNROLL_MAX_DIMS); 5 x 3 the
-# component axis with the loop over D when the unrolled chains are limited below K x D
-@pytest.mark.parametrize("k,d", [(3, 2), (1, 3), (1, 8), (3, 8), (20, 6), (5, 3)])
+# component axis with the loop over D when the unrolled chains are limited below K x D; 2 x 1 a
+# one-dimensional p* (1 x 1 covariances, as a 1-D json ground truth with --covariance=full)
+@pytest.mark.parametrize("k,d", [(3, 2), (1, 3), (1, 8), (3, 8), (20, 6), (5, 3), (2, 1)])
 @pytest.mark.parametrize("covariance", ["diag", "full"])
 def test_log_prob_paths_match_scipy(covariance, k, d):
   m = mx.random_mixture(jax.random.PRNGKey(k * 100 + d), k, d, covariance)
