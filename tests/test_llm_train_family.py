@@ -326,11 +326,9 @@ def _summary(workdir):
 
 @pytest.mark.slow
 def test_sigkill_then_rerun_gives_identical_params(tmp_path):
-  """On-policy students (the widest state: vmapped students, the teacher, the sampler's stream and
-  the batch position) killed after a checkpoint resume to the uninterrupted run's parameters. The
-  offline (dataset) variant is not repeated here: its data position's resume is
-  tests/test_resume.py's (train_lm) and tests/test_experiments_llm.py's (the study's teacher), and
-  the vmapped state it checkpoints is the same pytree as this one's."""
+  """On-policy students (vmapped students, teacher, sampler stream, batch position) killed after a
+  checkpoint resume to the uninterrupted run. A dataset's position: tests/test_resume.py and
+  tests/test_experiments_llm.py."""
   onpolicy = True
   cfg = _cfg(tmp_path, onpolicy, steps=24, checkpoint_every=4, val_data="synthetic:16",
              eval_every=8)
