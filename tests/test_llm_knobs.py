@@ -118,7 +118,7 @@ def test_entropy_slopes_against_polyfit():
   for knob, slopes in want.items():
     for i, m in enumerate(("precision", "recall")):
       got = out["fkl"][knob]
-      assert got["seed_slopes"][m] == pytest.approx({s: v[i] for s, v in enumerate(slopes)})
+      assert got["seed_slopes"][m] == pytest.approx({str(s): v[i] for s, v in enumerate(slopes)})
       assert got[m] == pytest.approx(stats.mean_interval([v[i] for v in slopes]), rel=1e-9)
       assert got[m]["ci95_low"] < got[m]["mean"] < got[m]["ci95_high"]
   for i, m in enumerate(("precision", "recall")):

@@ -38,7 +38,8 @@ def test_end_to_end_outputs(study):
     saved = json.load(f)
   assert saved == {"config": TINY.to_dict(), "rows": rows, "summary": plots.summarize(rows),
                    "comparisons": stats.comparisons(rows),
-                   "lr_sweep": []}  # no --student_learning_rates: no sweep
+                   "lr_sweep": [],  # no --student_learning_rates: no sweep
+                   "entropy_slopes": stats.entropy_slopes(rows)}
   with open(os.path.join(workdir, "comparisons.csv")) as f:
     assert len(list(csv.DictReader(f))) == len(saved["comparisons"]) > 0
   assert [(r["objective"], r["temperature"]) for r in rows] == [

@@ -233,7 +233,7 @@ def slope(x, y) -> Optional[float]:
 
 def entropy_slopes(rows: list[dict], metrics=("precision", "recall")) -> dict:
   """{kind: {knob: {metric: mean_interval of the per-seed slopes, "seed_slopes": {metric:
-  {seed: slope}}, "entropy_range": [lo, hi]}}}: per kind and knob, each seed's least-squares
+  {str(seed): slope}}, "entropy_range": [lo, hi]}}}: per kind and knob, each seed's least-squares
   slope of the metric (nats per token) per nat of the teacher's mean per-token entropy
   (`teacher_entropy`) over the knob's values, then the mean and 95% t-interval over seeds
   (mean_interval; a seed with fewer than two distinct entropies gives no slope); for a
@@ -253,7 +253,7 @@ def entropy_slopes(rows: list[dict], metrics=("precision", "recall")) -> dict:
         got = [r for r in rs if r.get(m) is not None]
         s = slope([r["teacher_entropy"] for r in got], [r[m] for r in got])
         if s is not None:
-          per[seed] = s
+          per[str(seed)] = s  # JSON object keys: results.json reads back the same
       entry[m] = mean_interval(list(per.values()))
       entry["seed_slopes"][m] = per
     ent = [r["teacher_entropy"] for rs in by_seed.values() for r in rs]
