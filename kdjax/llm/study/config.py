@@ -153,9 +153,8 @@ def validate(cfg: StudyConfig) -> None:
           ">= 0 (0: --num_train)")
   require(cfg.student_sequences >= cfg.batch_size, f"--student_num_train="
           f"{cfg.student_num_train}: fewer than one --batch_size={cfg.batch_size} batch")
-  for name in ("learning_rate",):
-    v = getattr(cfg, name)
-    require(math.isfinite(v) and v > 0, f"--{name}={v}: must be a positive number")
+  require(math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0,
+          f"--learning_rate={cfg.learning_rate}: must be a positive number")
   require(0 <= cfg.warmup_fraction < 1, f"--warmup_fraction={cfg.warmup_fraction}: must be in [0, 1)")
   require(0 <= cfg.decay_fraction <= 1, f"--decay_fraction={cfg.decay_fraction}: must be in [0, 1]")
   require(cfg.warmup_fraction + cfg.decay_fraction <= 1,
