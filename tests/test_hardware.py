@@ -250,3 +250,26 @@ def test_a_program_the_compiler_refuses_for_memory_is_one_line(monkeypatch):
   assert ("1_sample_ground_truth: sampler ground_truth, 8 rows/chip (one chunk per chip, 1 chips) "
           "does not fit TPU v5p: RESOURCE_EXHAUSTED: Ran out of memory on HBM") in str(e.value)
   assert "\n" not in str(e.value)
+
+
+def test_compiled_hours_count_matched_budgets_and_the_seed_scope():
+  """The TPU path's call counts (programs.compiled_hours): every student kind trains
+  cfg.student_steps per seed (matched budgets, not its own data set's size), and with
+  --seed_scope=teacher each seed trains its own teacher and pays its validation."""
+  report = {"flops": 1.0, "bytes_accessed": 1.0, "unknown_trip_counts": 0}
+  labels = {"1_sample_ground_truth": ["sampler"], "2_train_teacher": ["train step teacher, batch"],
+            "3_sample_teacher": ["sampler"],
+            "4_train_students": ["train step direct, remat none", "train step seqkd x2, remat none"],
+            "5_score_students": ["sampler", "scorer ground_truth", "scorer student"]}
+  stages = {k: [(label, None, report) for label in v] for k, v in labels.items()}
+  base = dict(temperatures=(0.8, 1.0), students=("direct", "seqkd"), num_train=640,
+              teacher_num_train=64, student_num_train=128, batch_size=8, num_seeds=3,
+              teacher_epochs=2)
+  label = {"direct": "direct", "seqkd": "seqkd x2"}.get
+  for scope, teachers in (("students", 1), ("teacher", 3)):
+    cfg = StudyConfig(**base, seed_scope=scope)
+    hours = programs.compiled_hours(cfg, stages, label, CHIP, 1, 2, 0.5, 0.6, 10.0)
+    how = hours["4_train_students"][1]
+    assert how.count(f"x {cfg.student_steps * 3} steps") == 2, how  # 16 steps x 3 seeds, each
+    assert f"x {640 * 2 // 8 * teachers} steps" in hours["2_train_teacher"][1]
+    assert f"validation {10.0 * teachers / 3600:.3g} h" in hours["2_train_teacher"][1]

@@ -244,15 +244,16 @@ def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, p
             f"{bound}-bound)")
 
   out = {}
+  n_pstar, n_teachers = programs.sample_sets_and_teachers(cfg)  # --seed_scope
   s1 = sum(sample("ground_truth", n) for n in (cfg.num_train, cfg.num_val, cfg.num_select))
-  out["1_sample_ground_truth"] = (s1, f"decode p*: {step('ground_truth')}")
-  val = teacher_validation_flops(cfg, teacher, seq_len)
+  out["1_sample_ground_truth"] = (s1 * n_pstar, f"decode p*: {step('ground_truth')}")
+  val = teacher_validation_flops(cfg, teacher, seq_len) * n_teachers
   s2 = compute_seconds(flops["2_train_teacher"] + val, mesh_chips, chip, mfu)
   out["2_train_teacher"] = (s2, f"{flops['2_train_teacher']:.3g} FLOP + validation {val:.3g} "
                             f"FLOP on {mesh_chips} chips")
   per = sample("teacher", cfg.teacher_num_train) + sample("teacher", cfg.teacher_num_val)
-  out["3_sample_teacher"] = (per * len(cfg.temperatures) * cfg.num_seeds,
-                             f"decode teacher: {step('teacher')}")
+  settings = len(cfg.temperatures) + len(cfg.knob_values)  # each a teacher sample set
+  out["3_sample_teacher"] = (per * settings * cfg.num_seeds, f"decode teacher: {step('teacher')}")
   out["4_train_students"] = (compute_seconds(flops["4_train_students"], mesh_chips, chip, mfu),
                              f"{flops['4_train_students']:.3g} FLOP on {mesh_chips} chips")
   decode, forward = 0.0, 0.0

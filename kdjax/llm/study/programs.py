@@ -33,7 +33,7 @@ import jax
 from kdjax import compiled
 from kdjax.cli import require
 from kdjax.llm.model.config import LlamaConfig
-from kdjax.llm.study import kinds
+from kdjax.llm.study.layout import Layout
 from kdjax.llm.train import footprint
 from kdjax.sharding import make_mesh
 
@@ -168,6 +168,14 @@ def roofline(report: dict, chip, mfu: float, mbu: float) -> tuple[float, str]:
   return max(compute_s, memory_s), ("FLOPs" if compute_s >= memory_s else "HBM")
 
 
+def sample_sets_and_teachers(cfg) -> tuple[int, int]:
+  """(p* sample sets, teachers) the study makes: one each, or one per seed by --seed_scope (as
+  kdjax.llm.study.cost.plan counts them)."""
+  layout = Layout(cfg)
+  return (len({layout.pstar_seed(x) for x in cfg.seeds}),
+          len({layout.teacher_seed(x) for x in cfg.seeds}))
+
+
 def _program(stages: dict, stage: str, prefix: str) -> dict:
   return next(r for label, _, r in stages[stage] if label.startswith(prefix))
 
@@ -191,20 +199,22 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, local
     return math.ceil(math.ceil(num / cfg.eval_batch_size) / processes)
 
   out, seeds = {}, cfg.num_seeds
+  n_pstar, n_teachers = sample_sets_and_teachers(cfg)
   s, how = call("1_sample_ground_truth", "sampler")
-  n = sum(batches(k) for k in (cfg.num_train, cfg.num_val, cfg.num_select))
+  n = sum(batches(k) for k in (cfg.num_train, cfg.num_val, cfg.num_select)) * n_pstar
   out["1_sample_ground_truth"] = (n * s, f"{how} x {n} calls")
   s, how = call("2_train_teacher", "train step teacher, batch")
-  steps = int(cfg.num_train * cfg.teacher_epochs) // cfg.batch_size
-  out["2_train_teacher"] = (steps * s + validation_s, f"{how} x {steps} steps + validation "
-                            f"{validation_s / 3600:.3g} h (FLOPs / (chips x peak x MFU))")
+  steps = int(cfg.num_train * cfg.teacher_epochs) // cfg.batch_size * n_teachers
+  out["2_train_teacher"] = (steps * s + validation_s * n_teachers, f"{how} x {steps} steps + "
+                            f"validation {validation_s * n_teachers / 3600:.3g} h (FLOPs / (chips"
+                            " x peak x MFU))")
   s, how = call("3_sample_teacher", "sampler")
-  n = (batches(cfg.teacher_num_train) + batches(cfg.teacher_num_val)) * len(cfg.temperatures) * seeds
+  settings = len(cfg.temperatures) + len(cfg.knob_values)  # each a teacher sample set
+  n = (batches(cfg.teacher_num_train) + batches(cfg.teacher_num_val)) * settings * seeds
   out["3_sample_teacher"] = (n * s, f"{how} x {n} calls")
   total, hows = 0.0, []
-  for kind in cfg.students:
-    data = cfg.teacher_num_train if kinds.get(kind).data == "teacher_samples" else cfg.num_train
-    steps = int(data * cfg.student_epochs) // cfg.batch_size * seeds
+  for kind in cfg.students:  # matched budgets: every kind's run takes cfg.student_steps
+    steps = cfg.student_steps * seeds
     s, how = call("4_train_students", f"train step {student_label(kind)}, remat none")
     total += steps * s
     hows.append(f"{how} x {steps} steps")
