@@ -74,19 +74,24 @@ def test_kept_sets_at_boundaries_and_ties(z, kw, want):
 
 
 def test_kept_sets_match_numpy_on_random_rows():
-  """Random rows with many ties (logits on a coarse grid), traced k as well as static."""
+  """Random rows with many ties (logits on a coarse grid): all rows in one call with per-row
+  values (traced k), and a few rows with k static."""
   rng = np.random.default_rng(1)
-  for _ in range(200):
-    z = rng.integers(-4, 4, size=23).astype(np.float64) * 0.5
-    k = int(rng.integers(1, 25))
-    p = float(rng.uniform(0.05, 1.0))
-    m = float(rng.uniform(0.01, 0.9))
-    for kw in ({"top_k": k}, {"top_p": p}, {"min_p": m}, {"top_k": k, "top_p": p}):
-      want = _kept_numpy(z, **kw)
-      np.testing.assert_array_equal(_kept(z, **kw), want, err_msg=str(kw))
-    traced = np.asarray(truncation.truncate(jnp.asarray(z, jnp.float32)[None],
-                                            top_k=jnp.int32(k))[1][0])
-    np.testing.assert_array_equal(traced, _kept_numpy(z, top_k=k))
+  n = 200
+  z = rng.integers(-4, 4, size=(n, 23)).astype(np.float64) * 0.5
+  k, p, m = rng.integers(1, 25, size=n), rng.uniform(0.05, 1.0, n), rng.uniform(0.01, 0.9, n)
+  rows = {"top_k": jnp.asarray(k, jnp.int32), "top_p": jnp.asarray(p, jnp.float32),
+          "min_p": jnp.asarray(m, jnp.float32)}
+  per_row = {"top_k": lambda i: int(k[i]), "top_p": lambda i: float(p[i]),
+             "min_p": lambda i: float(m[i])}
+  zj = jnp.asarray(z, jnp.float32)
+  for names in (("top_k",), ("top_p",), ("min_p",), ("top_k", "top_p")):
+    got = np.asarray(truncation.truncate(zj, **{nm: rows[nm] for nm in names})[1])
+    for i in range(n):
+      kw = {nm: per_row[nm](i) for nm in names}
+      np.testing.assert_array_equal(got[i], _kept_numpy(z[i], **kw), err_msg=f"row {i} {kw}")
+  for i in range(8):  # k static (a Python int: the sampler's case)
+    np.testing.assert_array_equal(_kept(z[i], top_k=int(k[i])), _kept_numpy(z[i], top_k=int(k[i])))
 
 
 def test_the_sampler_draws_from_the_target_the_loss_reads():
