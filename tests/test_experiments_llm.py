@@ -175,8 +175,9 @@ def test_other_flags_reuse_the_cached_stages(reference, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "1_sample_ground_truth: 3 cached" in proc.stdout
   assert "4_train_students: 1 cached\n" in proc.stdout
-  assert "5_score_students: 0 cached; 3 to run" in proc.stdout  # p*'s embeddings: as many as
-  # --num_eval_samples
+  # the teacher's entropy per temperature is cached (2); p*'s embeddings (as many as
+  # --num_eval_samples) and the scores are redone
+  assert "5_score_students: 2 cached; 3 to run" in proc.stdout
   proc = _run(*TINY_FLAGS, f"--workdir={workdir}", *other)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for name in ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher", "4_train_students"):
