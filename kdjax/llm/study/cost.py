@@ -126,9 +126,7 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
     stages.append({"stage": name, "what": what, "sequences": int(sequences), "tokens": int(tokens),
                    "flops": float(flops), "memory_per_device_bytes": int(memory)})
 
-  layout = Layout(cfg)  # --seed_scope: how many p* sample sets and teachers
-  n_pstar = len({layout.pstar_seed(s) for s in cfg.seeds})
-  n_teachers = len({layout.teacher_seed(s) for s in cfg.seeds})
+  n_pstar, n_teachers = Layout(cfg).sample_sets_and_teachers()  # by --seed_scope
   n = (cfg.num_train + cfg.num_val + cfg.num_select) * n_pstar
   add("1_sample_ground_truth", f"sample p* ({cfg.ground_truth}) at T=1: {cfg.num_train} train + "
       f"{cfg.num_val} validation (recall) + {cfg.num_select} teacher selection"

@@ -53,6 +53,7 @@ from kdjax.cli import UserError, require
 from kdjax.llm.model import decode
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.study import inputs, kinds, programs
+from kdjax.llm.study.layout import Layout
 from kdjax.llm.study.programs import (ensure_cpu_devices, per_chip, sampler_memory,  # noqa: F401
                                       sampling_calls, scorer_memory, train_memory)
 from kdjax.sharding import parse_mesh
@@ -244,7 +245,7 @@ def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, p
             f"{bound}-bound)")
 
   out = {}
-  n_pstar, n_teachers = programs.sample_sets_and_teachers(cfg)  # --seed_scope
+  n_pstar, n_teachers = Layout(cfg).sample_sets_and_teachers()  # --seed_scope
   s1 = sum(sample("ground_truth", n) for n in (cfg.num_train, cfg.num_val, cfg.num_select))
   out["1_sample_ground_truth"] = (s1 * n_pstar, f"decode p*: {step('ground_truth')}")
   val = teacher_validation_flops(cfg, teacher, seq_len) * n_teachers

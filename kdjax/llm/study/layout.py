@@ -29,6 +29,12 @@ class Layout:
     """The seed the teacher a seed's students read is trained with."""
     return seed if self.cfg.seed_scope in ("teacher", "all") else self.cfg.seed
 
+  def sample_sets_and_teachers(self) -> tuple[int, int]:
+    """(p* sample sets, teachers) the study makes over its seeds: one each, or one per seed by
+    --seed_scope."""
+    seeds = self.cfg.seeds
+    return len({self.pstar_seed(s) for s in seeds}), len({self.teacher_seed(s) for s in seeds})
+
   def _prefix(self, seed: int) -> list:
     """The first seed's shared units stay at the top (so a wider scope reuses them), another
     seed's own units live under seed_S/."""

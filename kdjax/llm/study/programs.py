@@ -168,14 +168,6 @@ def roofline(report: dict, chip, mfu: float, mbu: float) -> tuple[float, str]:
   return max(compute_s, memory_s), ("FLOPs" if compute_s >= memory_s else "HBM")
 
 
-def sample_sets_and_teachers(cfg) -> tuple[int, int]:
-  """(p* sample sets, teachers) the study makes: one each, or one per seed by --seed_scope (as
-  kdjax.llm.study.cost.plan counts them)."""
-  layout = Layout(cfg)
-  return (len({layout.pstar_seed(x) for x in cfg.seeds}),
-          len({layout.teacher_seed(x) for x in cfg.seeds}))
-
-
 def _program(stages: dict, stage: str, prefix: str) -> dict:
   return next(r for label, _, r in stages[stage] if label.startswith(prefix))
 
@@ -199,7 +191,7 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, local
     return math.ceil(math.ceil(num / cfg.eval_batch_size) / processes)
 
   out, seeds = {}, cfg.num_seeds
-  n_pstar, n_teachers = sample_sets_and_teachers(cfg)
+  n_pstar, n_teachers = Layout(cfg).sample_sets_and_teachers()  # by --seed_scope
   s, how = call("1_sample_ground_truth", "sampler")
   n = sum(batches(k) for k in (cfg.num_train, cfg.num_val, cfg.num_select)) * n_pstar
   out["1_sample_ground_truth"] = (n * s, f"{how} x {n} calls")
