@@ -11,6 +11,7 @@ runs (a flagfile, an entry point in a subprocess, a whole tiny study) and multi-
 """
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -95,6 +96,50 @@ def start(argv, *, devices=8, env=None, stdout=subprocess.DEVNULL,
   """Start argv in the repository without waiting (tests that kill it, or run several at once)."""
   return subprocess.Popen(argv, cwd=REPO, env=subprocess_env(devices, **(env or {})),
                           stdout=stdout, stderr=stderr, text=True)
+
+
+# Many refused command lines of one entry point in one process (a process costs ~2-3 CPU seconds
+# of imports; issue 18's suite budget): each case runs as kdjax.cli.run runs main (cli's flag
+# parser, a UserError from main made cli's one line, its exit status), with the case's own
+# stdout / stderr, and the flags back at their defaults before the next case. A traceback is
+# printed as Python would (error_line then fails on it). Every `python -m entry` run of the suite
+# goes through cli.run itself.
+_ENTRY_ERRORS = """
+import contextlib, importlib, io, json, sys, traceback
+from absl import flags
+from kdjax import cli
+module = importlib.import_module(sys.argv[1])
+out = []
+for args in json.loads(sys.argv[2]):
+  flags.FLAGS.unparse_flags()
+  stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    try:
+      argv = cli._parse_flags([sys.argv[1], *args])
+      try:
+        module.main(argv)
+      except cli.UserError as e:
+        cli._fail(e, 1)
+    except SystemExit as e:
+      code = e.code
+    except Exception:
+      traceback.print_exc()
+      code = 1
+  out.append([code, stdout.getvalue(), stderr.getvalue()])
+print("CASES " + json.dumps(out))
+"""
+
+
+def entry_point_errors(module: str, cases, *, devices=None,
+                       timeout=600) -> list[subprocess.CompletedProcess]:
+  """`python -m module *args` for each args in cases, in one process (see _ENTRY_ERRORS): one
+  CompletedProcess (returncode, stdout, stderr) per case."""
+  proc = run([sys.executable, "-c", _ENTRY_ERRORS, module, json.dumps([list(a) for a in cases])],
+             devices=devices, timeout=timeout)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("CASES ")]
+  assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]
+  return [subprocess.CompletedProcess([module, *args], code, out, err)
+          for args, (code, out, err) in zip(cases, json.loads(lines[0][len("CASES "):]))]
 
 
 def error_line(proc) -> str:

@@ -12,7 +12,7 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train.state import params_checksum
-from tests.helpers import module_argv, run, start
+from tests.helpers import entry_point_errors, module_argv, run, start
 
 pytestmark = pytest.mark.slow  # train_lm in subprocesses
 
@@ -103,20 +103,16 @@ BAD = [
 
 
 def test_bad_flags_give_one_line_errors(tmp_path):
-  procs = []
-  for i, (extra, _) in enumerate(BAD):
-    args = [f"--workdir={tmp_path / f'w{i}'}", "--train_data=synthetic:16", "--steps=2",
-            "--batch_size=8", *extra]
-    procs.append(_start(_cmd(*args)))
-    if len(procs) % 4 == 0:
-      procs[-4].wait()
-  for (extra, expected), p in zip(BAD, procs):
-    _, err = p.communicate(timeout=300)
-    lines = err.strip().splitlines()
-    assert p.returncode in (1, 2), (extra, err[-2000:])
-    assert lines and lines[-1].startswith("error: "), (extra, err[-2000:])
+  """Every bad flag set in one process (helpers.entry_point_errors: as cli.run runs main)."""
+  cases = [[f"--workdir={tmp_path / f'w{i}'}", "--train_data=synthetic:16", "--steps=2",
+            "--batch_size=8", "--progress=false", *extra] for i, (extra, _) in enumerate(BAD)]
+  for (extra, expected), p in zip(BAD, entry_point_errors("experiments.train_lm", cases,
+                                                          devices=8)):
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode in (1, 2), (extra, p.stderr[-2000:])
+    assert lines and lines[-1].startswith("error: "), (extra, p.stderr[-2000:])
     assert expected in lines[-1], (extra, lines[-1])
-    assert "Traceback" not in err, extra
+    assert "Traceback" not in p.stderr, extra
 
 
 def _bad_datasets(base):
