@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, run, run_module
+from tests.helpers import REPO, entry_point_errors, run, run_module
 
 SMOKE = os.path.join(REPO, "experiments", "flags", "gmm_smoke.flags")
 
@@ -124,8 +124,7 @@ def test_other_configuration_is_refused_unless_overwrite(smoke_run):
     assert json.load(f)["timing"]["configs"] == 1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("args, flag", [
+FLAG_ERRORS = [
     (["--num_betas=0"], "--num_betas"),
     (["--beta_min=0"], "--beta_min"),
     (["--beta_min=-1"], "--beta_min"),
@@ -147,13 +146,19 @@ def test_other_configuration_is_refused_unless_overwrite(smoke_run):
     (["--knobs=beta,top_p", "--top_p_values=0.5,1.5"], "--top_p_values"),
     (["--knobs=beta,top_k", "--top_k_values=0,2"], "--top_k_values"),
     (["--knobs=beta,top_k", "--top_k_values=1.5"], "--top_k_values"),
-])
-def test_flag_errors_are_one_line(tmp_path, args, flag):
-  proc = _run(f"--workdir={tmp_path}/w", *args)
-  assert proc.returncode != 0
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1, proc.stderr
-  assert flag in lines[0] and "Traceback" not in proc.stderr
+]
+
+
+@pytest.mark.slow
+def test_flag_errors_are_one_line(tmp_path):
+  """Every bad flag set in one process (helpers.entry_point_errors: as cli.run runs main)."""
+  cases = [[f"--workdir={tmp_path}/w", *args] for args, _ in FLAG_ERRORS]
+  for (args, flag), proc in zip(FLAG_ERRORS, entry_point_errors("experiments.gmm", cases,
+                                                                devices=8)):
+    assert proc.returncode != 0, args
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, (args, proc.stderr)
+    assert flag in lines[0] and "Traceback" not in proc.stderr, (args, lines)
   assert not os.path.exists(f"{tmp_path}/w/results.json")
 
 
