@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.helpers import TINY_STUDY_FLAGS as TINY_FLAGS
-from tests.helpers import error_line, module_argv, run_module, start
+from tests.helpers import entry_point_errors, error_line, module_argv, run_module, start
 
 def _cmd(*args):
   return module_argv("experiments.llm", *args)
@@ -66,14 +66,12 @@ def _truncated_gguf(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["temperature_zero", "temperature_negative", "missing_model",
-                                  "truncated_model", "empty_dataset", "bad_number", "preset_seed",
-                                  "not_a_checkpoint", "mesh"])
-def test_bad_input_is_one_line(tmp_path, case):
+def test_bad_input_is_one_line(tmp_path):
   """Refused before any stage runs (issue 11: nothing fails after hours on input it could have
-  refused at the start), one line, nothing sampled."""
-  workdir = tmp_path / "w"
-  flags, expect = {
+  refused at the start), one line, nothing sampled. Every case in one process
+  (helpers.entry_point_errors: as cli.run runs main)."""
+  _truncated_gguf(tmp_path)
+  cases = {
       "temperature_zero": (["--temperatures=0.8,0"], "--temperatures"),
       "temperature_negative": (["--temperatures=-0.5"], "--temperatures"),
       "missing_model": (["--ground_truth=gguf:/nonexistent/model.gguf"], "/nonexistent/model.gguf"),
@@ -83,12 +81,14 @@ def test_bad_input_is_one_line(tmp_path, case):
       "preset_seed": (["--student=preset:test-tiny@x"], "preset:test-tiny@x"),
       "not_a_checkpoint": ([f"--ground_truth=ckpt:{tmp_path}"], "not a kdjax model checkpoint"),
       "mesh": (["--mesh=data=3"], "--mesh"),
-  }[case]
-  if case == "truncated_model":
-    _truncated_gguf(tmp_path)
-  proc = _run(*TINY_FLAGS, f"--workdir={workdir}", *flags)
-  assert expect in error_line(proc)
-  assert not (workdir / "pstar").exists() and not (workdir / "config.json").exists()
+  }
+  argvs = [[*TINY_FLAGS, f"--workdir={tmp_path / case}", *flags]
+           for case, (flags, _) in cases.items()]
+  for (case, (_, expect)), proc in zip(cases.items(),
+                                       entry_point_errors("experiments.llm", argvs)):
+    assert expect in error_line(proc), case
+    assert not (tmp_path / case / "pstar").exists(), case
+    assert not (tmp_path / case / "config.json").exists(), case
 
 
 def _wait_then_kill(proc, condition, what, timeout=300):
