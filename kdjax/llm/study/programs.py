@@ -10,11 +10,13 @@ abstract arrays, nothing allocated) are compiled for the mesh the pipeline gives
   otherwise (GPUs; TPUs without libtpu): by XLA:CPU on as many fake CPU devices, which partitions
       the same program but fuses and lays out memory its own way.
 
-Every figure says which compiler gave it. With the TPU compiler each program's FLOPs and bytes
-accessed per chip and call (kdjax.compiled.cost: XLA's cost analysis of the TPU executable, loop
-bodies weighted by their trip counts; the sampler for the tokens a call draws: all
---max_new_tokens, or what a workdir's finished samples show, kdjax/llm/study/observed.py) give
-its time by roofline:
+Every figure says which compiler gave it. With the TPU compiler each program's FLOPs per chip and
+call (kdjax.compiled.cost: XLA's cost analysis of the TPU executable, loop bodies weighted by their
+trip counts) and its HBM bytes (kdjax.hbm.traffic: the scheduled program's instructions, in-place
+updates and partial reads counted by what they touch, on-chip memory not at all; XLA's own "bytes
+accessed" counts every operand whole, 2-3x more on these programs), the sampler for the tokens a
+call draws (all --max_new_tokens, or what a workdir's finished samples show,
+kdjax/llm/study/observed.py), give its time by roofline:
 
   seconds per call = max(FLOPs / (peak x MFU), bytes / (HBM bandwidth x MBU))
 
@@ -180,7 +182,7 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, local
     report = _program(stages, stage, prefix)
     s, bound = roofline(report, chip, mfu, mbu)
     how = (f"{prefix.split(',')[0]} {report['flops'] / 1e12:.3g} TFLOP, "
-           f"{report['bytes_accessed'] / 1e9:.3g} GB per chip -> {s * 1e3:.3g} ms ({bound})")
+           f"{report['bytes_accessed'] / 1e9:.3g} GB HBM per chip -> {s * 1e3:.3g} ms ({bound})")
     if report["unknown_trip_counts"]:  # kdjax.compiled.cost counted those loops' bodies once
       how += f" [LOWER BOUND: {report['unknown_trip_counts']} loops of unknown trip count]"
     return s, how

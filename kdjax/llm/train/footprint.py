@@ -12,9 +12,10 @@ the same mesh up to the backend's own choices (fusion, collective algorithms, la
 TPU devices (kdjax.compiled.tpu_devices: a topology, with libtpu installed) is compiled by the TPU
 compiler instead, and every figure is then the TPU compiler's.
 
-Each report also gives `flops` and `bytes_accessed` per device per call (kdjax.compiled.cost: XLA's
-cost analysis with loop bodies weighted by their trip counts) and `compiler` (the platform of the
-mesh's devices). The sampler's block loops end when every row has ended, so their trip counts come
+Each report also gives `flops` per device per call (kdjax.compiled.cost: XLA's cost analysis with
+loop bodies weighted by their trip counts), `bytes_accessed` (kdjax.hbm.traffic: the HBM bytes of
+the scheduled program, in-place updates and partial reads counted by what they touch; `xla_bytes`
+is XLA's own count, every operand whole) and `compiler` (the platform of the mesh's devices). The sampler's block loops end when every row has ended, so their trip counts come
 from `steps` (tokens drawn; default all max_new_tokens: no row stops early).
 """
 
@@ -30,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from kdjax import compiled as compiled_lib
+from kdjax import hbm
 from kdjax import sharding as sharding_lib
 from kdjax.llm.model import evaluate
 from kdjax.llm.model import llama as model
@@ -50,7 +52,8 @@ def _report(lowered, mesh, started: float, trips=()) -> dict:
   out["compile_seconds"] = round(time.perf_counter() - started, 2)
   cost = compiled_lib.cost(compiled, trips)
   out["collective_unknown_trip_counts"] = out["unknown_trip_counts"]  # their loops counted once
-  out.update(flops=cost["flops"], bytes_accessed=cost["bytes"], xla_flops=cost["xla_flops"],
+  out.update(flops=cost["flops"], bytes_accessed=hbm.traffic(compiled.as_text(), trips)["bytes"],
+             xla_bytes=cost["bytes"], xla_flops=cost["xla_flops"],
              unknown_trip_counts=cost["unknown_trip_counts"],
              compiler=mesh.devices.flat[0].platform)
   return out
