@@ -134,20 +134,19 @@ def _bad_datasets(base):
 def test_bad_datasets_one_line_before_training(tmp_path):
   """A zero-row shard is skipped (one warning line); rows with nothing to predict and token ids
   outside the vocabulary are refused in one line naming the dataset, the row and the value, before
-  the workdir is touched."""
-  cases = _bad_datasets(tmp_path)
-  procs = [_start(_cmd(f"--workdir={tmp_path / f'w{i}'}", f"--train_data={d}",
-                       "--batch_size=8", "--seq_len=24", "--steps=1"))
-           for i, (d, _) in enumerate(cases)]
-  for i, ((d, expected), p) in enumerate(zip(cases, procs)):
-    out, err = p.communicate(timeout=600)
-    assert "Traceback" not in err, (d, err[-3000:])
-    if expected is None:
-      assert p.returncode == 0, err[-3000:]
-      assert f"dataset directory {d}: shard-00001 holds no rows, skipped" in err
-      assert json.loads(out.strip().splitlines()[-1])["steps"] == 1
-      continue
-    last = err.strip().splitlines()[-1]
-    assert p.returncode == 1 and last.startswith(f"error: dataset {d}: "), (d, err[-2000:])
+  the workdir is touched (the refused ones in one process: helpers.entry_point_errors)."""
+  (zero, _), *bad = _bad_datasets(tmp_path)
+  args = lambda i, d: [f"--workdir={tmp_path / f'w{i}'}", f"--train_data={d}", "--batch_size=8",
+                       "--seq_len=24", "--steps=1", "--progress=false"]
+  r = run(_cmd(*args(0, zero)))
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+  assert f"dataset directory {zero}: shard-00001 holds no rows, skipped" in r.stderr
+  assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 1
+  procs = entry_point_errors("experiments.train_lm",
+                             [args(i, d) for i, (d, _) in enumerate(bad, 1)], devices=8)
+  for i, ((d, expected), p) in enumerate(zip(bad, procs), 1):
+    assert "Traceback" not in p.stderr, (d, p.stderr[-3000:])
+    last = (p.stderr.strip().splitlines() or [""])[-1]
+    assert p.returncode == 1 and last.startswith(f"error: dataset {d}: "), (d, p.stderr[-2000:])
     assert expected in last, (d, last)
     assert not os.path.exists(tmp_path / f"w{i}" / "config.json")
