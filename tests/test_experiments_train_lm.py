@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import subprocess
 
 import pytest
 
@@ -12,17 +11,13 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train.state import params_checksum
-from tests.helpers import entry_point_errors, module_argv, run, start
+from tests.helpers import entry_point_errors, module_argv, run
 
 pytestmark = pytest.mark.slow  # train_lm in subprocesses
 
 
 def _cmd(*args):
   return module_argv("experiments.train_lm", "--progress=false", *args)
-
-
-def _start(argv):
-  return start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def _dataset(path, n, seed):
@@ -69,16 +64,13 @@ def test_preset_seed_names_one_init(tmp_path):
   ckpt_lib.export_model(str(tmp_path / "init3"), *load_model("preset:test-tiny@3"))
   d = _dataset(tmp_path / "d", 32, 0)
   runs = {"at3": "preset:test-tiny@3", "ckpt3": f"ckpt:{tmp_path / 'init3'}"}
-  procs = {name: _start(
-      _cmd(f"--workdir={tmp_path / name}", f"--model={spec}", f"--train_data={d}",
-           "--teacher=preset:test-tiny@5", "--batch_size=8", "--seq_len=16", "--steps=2",
-           "--mesh=data=2,fsdp=2,tensor=2"))
-      for name, spec in runs.items()}
   sums = {}
-  for name, p in procs.items():
-    out, err = p.communicate(timeout=600)
-    assert p.returncode == 0, (name, err[-3000:])
-    sums[name] = json.loads(out.strip().splitlines()[-1])["params_checksum"]
+  for name, spec in runs.items():  # one after the other: the second reads the first's compiles
+    r = run(_cmd(f"--workdir={tmp_path / name}", f"--model={spec}", f"--train_data={d}",
+                 "--teacher=preset:test-tiny@5", "--batch_size=8", "--seq_len=16", "--steps=2",
+                 "--mesh=data=2,fsdp=2,tensor=2"))
+    assert r.returncode == 0, (name, r.stderr[-3000:])
+    sums[name] = json.loads(r.stdout.strip().splitlines()[-1])["params_checksum"]
   assert sums["at3"] == sums["ckpt3"]
 
 
