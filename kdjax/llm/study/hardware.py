@@ -307,7 +307,7 @@ def estimate(cfg, plan: dict, hardware: str, ground_truth_preset: str = "",
                             mesh_chips, chip, mfu)
       hours = programs.compiled_hours(cfg, mem, lambda k: _student_program(cfg, k, models)[0],
                                       chip, processes, local, mfu, mbu, val)
-      timed_by = "the TPU compiler's programs (roofline of their FLOPs and bytes)"
+      timed_by = "the TPU compiler's programs (roofline of their FLOPs and HBM bytes)"
   return {"chip": dataclasses.asdict(chip), "hardware": hardware, "chips": mesh_chips,
           "mesh": mesh_shape, "processes": processes, "chips_per_process": local, "mfu": mfu,
           "mbu": mbu, "steps": steps, "max_new_tokens": cfg.max_new_tokens, "hours": hours, "timed_by": timed_by, "dtype": cfg.dtype,
@@ -360,10 +360,11 @@ def _steps_text(est: dict) -> str:
 def assumptions(est: dict) -> list[str]:
   c = est["chip"]
   tpu = ["hours: each program's seconds per call = max(FLOPs / (peak x MFU "
-         f"{est['mfu']:g}), bytes accessed / (HBM bandwidth x MBU {est['mbu']:g})), its FLOPs and "
-         "bytes per chip from the TPU compiler's executable (kdjax.compiled.cost: loop bodies "
-         "weighted by their trip counts; the sampler's loops for the tokens drawn below); "
-         "the decoding formula below is not used"] if est.get("timed_by", "").startswith(
+         f"{est['mfu']:g}), HBM bytes / (HBM bandwidth x MBU {est['mbu']:g})), per chip from the "
+         "TPU compiler's executable: FLOPs by XLA's cost analysis (kdjax.compiled.cost), HBM bytes "
+         "by kdjax.hbm (in-place updates and partial reads counted by what they touch, on-chip "
+         "memory not at all), loop bodies weighted by their trip counts (the sampler's loops for "
+         "the tokens drawn below); the decoding formula below is not used"] if est.get("timed_by", "").startswith(
              "the TPU") else []
   return tpu + [
       f"{c['name']}: {c['peak_flops'] / 1e12:g} TFLOP/s bf16 dense peak, HBM "
