@@ -98,13 +98,14 @@ def start(argv, *, devices=8, env=None, stdout=subprocess.DEVNULL,
                           stdout=stdout, stderr=stderr, text=True)
 
 
-# Many refused command lines of one entry point in one process (a process costs ~2-3 CPU seconds
-# of imports; issue 18's suite budget): each case runs as kdjax.cli.run runs main (cli's flag
-# parser, a UserError from main made cli's one line, its exit status), with the case's own
-# stdout / stderr, and the flags back at their defaults before the next case. A traceback is
+# Many command lines of one entry point in one process (a process costs ~2-3 CPU seconds of
+# imports, more with a tokenizer; issue 18's suite budget), meant for refused flags and dry runs:
+# each case runs as kdjax.cli.run runs main (cli's flag parser, a UserError from main made cli's
+# one line, its exit status), with the case's own stdout / stderr (absl log lines still go to the
+# process's stderr), and the flags back at their defaults before the next case. A traceback is
 # printed as Python would (error_line then fails on it). Every `python -m entry` run of the suite
 # goes through cli.run itself.
-_ENTRY_ERRORS = """
+_ENTRY_RUNS = """
 import contextlib, importlib, io, json, sys, traceback
 from absl import flags
 from kdjax import cli
@@ -130,11 +131,11 @@ print("CASES " + json.dumps(out))
 """
 
 
-def entry_point_errors(module: str, cases, *, devices=None,
-                       timeout=600) -> list[subprocess.CompletedProcess]:
-  """`python -m module *args` for each args in cases, in one process (see _ENTRY_ERRORS): one
+def entry_point_runs(module: str, cases, *, devices=None,
+                     timeout=600) -> list[subprocess.CompletedProcess]:
+  """`python -m module *args` for each args in cases, in one process (see _ENTRY_RUNS): one
   CompletedProcess (returncode, stdout, stderr) per case."""
-  proc = run([sys.executable, "-c", _ENTRY_ERRORS, module, json.dumps([list(a) for a in cases])],
+  proc = run([sys.executable, "-c", _ENTRY_RUNS, module, json.dumps([list(a) for a in cases])],
              devices=devices, timeout=timeout)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("CASES ")]
   assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-3000:]

@@ -3,7 +3,7 @@ line on stderr that names the flag or file, a non-zero exit, and no traceback.""
 
 import pytest
 
-from tests.helpers import entry_point_errors, error_line
+from tests.helpers import entry_point_runs, error_line
 
 pytestmark = pytest.mark.slow  # every case starts an entry point in a subprocess
 
@@ -51,11 +51,11 @@ CASES = [
 
 @pytest.mark.parametrize("entry", sorted({e for e, _, _ in CASES}))
 def test_bad_input_is_one_line_naming_the_cause(files, entry):
-  """An entry point's cases in one process (helpers.entry_point_errors: as cli.run runs main)."""
+  """An entry point's cases in one process (helpers.entry_point_runs: as cli.run runs main)."""
   cases = [([a.format(**files) for a in args], named.format(**files))
            for e, args, named in CASES if e == entry]
   if not entry.startswith("bench_"):
     cases = [([*args, f"--workdir={files['workdir']}/{entry}"], named) for args, named in cases]
-  procs = entry_point_errors(f"experiments.{entry}", [args for args, _ in cases])
+  procs = entry_point_runs(f"experiments.{entry}", [args for args, _ in cases])
   for (args, named), r in zip(cases, procs):
     assert named in error_line(r), (args, r.stderr[-3000:])

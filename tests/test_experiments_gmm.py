@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, entry_point_errors, run, run_module
+from tests.helpers import REPO, entry_point_runs, run, run_module
 
 SMOKE = os.path.join(REPO, "experiments", "flags", "gmm_smoke.flags")
 
@@ -151,9 +151,9 @@ FLAG_ERRORS = [
 
 @pytest.mark.slow
 def test_flag_errors_are_one_line(tmp_path):
-  """Every bad flag set in one process (helpers.entry_point_errors: as cli.run runs main)."""
+  """Every bad flag set in one process (helpers.entry_point_runs: as cli.run runs main)."""
   cases = [[f"--workdir={tmp_path}/w", *args] for args, _ in FLAG_ERRORS]
-  for (args, flag), proc in zip(FLAG_ERRORS, entry_point_errors("experiments.gmm", cases,
+  for (args, flag), proc in zip(FLAG_ERRORS, entry_point_runs("experiments.gmm", cases,
                                                                 devices=8)):
     assert proc.returncode != 0, args
     lines = proc.stderr.strip().splitlines()

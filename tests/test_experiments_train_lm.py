@@ -11,7 +11,7 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train.state import params_checksum
-from tests.helpers import entry_point_errors, module_argv, run
+from tests.helpers import entry_point_runs, module_argv, run
 
 pytestmark = pytest.mark.slow  # train_lm in subprocesses
 
@@ -95,10 +95,10 @@ BAD = [
 
 
 def test_bad_flags_give_one_line_errors(tmp_path):
-  """Every bad flag set in one process (helpers.entry_point_errors: as cli.run runs main)."""
+  """Every bad flag set in one process (helpers.entry_point_runs: as cli.run runs main)."""
   cases = [[f"--workdir={tmp_path / f'w{i}'}", "--train_data=synthetic:16", "--steps=2",
             "--batch_size=8", "--progress=false", *extra] for i, (extra, _) in enumerate(BAD)]
-  for (extra, expected), p in zip(BAD, entry_point_errors("experiments.train_lm", cases,
+  for (extra, expected), p in zip(BAD, entry_point_runs("experiments.train_lm", cases,
                                                           devices=8)):
     lines = p.stderr.strip().splitlines()
     assert p.returncode in (1, 2), (extra, p.stderr[-2000:])
@@ -126,7 +126,7 @@ def _bad_datasets(base):
 def test_bad_datasets_one_line_before_training(tmp_path):
   """A zero-row shard is skipped (one warning line); rows with nothing to predict and token ids
   outside the vocabulary are refused in one line naming the dataset, the row and the value, before
-  the workdir is touched (the refused ones in one process: helpers.entry_point_errors)."""
+  the workdir is touched (the refused ones in one process: helpers.entry_point_runs)."""
   (zero, _), *bad = _bad_datasets(tmp_path)
   args = lambda i, d: [f"--workdir={tmp_path / f'w{i}'}", f"--train_data={d}", "--batch_size=8",
                        "--seq_len=24", "--steps=1", "--progress=false"]
@@ -134,7 +134,7 @@ def test_bad_datasets_one_line_before_training(tmp_path):
   assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
   assert f"dataset directory {zero}: shard-00001 holds no rows, skipped" in r.stderr
   assert json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 1
-  procs = entry_point_errors("experiments.train_lm",
+  procs = entry_point_runs("experiments.train_lm",
                              [args(i, d) for i, (d, _) in enumerate(bad, 1)], devices=8)
   for i, ((d, expected), p) in enumerate(zip(bad, procs), 1):
     assert "Traceback" not in p.stderr, (d, p.stderr[-3000:])
