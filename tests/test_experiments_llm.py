@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.helpers import TINY_STUDY_FLAGS as TINY_FLAGS
-from tests.helpers import entry_point_errors, error_line, module_argv, run_module, start
+from tests.helpers import entry_point_runs, error_line, module_argv, run_module, start
 
 def _cmd(*args):
   return module_argv("experiments.llm", *args)
@@ -69,7 +69,7 @@ def _truncated_gguf(tmp_path):
 def test_bad_input_is_one_line(tmp_path):
   """Refused before any stage runs (issue 11: nothing fails after hours on input it could have
   refused at the start), one line, nothing sampled. Every case in one process
-  (helpers.entry_point_errors: as cli.run runs main)."""
+  (helpers.entry_point_runs: as cli.run runs main)."""
   _truncated_gguf(tmp_path)
   cases = {
       "temperature_zero": (["--temperatures=0.8,0"], "--temperatures"),
@@ -85,7 +85,7 @@ def test_bad_input_is_one_line(tmp_path):
   argvs = [[*TINY_FLAGS, f"--workdir={tmp_path / case}", *flags]
            for case, (flags, _) in cases.items()]
   for (case, (_, expect)), proc in zip(cases.items(),
-                                       entry_point_errors("experiments.llm", argvs)):
+                                       entry_point_runs("experiments.llm", argvs)):
     assert expect in error_line(proc), case
     assert not (tmp_path / case / "pstar").exists(), case
     assert not (tmp_path / case / "config.json").exists(), case
