@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, run
+from tests.helpers import REPO, entry_point_runs, run
 
 README = open(os.path.join(REPO, "README.md")).read()
 
@@ -69,20 +69,24 @@ def test_slurm_line_dry_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("i", range(4))
-def test_llm_dry_run_lines(tmp_path, i):
+def test_llm_dry_run_lines(tmp_path):
   """The paper's plan, and the plans priced on hardware (the compile-only memory analysis of the
-  paper's programs takes minutes: skipped here; tests/test_hardware.py compiles a tiny study's)."""
+  paper's programs takes minutes: skipped here; tests/test_hardware.py compiles a tiny study's).
+  The four lines in one process (helpers.entry_point_runs: as cli.run runs main)."""
   lines = [a for a in _commands("python -m experiments.llm") if "--dry_run" in a]
   assert len(lines) == 4
-  argv = [sys.executable if a == "python" else a for a in lines[i]]
-  argv = [f"--workdir={tmp_path}" if a.startswith("--workdir=") else a for a in argv]
-  hardware = any(a.startswith("--hardware=") for a in argv)
-  r = _run(argv + ["--nomemory_analysis"] if hardware else argv)
-  assert r.returncode == 0, r.stderr[-2000:]
-  assert ("smollm2-360m" if "llm_paper.flags" in " ".join(argv) else "preset:small-49k") in r.stdout
-  if hardware:
-    assert "training mesh" in r.stdout and "assumptions:" in r.stdout
+  cases = []
+  for argv in lines:
+    assert argv[:3] == ["python", "-m", "experiments.llm"], argv
+    args = [f"--workdir={tmp_path}" if a.startswith("--workdir=") else a for a in argv[3:]]
+    hardware = any(a.startswith("--hardware=") for a in args)
+    cases.append(args + ["--nomemory_analysis"] if hardware else args)
+  for args, r in zip(cases, entry_point_runs("experiments.llm", cases)):
+    assert r.returncode == 0, (args, r.stderr[-2000:])
+    paper = "llm_paper.flags" in " ".join(args)
+    assert ("smollm2-360m" if paper else "preset:small-49k") in r.stdout, args
+    if any(a.startswith("--hardware=") for a in args):
+      assert "training mesh" in r.stdout and "assumptions:" in r.stdout, args
 
 
 def test_accelerator_installs_follow_the_cpu_ones_and_name_real_extras():
