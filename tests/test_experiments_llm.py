@@ -30,8 +30,7 @@ def _start(*args):
   return start(_cmd(*args), devices=None, stderr=subprocess.PIPE)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("flagfile, expect", [
+DRY_RUNS = [
     ("llm_smoke.flags", ["gguf:default", "134.5M params", "preset:micro-49k", "preset:nano-49k"]),
     ("llm_paper.flags", ["1711.4M params", "smollm2-360m", "[0, 1, 2, 3, 4]",
                          "8 device(s)", "up to 512 tokens", "Gtokens", "EFLOP"]),
@@ -41,20 +40,25 @@ def _start(*args):
                                 "seqkd x2 (128 steps, 2 passes over its data)",
                                 "onpolicy_rkl x2 (128 steps)", "'onpolicy_rkl_T0.8'"]),
     ("llm_family_medium.flags", ["seeds [0, 1, 2]", "x3 seeds (--seed_scope=teacher)",
-                                 "seqkd x6 (64 steps", "srkl x6", "onpolicy_fkl@0.5 x6",
-                                 "'fkl_T0.8_lr0.001'"]),
-])
-def test_dry_run_both_flagfiles(flagfile, expect, tmp_path):
-  workdir = tmp_path / "w"
-  proc = _run(f"--flagfile=experiments/flags/{flagfile}", f"--workdir={workdir}", "--dry_run")
-  assert proc.returncode == 0, proc.stderr
-  for stage in ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher",
-                "4_train_students", "5_score_students", "6_results"):
-    assert stage in proc.stdout
-  for text in expect:
-    assert text in proc.stdout, proc.stdout
-  assert "GiB per device" in proc.stdout
-  assert not workdir.exists()  # a dry run writes nothing
+                                 "seqkd x6 (64 steps", "rkl x6 (64 steps", "'fkl_T0.8_lr0.001'",
+                                 "'rkl_T1_lr0.01'"]),
+]
+
+
+@pytest.mark.slow
+def test_dry_run_of_every_flagfile(tmp_path):
+  """Every flagfile's dry run, in one process (helpers.entry_point_runs: as cli.run runs main)."""
+  cases = [[f"--flagfile=experiments/flags/{flagfile}", f"--workdir={tmp_path / flagfile}",
+            "--dry_run"] for flagfile, _ in DRY_RUNS]
+  for (flagfile, expect), proc in zip(DRY_RUNS, entry_point_runs("experiments.llm", cases)):
+    assert proc.returncode == 0, (flagfile, proc.stderr)
+    for stage in ("1_sample_ground_truth", "2_train_teacher", "3_sample_teacher",
+                  "4_train_students", "5_score_students", "6_results"):
+      assert stage in proc.stdout, (flagfile, stage)
+    for text in expect:
+      assert text in proc.stdout, (flagfile, text, proc.stdout)
+    assert "GiB per device" in proc.stdout, flagfile
+    assert not (tmp_path / flagfile).exists(), flagfile  # a dry run writes nothing
 
 
 def _truncated_gguf(tmp_path):
