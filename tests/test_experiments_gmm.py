@@ -229,8 +229,10 @@ def test_json_ground_truth_line_from_the_readme(tmp_path):
   (line,) = [l.strip() for l in open(os.path.join(REPO, "README.md"))
              if l.strip().startswith("python -m experiments.gmm") and "json:" in l]
   argv = [a for a in line.split()[3:] if not a.startswith("--workdir=")]
-  # later flags override the line's: its p* and covariance at a smaller grid and fewer samples
-  small = ("--num_betas=2", "--num_seeds=1", "--steps=5", "--n_eval=200", "--n_teacher_samples=50")
+  # later flags override the line's: its p* and covariance at a smaller grid and fewer samples,
+  # beta the only knob (top_p / top_k teachers run end to end in the smoke run above)
+  small = ("--num_betas=2", "--num_seeds=1", "--steps=5", "--n_eval=200", "--n_teacher_samples=50",
+           "--knobs=beta")
   proc = _run(*argv, *small, f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.load(open(os.path.join(tmp_path, "results.json")))
