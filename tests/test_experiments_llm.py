@@ -42,6 +42,8 @@ DRY_RUNS = [
     ("llm_family_medium.flags", ["seeds [0, 1, 2]", "x3 seeds (--seed_scope=teacher)",
                                  "seqkd x6 (64 steps", "rkl x6 (64 steps", "'fkl_T0.8_lr0.001'",
                                  "'rkl_T1_lr0.01'"]),
+    ("llm_knobs_medium.flags", ["seeds [0, 1, 2]", "x3 seeds (--seed_scope=teacher)",
+                                "'seqkd_topp0.8_lr0.001'", "'fkl_topp0.95_lr0.01'"]),
 ]
 
 
