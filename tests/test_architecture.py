@@ -11,6 +11,7 @@ from tests.conftest import REPO
 LAYERS = [
     ("shared", ("kdjax.cli", "kdjax.metrics", "kdjax.sample_metrics", "kdjax.mixture",
                 "kdjax.linalg", "kdjax.objectives", "kdjax.sharding", "kdjax.compiled",
+                "kdjax.hbm",
                 "kdjax.checkpoint", "kdjax.distributed")),
     ("gmm", ("kdjax.gmm",)),
     ("model", ("kdjax.llm.model",)),
