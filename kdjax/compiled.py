@@ -166,6 +166,16 @@ def _trip_count(while_line: str, comps: dict) -> Optional[int]:
   return None
 
 
+def loop_trips(while_line: str, comps: dict, given: list) -> tuple[int, str]:
+  """(trip count, source) of a while loop as `cost` weights it: the program's count ("program"),
+  else the next of the `given` counts (popped: the data-dependent loops in the order the program
+  runs them; "given"), else 1 ("unknown: once")."""
+  n = _trip_count(while_line, comps)
+  if n is not None:
+    return n, "program"
+  return (given.pop(0), "given") if given else (1, "unknown: once")
+
+
 def _multipliers(comps: dict, entry: str) -> tuple[dict, int]:
   """How many times each computation runs per call of the entry; loops without a known count."""
   mult, unknown = {entry: 1}, 0
@@ -290,9 +300,7 @@ def cost(compiled, trips: Sequence[int] = ()) -> dict:
       m = _WHILE.search(line) if " while(" in line else None
       if not m:
         continue
-      n, source = _trip_count(line, comps), "program"
-      if n is None:
-        n, source = (given.pop(0), "given") if given else (1, "unknown: once")
+      n, source = loop_trips(line, comps, given)
       loop = {"trip": n, "source": source}
       loops.append(loop)
       once, inner = _xla_cost(text, m.group(1)), weighted(m.group(1))

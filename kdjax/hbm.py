@@ -16,12 +16,13 @@ per KV block), for three reasons it cannot see:
     there costs no HBM bytes, and the copy reads HBM once.
 
 `traffic(hlo_text, trips)` counts, per device and call, every instruction of the scheduled
-computations (the entry, loop bodies and conditions, branches; not the insides of fusions, which
-run out of registers and on-chip memory) as its operands read and its result written, in memory
-space 0 only, with the two corrections above; tuples, get-tuple-element, bitcasts, parameters,
-constants and buffer allocations move nothing, and a while loop's body counts once per iteration (trip counts as
-kdjax.compiled.cost finds them, the data-dependent ones from `trips`). It is a model of the
-traffic, not a measurement: what a fusion re-reads or spills is not in the HLO.
+computations (the entry, loop bodies, a conditional's dearest branch; not the insides of fusions,
+which run out of registers and on-chip memory) as its operands read and its result written, in
+memory space 0 only, with the two corrections above; tuples, get-tuple-element, bitcasts,
+parameters, constants and buffer allocations move nothing, and a while loop's body counts once per
+iteration (trip counts by kdjax.compiled.loop_trips, as kdjax.compiled.cost weights them, the
+data-dependent ones from `trips`). It is a model of the traffic, not a measurement: what a fusion
+re-reads or spills is not in the HLO.
 """
 
 from __future__ import annotations
@@ -38,14 +39,15 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "whil
 _SELECTING = {"dynamic-slice", "slice", "gather"}
 _PASS_THROUGH = {"bitcast", "reshape", "copy"}   # a parameter's view, followed to its users
 _MEMORY_SPACE = re.compile(r"S\((\d+)\)")
+_ARRAY_AND_LAYOUT = re.compile(compiled._ARRAY.pattern + r"(\{[^}]*\})?")  # dtype, dims, layout
 _CALLS = re.compile(r"\bcalls=%?([\w.\-]+)")
 
 
 def _array_hbm_bytes(shape: str) -> float:
   """Bytes of the arrays in a shape string that live in HBM (layout memory space 0)."""
   total = 0.0
-  for m in re.finditer(r"\b[a-z]+[0-9]*(?:e[0-9]m[0-9][a-z0-9]*)?\[[0-9,]*\](\{[^}]*\})?", shape):
-    space = _MEMORY_SPACE.search(m.group(1) or "")
+  for m in _ARRAY_AND_LAYOUT.finditer(shape):
+    space = _MEMORY_SPACE.search(m.group(3) or "")
     if space is None or space.group(1) == "0":
       total += compiled._array_bytes(m.group(0))
   return total
@@ -107,12 +109,12 @@ def _fusion_reads_and_write(comps: dict, fused: str, memo: dict):
           continue
         if op in _SELECTING and j == 0:
           read += _array_hbm_bytes(shapes[user])
-        elif op == "fusion" and _CALLS.search(rest) and _CALLS.search(rest).group(1) in comps:
-          inner = _fusion_reads_and_write(comps, _CALLS.search(rest).group(1), memo)[0]
-          if j in inner:
-            read += inner[j]
-          else:
-            whole = True
+          continue
+        callee = _CALLS.search(rest) if op == "fusion" else None
+        inner = (_fusion_reads_and_write(comps, callee.group(1), memo)[0]
+                 if callee and callee.group(1) in comps else {})
+        if j in inner:
+          read += inner[j]
         else:
           whole = True
     if not whole:
@@ -179,11 +181,8 @@ def traffic(hlo_text: str, trips: Sequence[int] = ()) -> dict:
       body = compiled._WHILE.search(line) if " while(" in line else None
       if not body:
         continue
-      n = compiled._trip_count(line, comps)
-      if n is None and given:
-        n = given.pop(0)
-      elif n is None:
-        n, unknown[0] = 1, unknown[0] + 1
+      n, source = compiled.loop_trips(line, comps, given)
+      unknown[0] += source.startswith("unknown")
       total += n * weighted(body.group(1))
     for line in comps[name]:  # a conditional runs one branch: the dearest is counted
       branches = compiled._BRANCHES.search(line)

@@ -141,8 +141,9 @@ def test_the_tpu_compilers_stacked_outputs_cost_a_row_per_step_not_the_stack():
       return y, 2 * y
     return jax.lax.scan(body, x_8xW, None, length=steps)
 
-  exe = jax.jit(stack).lower(jax.ShapeDtypeStruct((8, width), jnp.float32, sharding=sh),
-                             jax.ShapeDtypeStruct((width, width), jnp.float32, sharding=sh)).compile()
+  x = jax.ShapeDtypeStruct((8, width), jnp.float32, sharding=sh)
+  exe = jax.jit(stack).lower(x, jax.ShapeDtypeStruct((width, width), jnp.float32,
+                                                     sharding=sh)).compile()
   row, w, out = 8 * width * 4, width * width * 4, steps * 8 * width * 4
   moved = hbm.traffic(exe.as_text())["bytes"]
   # at least the stack written once; at most the weights and the stack twice and a few rows a step

@@ -364,8 +364,8 @@ def assumptions(est: dict) -> list[str]:
          "TPU compiler's executable: FLOPs by XLA's cost analysis (kdjax.compiled.cost), HBM bytes "
          "by kdjax.hbm (in-place updates and partial reads counted by what they touch, on-chip "
          "memory not at all), loop bodies weighted by their trip counts (the sampler's loops for "
-         "the tokens drawn below); the decoding formula below is not used"] if est.get("timed_by", "").startswith(
-             "the TPU") else []
+         "the tokens drawn below); the decoding formula below is not used"
+         ] if est.get("timed_by", "").startswith("the TPU") else []
   return tpu + [
       f"{c['name']}: {c['peak_flops'] / 1e12:g} TFLOP/s bf16 dense peak, HBM "
       f"{c['hbm_bandwidth'] / 1e12:g} TB/s and {c['hbm_bytes'] / 1e9:g} GB per chip, "

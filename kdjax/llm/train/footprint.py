@@ -15,8 +15,9 @@ compiler instead, and every figure is then the TPU compiler's.
 Each report also gives `flops` per device per call (kdjax.compiled.cost: XLA's cost analysis with
 loop bodies weighted by their trip counts), `bytes_accessed` (kdjax.hbm.traffic: the HBM bytes of
 the scheduled program, in-place updates and partial reads counted by what they touch; `xla_bytes`
-is XLA's own count, every operand whole) and `compiler` (the platform of the mesh's devices). The sampler's block loops end when every row has ended, so their trip counts come
-from `steps` (tokens drawn; default all max_new_tokens: no row stops early).
+is XLA's own count, every operand whole) and `compiler` (the platform of the mesh's devices). The
+sampler's block loops end when every row has ended, so their trip counts come from `steps`
+(tokens drawn; default all max_new_tokens: no row stops early).
 """
 
 from __future__ import annotations
