@@ -22,7 +22,8 @@ from absl import flags, logging
 from kdjax import cli, distributed
 from kdjax.llm.model import truncation
 from kdjax.llm.study import cost, hardware, observed, pipeline, plots
-from kdjax.llm.study.config import EMBEDDING_MAPS, SEED_SCOPES, StudyConfig, validate
+from kdjax.llm.study.config import (EMBEDDING_MAPS, SCORE_RATES, SEED_SCOPES, StudyConfig,
+                                     validate)
 
 _D = StudyConfig()
 FLAGS = flags.FLAGS
@@ -112,6 +113,11 @@ flags.DEFINE_string("student_learning_rates", "", "A learning-rate sweep for the
                     "vmapped with its temperatures in one run; each (kind, T, seed) keeps the "
                     "rate of best log-likelihood on p*'s select split (results.json: rows; every "
                     "rate's in lr_sweep). Empty: --learning_rate for every student.")
+flags.DEFINE_enum("score_rates", _D.score_rates, list(SCORE_RATES), "With "
+                  "--student_learning_rates: sample and score (precision, recall, the sample "
+                  "measures) only each (kind, T, seed)'s chosen student (chosen), or every rate's "
+                  "(all: their scores in lr_sweep too). Every rate's student is measured on p*'s "
+                  "select split either way.")
 flags.DEFINE_float("warmup_fraction", _D.warmup_fraction, "WSD warm-up fraction of the steps.")
 flags.DEFINE_float("decay_fraction", _D.decay_fraction, "WSD final linear decay fraction.")
 flags.DEFINE_float("weight_decay", _D.weight_decay, "AdamW weight decay.")

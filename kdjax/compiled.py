@@ -63,6 +63,15 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
+# XLA:CPU hands reductions to YNNPACK fusions by default in this jaxlib; the study's small
+# per-row reductions (the GMM sweep's per-point sums, the sampler's softmax and norms over one
+# decode step) then run single-threaded. Turning them off: GMM sweep ~4x, sampler ~7% faster
+# (bench_gmm, bench_sampling --compare). It reorders the reductions, so what a program computes
+# changes in the last bits: a cached unit made by such a program bumps its stage version. The
+# option is a DebugOptions field: the TPU and GPU compilers accept it and ignore it.
+NO_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 def memory(compiled) -> dict:
   """Bytes per device from `compiled.memory_analysis()`: arguments, outputs, temporaries, the
   outputs that alias (donated) arguments, and `total` = arguments + outputs + temporaries -

@@ -8,8 +8,9 @@ import os
 
 import pytest
 
-from kdjax.llm.study import pipeline, report, runs, units
+from kdjax.llm.study import pipeline, report, runs, stats, units
 from kdjax.llm.study.config import StudyConfig
+from kdjax.llm.study.work import mark_done
 from tests.helpers import TINY_STUDY
 
 
@@ -43,7 +44,41 @@ def test_the_sweep_trains_in_one_run_per_kind():
   assert direct.num_students == 3 and direct.learning_rates == (1e-3, 3e-3, 1e-2)
   assert [n for n, _ in cfg.student_groups()[2][1]][:2] == ["fkl_T0.8_lr0.001", "fkl_T0.8_lr0.003"]
   u = units.StudyUnits(cfg, digests={})
-  assert u.scores(0, "fkl", 0, "fkl_T0.8_lr0.001", 0.8).what["select"] == u.pstar("select").key
+  sel = u.selection(0, "fkl")
+  assert sel.what["select"] == u.pstar("select").key
+  assert sel.what["students"] == u.students(0, "fkl").key
+
+
+def test_best_per_group_first_on_ties_and_a_diverged_student_last():
+  items = [("a", 1, -5.0), ("a", 2, -5.0), ("b", 3, float("nan")), ("b", 4, -9.0),
+           ("c", 5, None), ("a", 6, -6.0)]
+  assert stats.best_per_group(items) == [1, 4, 5]
+
+
+def _selected(tmp_path, cfg, seed, kind, chosen):
+  """A done selection unit in tmp_path choosing `chosen` (every rate's loglik made up)."""
+  u = units.StudyUnits(cfg, digests={})
+  sel = u.selection(seed, kind)
+  units.claim(sel, str(tmp_path))
+  names = [n for n, _, _ in cfg.student_grid(kind)]
+  mark_done(sel.dir(str(tmp_path)), {"select_loglik": {n: -1.0 for n in names},
+                                      "chosen": chosen})
+  return u
+
+
+def test_only_the_chosen_rates_are_scored_unless_all(tmp_path):
+  cfg = StudyConfig(temperatures=(0.8, 1.0), students=("direct", "fkl"),
+                    student_learning_rates=(1e-3, 3e-3), ground_truth="preset:test-tiny")
+  u = units.StudyUnits(cfg, digests={})
+  scores = lambda u: [x.rel for x in u.by_stage(str(tmp_path))["5_score_students"]  # noqa: E731
+                      if x.what["unit"] == "scores"]
+  assert scores(u) == [] and u.pending_scores(str(tmp_path)) == 3  # direct, fkl at 0.8 and 1
+  u = _selected(tmp_path, cfg, 0, "fkl", ["fkl_T0.8_lr0.003", "fkl_T1_lr0.001"])
+  assert scores(u) == ["seed_0/scores/fkl_T0.8_lr0.003", "seed_0/scores/fkl_T1_lr0.001"]
+  assert u.pending_scores(str(tmp_path)) == 1
+  every = units.StudyUnits(dataclasses.replace(cfg, score_rates="all"), digests={})
+  assert len(scores(every)) == 6 and every.pending_scores(str(tmp_path)) == 0
+  assert cfg.num_scored(4) == 2 and dataclasses.replace(cfg, score_rates="all").num_scored(4) == 4
 
 
 @pytest.mark.slow
@@ -60,5 +95,9 @@ def test_a_sweep_whose_best_rate_is_known(tmp_path):
   assert len(sweep) == 4 and sum(r["chosen"] for r in sweep) == 2
   low = [r for r in sweep if r["learning_rate"] == 1e-7]
   assert all(r["select_loglik"] < h["select_loglik"] for r, h in zip(low, out["rows"]))
+  # --score_rates=chosen (the default): the unchosen rates are measured on select only
+  assert all(r.get("scored") is False and "precision" not in r for r in low)
+  assert sorted(os.listdir(tmp_path / "seed_0" / "scores")) == ["direct_lr0.003",
+                                                                "fkl_T1_lr0.003"]
   done = units.read_record(os.path.join(tmp_path, "seed_0", "students", "direct"))
   assert len(done["models"]) == 2  # both rates in one run

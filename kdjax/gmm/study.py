@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from kdjax import metrics
+from kdjax import compiled, metrics
 from kdjax import mixture as mx
 from kdjax import sample_metrics
 from kdjax.cli import require
@@ -325,7 +325,7 @@ grid_fn = jax.jit(run_grid, static_argnums=0)
 def compiler_options() -> dict:
   """XLA options for compiling the grid, measured on the 2-core CPU this was built on (bench_gmm):
 
-  - xla_cpu_experimental_ynn_fusion_type="": this jaxlib hands reductions to YNNPACK fusions by
+  - compiled.NO_YNN_FUSIONS: this jaxlib hands reductions to YNNPACK fusions by
     default, which ran the study's many small per-point reductions single-threaded, ~4x slower
     (the precision Monte Carlo went from 0.3 s to 1.1 s per 4096 configurations);
   - xla_backend_optimization_level=1, xla_cpu_use_fusion_emitters=False: LLVM's default -O3
@@ -335,7 +335,7 @@ def compiler_options() -> dict:
   """
   if jax.default_backend() != "cpu":
     return {}
-  return {"xla_cpu_experimental_ynn_fusion_type": "", "xla_backend_optimization_level": 1,
+  return {**compiled.NO_YNN_FUSIONS, "xla_backend_optimization_level": 1,
           "xla_cpu_use_fusion_emitters": False}
 
 
@@ -354,9 +354,9 @@ def compile_and_run(cfg: StudyConfig, p_star: Mixture, seeds_S, betas_B, truncat
     args += ((jnp.asarray(beta_T, jnp.float32), jnp.asarray(top_p_T, jnp.float32),
               jnp.asarray(top_k_T, jnp.int32)),)
   t0 = time.perf_counter()
-  compiled = grid_fn.lower(cfg, p_star, seeds_S, *args).compile(compiler_options())
+  program = grid_fn.lower(cfg, p_star, seeds_S, *args).compile(compiler_options())
   t1 = time.perf_counter()
-  out = jax.block_until_ready(compiled(p_star, seeds_S, *args))
+  out = jax.block_until_ready(program(p_star, seeds_S, *args))
   n_configs = args[0].shape[0] + (0 if truncation is None else len(truncation[0]))
   t2 = time.perf_counter()
   timing = {"configs": int(seeds_S.shape[0] * n_configs), "compile_seconds": t1 - t0,

@@ -45,6 +45,8 @@ class StudyConfig:
   batch_size: int = 32
   learning_rate: float = 5e-4
   student_learning_rates: tuple = ()     # a sweep: every student at each rate, one chosen on select
+  score_rates: str = "chosen"            # with a sweep, whose precision and recall are measured:
+  #                                        the chosen rate's (chosen) or every rate's (all)
   warmup_fraction: float = 0.01
   decay_fraction: float = 0.2
   weight_decay: float = 0.1
@@ -112,6 +114,16 @@ class StudyConfig:
   def lr_sweep(self) -> bool:
     return len(self.student_learning_rates) > 1
 
+  @property
+  def scores_chosen_only(self) -> bool:
+    """With a sweep and --score_rates=chosen, only each (kind, T, seed)'s chosen student is
+    sampled and scored; every rate's student is still measured on p*'s select split."""
+    return self.lr_sweep and self.score_rates == "chosen"
+
+  def num_scored(self, candidates: int) -> int:
+    """How many of a group's `candidates` students (every rate of its values) are scored."""
+    return candidates // len(self.student_learning_rates) if self.scores_chosen_only else candidates
+
   def student_names(self) -> list[str]:
     """Every student's name: 'direct' and '<kind>_T<t>' per kind and temperature, in flag order."""
     return [name for _, group in self.student_groups() for name, _ in group]
@@ -119,6 +131,7 @@ class StudyConfig:
 
 EMBEDDING_MAPS = ("umap", "pca", "none")
 SEED_SCOPES = ("students", "teacher", "all")
+SCORE_RATES = ("chosen", "all")
 
 
 def kd_name(temperature: float) -> str:
@@ -167,6 +180,8 @@ def validate(cfg: StudyConfig) -> None:
     require(math.isfinite(r) and r > 0, f"--student_learning_rates: {r:g} is not a positive rate")
   require(len(set(cfg.student_learning_rates)) == len(cfg.student_learning_rates),
           "--student_learning_rates: a rate is repeated")
+  require(cfg.score_rates in SCORE_RATES,
+          f"--score_rates={cfg.score_rates!r}: one of {', '.join(SCORE_RATES)}")
   require(cfg.seed_scope in SEED_SCOPES,
           f"--seed_scope={cfg.seed_scope!r}: one of {', '.join(SEED_SCOPES)}")
   require(cfg.knn_k >= 1, f"--knn_k={cfg.knn_k}: must be >= 1")

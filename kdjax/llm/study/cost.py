@@ -86,14 +86,21 @@ def _student_kind(cfg: StudyConfig, name: str, student, teacher, seq_len: int, d
   return (copies * b["tokens"], copies * (b["train_flops"] + b["sampling_flops"]), mem, label)
 
 
+def num_scored(cfg: StudyConfig) -> int:
+  """Students sampled and scored over the seeds (--score_rates=chosen: one rate of each)."""
+  return sum(cfg.num_scored(len(g)) for _, g in cfg.student_groups()) * cfg.num_seeds
+
+
 def _scoring(cfg: StudyConfig, gt, student, seq_len: int, devices: int):
-  """(tokens, flops, memory) of stage 5: sample every student, score under p* and the student."""
-  n_students = len(cfg.student_names()) * cfg.num_seeds
+  """(tokens, flops, memory) of stage 5: sample every scored student, score under p* and the
+  student; with a sweep, every rate's student on p*'s select split too."""
+  n_students = num_scored(cfg)
   s_tok, s_flops, s_mem = _sampling(student, cfg.num_eval_samples * n_students, seq_len,
                                     cfg.sample_batch_size, cfg.dtype)
   p_tok = cfg.num_eval_samples * n_students * seq_len
   p_flops = p_tok * gt.forward_flops_per_token(seq_len // 2)
-  r_tok = cfg.num_val * n_students * seq_len
+  selected = len(cfg.student_names()) * cfg.num_seeds if cfg.lr_sweep else 0
+  r_tok = (cfg.num_val * n_students + cfg.num_select * selected) * seq_len
   r_flops = r_tok * student.forward_flops_per_token(seq_len // 2)
   score_mem = (gt.param_bytes("float32") * devices
                + cfg.eval_batch_size * seq_len * gt.vocab_size * 4 * 2)  # params replicated
@@ -150,9 +157,11 @@ def make_plan(cfg: StudyConfig, describe: Callable[[str], LlamaConfig],
       f"(each kind's temperatures vmapped together)", sum(e[0] for e in ests) // seq_len * n_seeds,
       (n_seeds * sum(e[0] for e in ests), n_seeds * sum(e[1] for e in ests),
        max(e[2] for e in ests)))
-  n_students = len(cfg.student_names()) * n_seeds
-  add("5_score_students", f"sample each student ({cfg.num_eval_samples} at T=1), score them "
-      f"under p* (precision); score p* validation under each student (recall)",
+  n_students = num_scored(cfg)
+  chosen = (f" (the chosen rate's of {len(cfg.student_learning_rates)}, each rate's on the "
+            f"{cfg.num_select} select samples)" if cfg.scores_chosen_only else "")
+  add("5_score_students", f"sample each student{chosen} ({cfg.num_eval_samples} at T=1), score "
+      f"them under p* (precision); score p* validation under each student (recall)",
       (cfg.num_eval_samples + cfg.num_val) * n_students, _scoring(cfg, gt, student, seq_len, devices))
   stages.append({"stage": "6_results", "what": "results.json, results.csv, figures",
                  "sequences": 0, "tokens": 0, "flops": 0.0, "memory_per_device_bytes": 0})

@@ -259,11 +259,13 @@ def _hours_and_how(cfg, plan: dict, models: dict, chip: Chip, mesh_chips: int, p
                              f"{flops['4_train_students']:.3g} FLOP on {mesh_chips} chips")
   decode, forward = 0.0, 0.0
   for kind, group in cfg.student_groups():
-    for _ in group:
+    for _ in range(cfg.num_scored(len(group))):  # --score_rates
       decode += sample("student", cfg.num_eval_samples)
       forward += score(student, cfg.num_val) + score(gt, cfg.num_eval_samples)
       if kind == "seqkd":
         forward += score(student, cfg.teacher_num_val)
+    if cfg.lr_sweep:  # every rate's student on p*'s select split
+      forward += len(group) * score(student, cfg.num_select)
   out["5_score_students"] = ((decode + forward) * cfg.num_seeds,
                              f"decode students {decode * cfg.num_seeds / 3600:.3g} h "
                              f"({step('student')}) + forward passes "

@@ -74,6 +74,12 @@ class Layout:
     return os.path.join(f"seed_{seed}", "student_samples", name)
 
   @staticmethod
+  def selection(seed: int, kind: str, knob: str = "temperature") -> str:
+    """A training run's students measured on p*'s select split (a learning-rate sweep's choice)."""
+    return os.path.join(f"seed_{seed}", "selection",
+                        kind if knob == "temperature" else f"{kind}_{knob}")
+
+  @staticmethod
   def scores(seed: int, name: str) -> str:
     return os.path.join(f"seed_{seed}", "scores", name)
 

@@ -54,7 +54,7 @@ from kdjax import cli, distributed
 from kdjax.cli import require
 from kdjax.llm import data
 from kdjax.llm.model import embeddings, truncation
-from kdjax.llm.study import entropy, inputs, plots, report, runs, units
+from kdjax.llm.study import entropy, inputs, plots, report, runs, stats, units
 from kdjax.llm.study.config import StudyConfig, validate
 from kdjax.llm.study.units import Unit
 from kdjax.llm.study.work import (is_done, load_dataset, loglik_and_embeddings, mark_done,
@@ -158,7 +158,8 @@ def cache_report(cfg: StudyConfig, workdir: str) -> str:
   """What a run in `workdir` would reuse and what it would run, per stage (for --dry_run)."""
   workdir = os.path.abspath(workdir)
   lines = [f"workdir {workdir}:"]
-  for name, us in units.StudyUnits(cfg).by_stage().items():
+  study_units = units.StudyUnits(cfg)
+  for name, us in study_units.by_stage(workdir).items():
     by = {"cached": [], "resume": [], "run": [], "redo": []}
     for u in us:
       verdict, reason = units.status(u, workdir)
@@ -168,6 +169,9 @@ def cache_report(cfg: StudyConfig, workdir: str) -> str:
       if by[what]:
         names = by[what][:8] + ([f"... {len(by[what]) - 8} more"] if len(by[what]) > 8 else [])
         parts.append(f"{len(by[what])} {label} ({', '.join(names)})")
+    pending = study_units.pending_scores(workdir) if name == "5_score_students" else 0
+    if pending:
+      parts.append(f"{pending} chosen students' scores after their run's selection")
     lines.append(f"  {name}: {'; '.join(parts)}")
   lines.append("  6_results: rewritten from the scores")
   return "\n".join(lines)
@@ -193,7 +197,7 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
   """Run (or resume) every stage not cached for these flags, after the pre-flight check (unless
   `st`, a Study preflight returned, is given); write results.json and return its rows."""
   st = st or preflight(cfg, workdir)
-  todo = st.units.by_stage()
+  todo = st.units.by_stage(st.workdir)
   check_prompt_lens(st)
   st.run("1_sample_ground_truth", todo["1_sample_ground_truth"],
          lambda u, n: st.sample(u, st.gt_spec, n, 1.0, f"p* {os.path.basename(u.rel)}"))
@@ -208,8 +212,13 @@ def run_study(cfg: StudyConfig, workdir: str, st: Study | None = None) -> list[d
              u.dir(st.workdir),
              runs.student_run(st.runs, seed, kind, teacher_spec(st, seed), knob)))
   scorers = {"pstar_val": embed_pstar_val, "student": score_student,
-             "teacher_entropy": measure_entropy}
-  st.run("5_score_students", todo["5_score_students"], lambda u, what, *a: scorers[what](st, u, *a))
+             "teacher_entropy": measure_entropy, "selection": select_students}
+  score = lambda u, what, *a: scorers[what](st, u, *a)  # noqa: E731
+  st.run("5_score_students", todo["5_score_students"], score)
+  listed = {u.rel for u in todo["5_score_students"]}  # --score_rates=chosen: the chosen students'
+  late = [u for u in st.units.by_stage(st.workdir)["5_score_students"] if u.rel not in listed]
+  if late:  # scores, known once their run's selection is done
+    st.run("5_score_students", late, score)
   with stage(st.workdir, "6_results", st.timings):
     rows = report.results_rows(cfg, st.workdir, st.seq_len)
     if jax.process_index() == 0:  # the files are the same on every process: one writes them
@@ -240,6 +249,21 @@ def measure_entropy(st: Study, unit: Unit, seed: int, value: float, knob: str) -
   mark_done(unit.dir(st.workdir), {"entropy": h, "knob": knob, "value": value})
 
 
+def select_students(st: Study, unit: Unit, seed: int, kind: str, knob: str) -> None:
+  """Every student of a training run (each value and learning rate) measured on p*'s select split
+  (held out from every training run, never recall's val set); the best of each value is chosen
+  (stats.best_per_group) -> DONE.json {"select_loglik": {name: ...}, "chosen": [names]}."""
+  select = load_dataset(st.path(st.units.pstar("select", seed).rel))
+  grid = st.cfg.student_grid(kind, knob)
+  lls = {name: mean_loglik(*st.model(checkpoint_spec(st, st.units.layout.students(seed, kind, knob),
+                                                     j)),
+                           select, st.cfg.eval_batch_size, st.seq_len, f"select {name} seed {seed}")
+         for j, (name, _, _) in enumerate(grid)}
+  chosen = stats.best_per_group((t, name, lls[name]) for name, t, _ in grid)
+  logging.info("%s seed %d: chosen %s", kind, seed, ", ".join(chosen))
+  mark_done(unit.dir(st.workdir), {"select_loglik": lls, "chosen": chosen})
+
+
 def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str, t,
                   knob: str = "temperature") -> None:
   """Sample student `name` at T=1, score the samples under p* (precision), score p*'s validation
@@ -257,16 +281,12 @@ def score_student(st: Study, unit: Unit, seed: int, kind: str, j: int, name: str
   own_val = layout.held_out(seed, kind, t, knob)
   val = recall if own_val == pstar_val else mean_loglik(
       *st.model(student), load_dataset(st.path(own_val)), b, n, f"val {name} seed {seed}")
-  select = None
-  if cfg.lr_sweep:  # chooses the student's learning rate (never recall's val set)
-    select = mean_loglik(*st.model(student), load_dataset(st.path(st.units.pstar("select", seed).rel)),
-                         b, n, f"select {name} seed {seed}")
   precision, emb_NxD = loglik_and_embeddings(*st.model(st.gt_spec),
                                              load_dataset(samples_unit.dir(st.workdir)), b, n,
                                              f"precision {name} seed {seed}")
   mark_done(out, {"precision": precision, "recall": recall, "val_perplexity": math.exp(-val),
                   "val_data": own_val, "embeddings": embeddings.save(out, emb_NxD),
-                  "rows": int(emb_NxD.shape[0]), "select_loglik": select})
+                  "rows": int(emb_NxD.shape[0])})
 
 
 def embed_pstar_val(st: Study, unit: Unit, seed: int) -> None:

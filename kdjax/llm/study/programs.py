@@ -218,10 +218,13 @@ def compiled_hours(cfg, stages: dict, student_label, chip, processes: int, local
   st, how_t = call("5_score_students", "scorer student")
   n_sample = n_gt = n_st = 0
   for kind, group in cfg.student_groups():
-    n_sample += len(group) * batches(cfg.num_eval_samples) * seeds
-    n_gt += len(group) * rounds(cfg.num_eval_samples) * seeds
-    n_st += len(group) * (rounds(cfg.num_val) + (rounds(cfg.teacher_num_val)
-                                                 if kind == "seqkd" else 0)) * seeds
+    scored = cfg.num_scored(len(group))  # --score_rates
+    n_sample += scored * batches(cfg.num_eval_samples) * seeds
+    n_gt += scored * rounds(cfg.num_eval_samples) * seeds
+    n_st += scored * (rounds(cfg.num_val) + (rounds(cfg.teacher_num_val)
+                                             if kind == "seqkd" else 0)) * seeds
+    if cfg.lr_sweep:  # every rate's student on p*'s select split
+      n_st += len(group) * rounds(cfg.num_select) * seeds
   out["5_score_students"] = (n_sample * sample + n_gt * gt + n_st * st,
                              f"{how_s} x {n_sample}; {how_g} x {n_gt}; {how_t} x {n_st}")
   return {k: (v / 3600, how) for k, (v, how) in out.items()}

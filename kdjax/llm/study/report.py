@@ -38,7 +38,8 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   whose rows have temperature 1.0; None for direct) and `teacher_entropy` (the teacher's mean
   per-token entropy on p*'s select split under that setting, kdjax.llm.study.entropy); with
   a --student_learning_rates sweep, every rate's student and its `select_loglik` (choose_rates
-  keeps one per kind, T and seed)."""
+  keeps one per kind, T and seed); with --score_rates=chosen the rates not chosen have no
+  scores and no sample measures (`scored`: False)."""
   path = lambda rel: os.path.join(workdir, rel)  # noqa: E731
   layout, budgets = units.Layout(cfg), _budgets(cfg, seq_len)
   rows = []
@@ -46,22 +47,25 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
     reference = embeddings.load(path(layout.pstar_embeddings(layout.pstar_seed(seed))))
     for kind, knob in cfg.student_runs():
       trained = units.read_record(path(layout.students(seed, kind, knob)))["steps"]
+      selection = (units.read_record(path(layout.selection(seed, kind, knob)))
+                   if cfg.lr_sweep else {})
       for name, t, lr in cfg.student_grid(kind, knob):
-        scores = path(layout.scores(seed, name))
-        s = units.read_record(scores)
         b = budgets[kind]
-        sweep = {"select_loglik": s["select_loglik"]} if cfg.lr_sweep else {}
         entropy = None if t is None else units.read_record(path(layout.teacher_entropy(
             layout.teacher_seed(seed), t, knob)))["entropy"]
-        rows.append({"objective": kind,
-                     "temperature": t if t is None or knob == "temperature" else 1.0,
-                     "knob": None if t is None else knob, "knob_value": t,
-                     "teacher_entropy": entropy, "seed": seed, "student": name,
-                     "learning_rate": lr or cfg.learning_rate, **sweep,
-                     "precision": s["precision"], "recall": s["recall"],
-                     "val_perplexity": s["val_perplexity"], "steps": trained,
-                     "train_sequences": b["sequences"], "train_tokens": b["tokens"],
-                     "train_flops": b["train_flops"], "sampling_flops": b["sampling_flops"],
+        row = {"objective": kind, "temperature": t if t is None or knob == "temperature" else 1.0,
+               "knob": None if t is None else knob, "knob_value": t, "teacher_entropy": entropy,
+               "seed": seed, "student": name, "learning_rate": lr or cfg.learning_rate,
+               **({"select_loglik": selection["select_loglik"][name]} if cfg.lr_sweep else {}),
+               "steps": trained, "train_sequences": b["sequences"], "train_tokens": b["tokens"],
+               "train_flops": b["train_flops"], "sampling_flops": b["sampling_flops"]}
+        if cfg.scores_chosen_only and name not in selection["chosen"]:
+          rows.append({**row, "scored": False})  # a rate not chosen: measured on select only
+          continue
+        scores = path(layout.scores(seed, name))
+        s = units.read_record(scores)
+        rows.append({**row, "precision": s["precision"], "recall": s["recall"],
+                     "val_perplexity": s["val_perplexity"],
                      **sample_metrics.sample_measures(
                          reference, embeddings.load(scores),
                          generated_tokens(path(layout.student_samples(seed, name))),
@@ -75,12 +79,9 @@ def choose_rates(rows: list[dict]) -> tuple[list[dict], list[dict]]:
   row with `chosen` marked ([] without a sweep: rows are returned as they are)."""
   if not rows or "select_loglik" not in rows[0]:
     return rows, []
-  best = {}
-  for r in rows:
-    k = (r["objective"], r.get("knob"), r.get("knob_value", r["temperature"]), r["seed"])
-    if k not in best or r["select_loglik"] > best[k]["select_loglik"]:
-      best[k] = r
-  chosen_ids = {id(r) for r in best.values()}
+  chosen_ids = set(stats.best_per_group(
+      ((r["objective"], r.get("knob"), r.get("knob_value", r["temperature"]), r["seed"]), id(r),
+       r["select_loglik"]) for r in rows))
   return ([r for r in rows if id(r) in chosen_ids],
           [{**r, "chosen": id(r) in chosen_ids} for r in rows])
 

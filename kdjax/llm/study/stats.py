@@ -120,6 +120,18 @@ def mean_interval(values, level: float = 0.95) -> dict:
   return out
 
 
+def best_per_group(items) -> list:
+  """The id of the best value of each group, from [(group, id, value)] in order: the highest
+  value, the first on ties, a non-finite value (a diverged student) below every finite one.
+  The study's one rule for choosing a student's learning rate (units' selection, report)."""
+  best = {}
+  for group, ident, value in items:
+    v = value if value is not None and math.isfinite(value) else -math.inf
+    if group not in best or v > best[group][1]:
+      best[group] = (ident, v)
+  return [ident for ident, _ in best.values()]
+
+
 def _knob(r: dict) -> str:
   """A row's teacher knob (rows without one: direct, or written before knobs: temperature)."""
   return r.get("knob") or "temperature"

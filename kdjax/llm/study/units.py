@@ -54,9 +54,12 @@ SPLITS = ("train", "val", "select")  # p*'s splits; a split's index names its ra
 
 # What each stage computes, versioned (see the module docstring). 2: the version field itself
 # (keys before it had none); students 2: common random numbers (identity by seed, not position);
-# samples 3: rows drawn in chunks of --sample_batch_size per device (kdjax.llm.model.sample_rows).
-VERSIONS = {"pstar": 3, "teacher": 2, "teacher_samples": 3, "students": 2, "student_samples": 3,
-            "pstar_embeddings": 2, "scores": 2, "teacher_entropy": 1}
+# samples 3: rows drawn in chunks of --sample_batch_size per device (kdjax.llm.model.sample_rows);
+# samples 4: the sampler compiled without XLA:CPU's YNNPACK fusions (compiled.NO_YNN_FUSIONS: its
+# reductions in another order). selection 1: the students' select-split log-likelihoods, apart
+# from their scores (--score_rates).
+VERSIONS = {"pstar": 4, "teacher": 2, "teacher_samples": 4, "students": 2, "student_samples": 4,
+            "pstar_embeddings": 2, "scores": 2, "teacher_entropy": 1, "selection": 1}
 
 # fold_in tags of the sampling streams: seed_key(seed, tag, ...)
 PSTAR_STREAM, TEACHER_STREAM, STUDENT_STREAM = 0, 2, 3
@@ -244,13 +247,47 @@ class StudyUnits:
             "eval_batch_size": c.eval_batch_size, "embedding": EMBEDDING}
     if kinds.get(kind).held_out == TEACHER_SAMPLES:
       what["own_val"] = self.teacher_samples(seed, t, "val", knob).key
-    if c.lr_sweep:  # the select split's log-likelihood chooses each student's rate
-      what["select"] = self.pstar("select", seed).key
     return self._unit("5_score_students", self.layout.scores(seed, name), "scores",
                       ("student", seed, kind, j, name, t, knob), **what)
 
-  def by_stage(self) -> dict[str, list[Unit]]:
-    """Every unit of every stage, in the order the stages run them."""
+  def selection(self, seed: int, kind: str, knob: str = "temperature") -> Unit:
+    """A training run's students (every value and rate of a --student_learning_rates sweep)
+    measured on p*'s select split: DONE.json holds each one's log-likelihood and the chosen
+    student of each value (stats.best_per_group), whose rate the study reports."""
+    c = self.cfg
+    return self._unit("5_score_students", self.layout.selection(seed, kind, knob), "selection",
+                      ("selection", seed, kind, knob), students=self.students(seed, kind, knob).key,
+                      select=self.pstar("select", seed).key, eval_batch_size=c.eval_batch_size)
+
+  def chosen(self, seed: int, kind: str, knob: str, workdir: Optional[str]) -> Optional[list]:
+    """The names a run's selection chose, when that unit is done in `workdir` for its key
+    (its outputs checked); None before (or without a workdir)."""
+    unit = self.selection(seed, kind, knob)
+    if workdir is None or status(unit, workdir)[0] != "cached":
+      return None
+    return list(read_record(unit.dir(workdir))["chosen"])
+
+  def _scored(self, seed: int, kind: str, knob: str, workdir: Optional[str]) -> list[Unit]:
+    """The scores units of a run: every student's, or with --score_rates=chosen the chosen
+    students' once its selection is done (none before: listed then, see pending_scores)."""
+    grid = list(enumerate(self.cfg.student_grid(kind, knob)))
+    if self.cfg.scores_chosen_only:
+      chosen = self.chosen(seed, kind, knob, workdir) or []
+      grid = [(j, g) for j, g in grid if g[0] in chosen]
+    return [self.scores(seed, kind, j, name, t, knob) for j, (name, t, _) in grid]
+
+  def pending_scores(self, workdir: Optional[str]) -> int:
+    """Scores units by_stage cannot list yet: the chosen students of runs not yet selected."""
+    c = self.cfg
+    if not c.scores_chosen_only:
+      return 0
+    return sum(len(c.knob_values_of(knob)) if kinds.get(kind).per_temperature else 1
+               for seed in c.seeds for kind, knob in c.student_runs()
+               if self.chosen(seed, kind, knob, workdir) is None)
+
+  def by_stage(self, workdir: Optional[str] = None) -> dict[str, list[Unit]]:
+    """Every unit of every stage, in the order the stages run them. With --score_rates=chosen a
+    run's scores follow its selection (done in `workdir`): a study lists them again after it."""
     c = self.cfg
     out = {name: [] for name in STAGES}
     pstar_seeds = sorted({self.layout.pstar_seed(s) for s in c.seeds})
@@ -268,8 +305,9 @@ class StudyUnits:
                                     for t in c.knob_values_of(knob) for s in ("train", "val")]
       for kind, knob in c.student_runs():
         out["4_train_students"].append(self.students(seed, kind, knob))
-        out["5_score_students"] += [self.scores(seed, kind, j, name, t, knob)
-                                    for j, (name, t, _) in enumerate(c.student_grid(kind, knob))]
+        if c.lr_sweep:
+          out["5_score_students"].append(self.selection(seed, kind, knob))
+        out["5_score_students"] += self._scored(seed, kind, knob, workdir)
     return out
 
 
@@ -330,6 +368,13 @@ def _check_embeddings(path: str, rows: Optional[int]) -> Optional[str]:
   return None
 
 
+def _check_selection(path: str, record: dict) -> Optional[str]:
+  lls, chosen = record.get("select_loglik"), record.get("chosen")
+  if not isinstance(lls, dict) or not isinstance(chosen, list) or not set(chosen) <= set(lls):
+    return "DONE.json has no select_loglik per student and chosen students among them"
+  return None
+
+
 def _check_scores(path: str, record: dict) -> Optional[str]:
   for field in ("precision", "recall", "val_perplexity"):
     if not isinstance(record.get(field), (int, float)):
@@ -339,7 +384,7 @@ def _check_scores(path: str, record: dict) -> Optional[str]:
 
 _CHECKS = {"pstar": _check_dataset, "teacher_samples": _check_dataset,
            "student_samples": _check_dataset, "teacher": _check_training,
-           "students": _check_training, "scores": _check_scores,
+           "students": _check_training, "scores": _check_scores, "selection": _check_selection,
            "pstar_embeddings": lambda path, r: _check_embeddings(path, r.get("sequences")),
            "teacher_entropy": lambda path, r: (None if isinstance(r.get("entropy"), (int, float))
                                                else "DONE.json has no entropy")}
