@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 from kdjax.cli import UserError  # noqa: E402
 from kdjax.llm import (describe_spec, get_preset, load_model, load_tokenizer, target_mask,  # noqa: E402
                        token_logprobs)
+from kdjax.llm.weights import gguf_io  # noqa: E402
 from kdjax.llm.weights.loading import default_gguf_path, gguf_bpe_tokenizer, validate_spec  # noqa: E402
 
 TEXTS = [
@@ -56,22 +57,60 @@ def test_config_is_the_135m_preset(real):
   assert validate_spec("gguf:default") == config == describe_spec("gguf:default")[0]
 
 
-def test_tokenizer_matches_gguf_vocabulary(real):
-  path, _, _, tok, _ = real
-  # transformers' GGUF tokenizer (with torch) against ours, built from the file's own tokens and
-  # merges with `tokenizers` (what a plain install without torch uses).
+def test_reader_reads_what_ggufs_own_reader_reads(real):
+  """gguf_io.open_gguf's reader (a plain-array view of the memmap, once per file in a process)
+  holds the fields and tensor bytes gguf.GGUFReader holds: the same dequantized weights."""
   import gguf
-  tokens = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"].contents()
-  ours = gguf_bpe_tokenizer(path)
-  assert len(tok) == len(ours) == len(tokens) == 49152
-  assert tok.convert_ids_to_tokens([0, 1, 2, 100, 49151]) == [tokens[i] for i in (0, 1, 2, 100, 49151)]
-  assert (ours.bos_token_id, ours.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
-  for text in TEXTS:
+  path = real[0]
+  ours, theirs = gguf_io.open_gguf(path), gguf.GGUFReader(path)
+  assert gguf_io.open_gguf(path) is ours and type(theirs.data) is np.memmap
+  assert list(ours.fields) == list(theirs.fields)
+  for key, field in theirs.fields.items():
+    assert ours.fields[key].types == field.types and ours.fields[key].contents() == field.contents()
+  assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+  for a, b in zip(ours.tensors, theirs.tensors):
+    assert (a.tensor_type, a.data.dtype, a.data_offset) == (b.tensor_type, b.data.dtype, b.data_offset)
+    np.testing.assert_array_equal(a.shape, b.shape)
+    np.testing.assert_array_equal(a.data, b.data)
+
+
+# More strings for the tokenizers: digits (single, runs, after a space or letters), whitespace runs,
+# tabs and newlines, accents, CJK, emoji, the special tokens written in the text, the study's prompt.
+TOKENIZER_TEXTS = TEXTS + [
+    "The", "", " ", "12345 3.14159 x2y 007", "a  b   c\t\td\n\n\ne    ", "  leading and trailing  ",
+    "héllo wörld, naïve café", "你好，世界", "🙂 👍🏽 ∑ ≠ ∞", "it's we'll they're I'm",
+    "<|im_start|>user\nHi there<|im_end|>\n<|endoftext|>", "x<file_sep>y <reponame>z",
+]
+
+
+def test_gguf_specs_use_our_bpe_tokenizer_with_transformers_ids(real):
+  """gguf: specs tokenize with gguf_bpe_tokenizer (no torch, half transformers' CPU seconds): the
+  same vocabulary, special tokens, ids and decodings as transformers' own GGUF tokenizer."""
+  path, _, _, tok, _ = real
+  theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                      gguf_file=os.path.basename(path))
+  assert tok is gguf_bpe_tokenizer(path) and len(tok) == len(theirs) == 49152
+  assert tok.get_vocab() == theirs.get_vocab()
+  assert tok.get_added_vocab() == theirs.get_added_vocab() and len(tok.get_added_vocab()) == 17
+  assert tok.special_tokens_map == theirs.special_tokens_map
+  assert tok.all_special_ids == theirs.all_special_ids
+  for name in ("bos", "eos", "unk", "pad"):
+    assert getattr(tok, f"{name}_token_id") == getattr(theirs, f"{name}_token_id"), name
+  assert (tok.bos_token_id, tok.eos_token_id) == (1, 2)
+  for text in TOKENIZER_TEXTS:
     ids = tok(text).input_ids
-    assert ids == ours(text).input_ids, text
-    assert ours.decode(ids) == text
-    assert len(ids) <= 32
-    assert tok.decode(ids) == text
+    assert ids == theirs(text).input_ids, text
+    assert tok.decode(ids) == theirs.decode(ids) == text
+    assert tok.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+  assert tok("The").input_ids == [504]
+  assert len(tok(TEXTS[0]).input_ids) <= 32
+  # any ids, the special ones and byte pieces that are no whole UTF-8 character included
+  rows = np.random.default_rng(0).integers(0, 49152, (8, 40)).tolist() + [list(range(40)),
+                                                                          list(range(96, 400))]
+  for ids in rows:
+    assert tok.decode(ids) == theirs.decode(ids)
+    assert tok.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert tok.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)
 
 
 def test_logprobs_match_transformers(real):
