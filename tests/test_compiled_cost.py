@@ -2,7 +2,9 @@
 counts the TPU compiler leaves unprinted, the TPU topologies, and programs compiled by the TPU
 compiler on this CPU (skipped without libtpu: `pip install -e ".[tpu]"`)."""
 
+import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import compiled, sharding
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train import footprint
+from kdjax.llm.train import state as train_state
+from kdjax.llm.train import step as step_lib
 from tests.helpers import run_module
 
 N = 64  # a 64 x 64 matmul on 8 rows: 2 * 8 * 64 * 64 = 65536 FLOPs
@@ -90,6 +94,33 @@ def test_train_step_compiled_by_the_tpu_compiler_for_a_v5p_slice():
   out = footprint.train_step(get_preset("test-tiny").replace(dtype="bfloat16"), mesh, 8, 32)
   assert out["memory_per_device_gb"] > 0 and out["collective_gb_per_step"] > 0
   assert out["unknown_trip_counts"] == 0  # the layer scans' counts read from their conditions
+
+
+def _head_chunk_logits(devices) -> set:
+  """The [B, positions, V] float32 logits shapes in the lowered train step of a one-layer model
+  of hidden size D = 512 (V = 256) on 2 x 256 rows on one device: the fused head's chunks
+  (head_nll.chunk_rows, by the platform the mesh is on)."""
+  cfg = get_preset("test-tiny").replace(hidden_size=512, intermediate_size=512, num_layers=1,
+                                        vocab_size=256)
+  mesh = sharding.make_mesh(1, 1, 1, devices=devices[:1])
+  spec = step_lib.StepSpec(model=cfg, total_steps=10)
+  state = jax.eval_shape(functools.partial(train_state._init_fn, spec), jax.random.PRNGKey(0), None)
+  sh = train_state.state_shardings(spec, mesh, state)
+  bsh = sharding.batch_sharding(mesh)
+  tokens = {k: jax.ShapeDtypeStruct((2, 256), dt, sharding=bsh)
+            for k, dt in (("input_ids", jnp.int32), ("attention_mask", jnp.bool_))}
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
+  text = step_lib.compile_train_step(spec, sh, bsh).lower(abstract, tokens, None).as_text()
+  return set(re.findall(r"tensor<2x(\d+)x256xf32>", text))
+
+
+@needs_tpu
+def test_the_fused_head_chunks_by_the_platform_compiled_for():
+  """512 rows per device at D = 512: chunks of 2 x 128 positions on CPU (the cache-sized 256
+  rows), one chunk of 2 x 256 on a TPU (head_nll.chunk_rows: at least D rows)."""
+  _, devices = compiled.tpu_devices("v5p", 1)
+  assert "128" in _head_chunk_logits(jax.devices())
+  assert "128" not in _head_chunk_logits(devices)
 
 
 @pytest.mark.slow

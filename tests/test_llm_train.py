@@ -14,7 +14,7 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax import sharding
 from kdjax.llm import data as data_lib
 from kdjax.llm.model import evaluate
-from kdjax.llm.train import head_nll
+from kdjax.llm.train import head_kd, head_nll
 from kdjax.llm.model import llama as model
 from kdjax.llm.train import loop as train
 from kdjax.llm.model.config import get_preset
@@ -217,16 +217,16 @@ def _unfused_nll_sum(x, w, y, wt, layout):
 
 @pytest.mark.parametrize("layout", ["vd", "dv"])
 @pytest.mark.parametrize("shape", [(3, 10), (2, 7)])  # chunked along positions; 7 is prime
-def test_fused_head_nll_matches_autodiff_of_the_unfused_loss(layout, shape, monkeypatch):
-  monkeypatch.setattr(head_nll, "CHUNK_ROWS", 6)  # several chunks even at these tiny shapes
+@pytest.mark.parametrize("rows", [6, 1 << 20])  # several chunks at these tiny shapes; one
+def test_fused_head_nll_matches_autodiff_of_the_unfused_loss(layout, shape, rows):
   b, t = shape
   rng = np.random.default_rng(7)
   x = jnp.asarray(rng.normal(size=(b, t, 8)).astype(np.float32))
   w = jnp.asarray(rng.normal(size=(37, 8) if layout == "vd" else (8, 37)).astype(np.float32))
   y = jnp.asarray(rng.integers(0, 37, size=(b, t)).astype(np.int32))
   wt = jnp.asarray((rng.uniform(size=(b, t)) > 0.3).astype(np.float32))
-  assert head_nll._chunk_len(b, t, 6) < t
-  fused = lambda x, w: head_nll.head_nll_sum(x, w, y, wt, layout)
+  assert (head_nll._chunk_len(b, t, rows) < t) == (rows == 6)
+  fused = lambda x, w: head_nll.head_nll_sum(x, w, y, wt, layout, rows)
   ref = lambda x, w: _unfused_nll_sum(x, w, y, wt, layout)
   np.testing.assert_allclose(float(fused(x, w)), float(ref(x, w)), rtol=1e-6)
   # a non-unit cotangent: the forward pass forms gradients for 1, the backward pass scales them
@@ -239,6 +239,15 @@ def test_fused_head_nll_matches_autodiff_of_the_unfused_loss(layout, shape, monk
   batched = jax.vmap(jax.grad(fused, argnums=1))(xs, ws)
   np.testing.assert_allclose(batched[1], jax.grad(fused, argnums=1)(2 * x, -w), rtol=1e-5,
                              atol=1e-6)
+
+
+def test_chunk_rows_by_platform():
+  """CPU keeps the measured cache-sized chunks; an accelerator at least D rows per chunk (the
+  dW accumulation's traffic per chunk no larger than the chunk's logits), and the train step
+  takes the platform of the mesh it is compiled for."""
+  assert head_nll.chunk_rows("cpu", 2048) == head_nll.CHUNK_ROWS
+  assert head_nll.chunk_rows("tpu", 2048) == 2048 and head_nll.chunk_rows("gpu", 64) == 256
+  assert head_kd.chunk_rows("cpu", 960) == head_kd.CHUNK_ROWS and head_kd.chunk_rows("tpu", 960) == 960
 
 
 def test_training_loss_is_the_unfused_cross_entropy():

@@ -7,7 +7,8 @@ these counts where a sampling stage has finished in W, and with --max_new_tokens
 printed assumptions say which.
 
 Per model, one finished dataset stands for all of its sampling: p*'s train split, the first seed's
-teacher samples at the first temperature (train split), the first student's samples. Its rows lie
+teacher samples at the first temperature (train split), the first student's samples that exist
+(with --score_rates=chosen not every rate's student is sampled). Its rows lie
 in shards of --shard_size, each cut in chunks of --sample_batch_size rows (the unit one chip draws
 at once: kdjax.llm.model.sample_rows); a chunk's steps are its longest row's drawn tokens (the EOS
 included), and the model's figure is their mean over the chunks, rounded up. A call on several
@@ -47,9 +48,11 @@ def known_steps(cfg, workdir: str) -> dict:
   """{model name: tokens a sampling call draws} for the models whose dataset above is finished in
   `workdir` (the others left out: priced at --max_new_tokens)."""
   layout = Layout(cfg)
+  students = [Layout.student_samples(cfg.seed, n) for n in cfg.student_names()]
+  sampled = [rel for rel in students if os.path.exists(os.path.join(workdir, rel, DONE))]
   where = {"ground_truth": layout.pstar("train", layout.pstar_seed(cfg.seed)),
            "teacher": Layout.teacher_samples(cfg.seed, cfg.temperatures[0], "train"),
-           "student": Layout.student_samples(cfg.seed, cfg.student_names()[0])}
+           "student": (sampled or students)[0]}  # --score_rates=chosen: the first one sampled
   out = {}
   for name, rel in where.items():
     path = os.path.join(workdir, rel)

@@ -38,9 +38,14 @@ from kdjax.objectives import fused_tokens
 CHUNK_ROWS = 128
 
 
-def _chunk_len(b: int, t: int) -> int:
-  """Positions per chunk: the largest divisor of t with b x positions <= CHUNK_ROWS."""
-  return head_nll._chunk_len(b, t, CHUNK_ROWS)
+def chunk_rows(platform: str, hidden: int) -> int:
+  """head_nll.chunk_rows with this module's CPU figure."""
+  return head_nll.chunk_rows(platform, hidden, CHUNK_ROWS)
+
+
+def _chunk_len(b: int, t: int, rows: int = CHUNK_ROWS) -> int:
+  """Positions per chunk: the largest divisor of t with b x positions <= rows."""
+  return head_nll._chunk_len(b, t, rows)
 
 
 def _student_chunk(name, x, w, pt, lt, y, wt, layout, with_grads):
@@ -74,11 +79,11 @@ def _target_parts(zt, inv_t, knob_value, knob):
   return pt, jnp.where(kept, lt, 0.0)
 
 
-def _scan(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob, with_grads):
+def _scan(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob, with_grads, rows):
   """Over chunks of positions: the teacher's logits once per chunk, then each student in turn
   (lax.map over the student axis: one student's [rows, V] arrays at a time)."""
   b, t = y.shape
-  c = _chunk_len(b, t)
+  c = _chunk_len(b, t, rows)
 
   def body(dw_N, xs):
     x_c_N, tx_c, y_c, wt_c = xs
@@ -105,25 +110,27 @@ def _scan(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob, with_gr
   return jnp.sum(kd_CxN, axis=0), jnp.sum(nll_CxN, axis=0), dw_N, dx_CxN
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 9, 10, 11))
 def head_kd_sums(name, x_NxBxTxD, w_N, teacher_x_BxTxE, teacher_w, inv_temperature_N, knob_N,
-                 targets_BxT, weights_BxT, layouts=("vd", "vd"), knob="temperature"):
+                 targets_BxT, weights_BxT, layouts=("vd", "vd"), knob="temperature",
+                 rows=CHUNK_ROWS):
   """(kd_sum [N], nll_sum [N]) of N students on one batch, over positions weighted by weights_BxT
   (the target mask), float32. Student i: hidden states x[i], head weight w[i] ([V, D] "vd" or
   [D, V] "dv"), target softmax(teacher logits * inv_temperature[i]), or with `knob` a
   truncation (top_p, min_p, top_k) the teacher's logits truncated at knob_N[i] and renormalised
   (knob_N is ignored under the default knob "temperature"); teacher_x / teacher_w: the
   teacher's hidden states and head weight, shared; layouts: (students', teacher's). kd_sum[i] is
-  differentiable in x[i] and w[i]; nll_sum is a metric (its cotangent is ignored).
+  differentiable in x[i] and w[i]; nll_sum is a metric (its cotangent is ignored). rows: batch x
+  positions per chunk (chunk_rows).
   """
   return _scan(name, x_NxBxTxD, w_N, teacher_x_BxTxE, teacher_w, inv_temperature_N, knob_N,
-               targets_BxT, weights_BxT.astype(jnp.float32), layouts, knob, False)[:2]
+               targets_BxT, weights_BxT.astype(jnp.float32), layouts, knob, False, rows)[:2]
 
 
-def _fwd(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob):
+def _fwd(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob, rows):
   b, t = y.shape
   kd, nll, dw_NxDxV, dx_CxN = _scan(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y,
-                                    wt.astype(jnp.float32), layouts, knob, True)
+                                    wt.astype(jnp.float32), layouts, knob, True, rows)
   dx_N = jax.vmap(lambda a: _unsplit(a, b, t))(dx_CxN.swapaxes(0, 1))
   # the barrier keeps XLA from folding the transpose into the dot (head_nll's note)
   dw_N = (jax.lax.optimization_barrier(dw_NxDxV).swapaxes(1, 2) if layouts[0] == "vd"
@@ -131,7 +138,7 @@ def _fwd(name, x_N, w_N, tx, tw, inv_t_N, knob_N, y, wt, layouts, knob):
   return (kd, nll), (dx_N, dw_N.astype(w_N.dtype), tx, tw, inv_t_N, knob_N, y, wt)
 
 
-def _bwd(name, layouts, knob, residuals, cotangents):
+def _bwd(name, layouts, knob, rows, residuals, cotangents):
   dx_N, dw_N, tx, tw, inv_t_N, knob_N, y, wt = residuals
   g_kd_N, _ = cotangents  # nll_sum is a metric
   zero = lambda a: (jnp.zeros(a.shape, jax.dtypes.float0)

@@ -59,6 +59,8 @@ class StepSpec:
   lr_scales: tuple = ()             # student i's peak learning rate is lr x lr_scales[i]
   common_streams: bool = False      # every student initialised from stream 0 (TrainConfig's
   #                                   common_random_numbers)
+  platform: str = "cpu"             # what the step is compiled for (compile_train_step sets it):
+  #                                   the fused heads' chunk rows (head_nll.chunk_rows)
 
 
 def wsd_schedule(peak: float, total_steps: int, warmup_frac: float, decay_frac: float):
@@ -151,7 +153,8 @@ def _head_kd(spec: StepSpec, x_NxBxTxD, w_N, teacher, temps_N, targets_BxT, tmas
     inv_temps_N, knob_N = 1.0 / temps_N, temps_N
   else:
     inv_temps_N, knob_N = jnp.ones_like(temps_N), temps_N
-  fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts, spec.teacher_knob)
+  rows = head_kd.chunk_rows(spec.platform, spec.model.hidden_size)
+  fn = lambda *args: head_kd.head_kd_sums(spec.objective, *args, layouts, spec.teacher_knob, rows)
   return head_nll.over_batch_shards(
       fn, (x_NxBxTxD, w_N, *teacher, inv_temps_N, knob_N, targets_BxT,
            tmask_BxT.astype(jnp.float32)), (1, None, 0, None, None, None, 0, 0))
@@ -170,7 +173,8 @@ def _loss_sums(params, batch, teacher_params, spec: StepSpec, temperature=None,
     w, layout = model.head_weight(spec.model, params)
     x_BxTxD = model.hidden_states(spec.model, params, ids_BxT, mask_BxT)
     nll_sum = head_nll.over_batch_shards(
-        functools.partial(head_nll.head_nll_sum, w_layout=layout),
+        functools.partial(head_nll.head_nll_sum, w_layout=layout,
+                          rows=head_nll.chunk_rows(spec.platform, spec.model.hidden_size)),
         (x_BxTxD, w, targets_BxT, tmask_BxT.astype(jnp.float32)), (0, None, 0, 0))
     return nll_sum, (nll_sum, count)
   if spec.tempered_teacher:
@@ -320,6 +324,7 @@ def compile_train_step(spec: StepSpec, shardings, batch_sharding, teacher_shardi
   """train_step jitted once: shardings in and out, the state donated. Called as
   step(state, batch, teacher_params), plus the temperatures when spec.tempered_teacher."""
   mesh = shardings["step"].mesh
+  spec = dataclasses.replace(spec, platform=mesh.devices.flat[0].platform)
 
   def step(state, batch, teacher_params, *temperatures):
     with sharding_lib.use_mesh(mesh):  # the model's activation constraints follow this mesh
