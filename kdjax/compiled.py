@@ -63,12 +63,12 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-# XLA:CPU hands reductions to YNNPACK fusions by default in this jaxlib; the study's small
-# per-row reductions (the GMM sweep's per-point sums, the sampler's softmax and norms over one
-# decode step) then run single-threaded. Turning them off: GMM sweep ~4x, sampler ~7% faster
-# (bench_gmm, bench_sampling --compare). It reorders the reductions, so what a program computes
-# changes in the last bits: a cached unit made by such a program bumps its stage version. The
-# option is a DebugOptions field: the TPU and GPU compilers accept it and ignore it.
+# XLA:CPU hands reductions to YNNPACK fusions by default in this jaxlib; the GMM sweep's many small
+# per-point reductions then run single-threaded: turning them off made it ~4x faster (bench_gmm).
+# Not for the SmolLM2 sampler: there it was ~7% faster (bench_sampling --compare), but its
+# reductions then split over the process's threads, so the real checkpoint's p* rows differed
+# between 1 process x 4 devices and 2 x 2 (tests/test_sample_rows.py): the rows would depend on the
+# machine. The option is a DebugOptions field: the TPU and GPU compilers accept and ignore it.
 NO_YNN_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 

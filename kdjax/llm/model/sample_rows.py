@@ -36,7 +36,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kdjax import compiled
 from kdjax.cli import require
 from kdjax.llm.model import sampling
 from kdjax.llm.model.sampling import SampleOutput
@@ -65,8 +64,7 @@ def _device_body(params, ids_RxP, mask_RxP, key_1, temperature, *, config, max_n
 
 
 @functools.partial(jax.jit, static_argnames=("config", "mesh", "max_new_tokens", "eos_id",
-                                             "pad_id", "draw_kwargs"),
-                   compiler_options=compiled.NO_YNN_FUSIONS)
+                                             "pad_id", "draw_kwargs"))
 def _on_devices(params, ids_DRxP, mask_DRxP, keys_D, temperature, *, config, mesh,
                 max_new_tokens, eos_id, pad_id, draw_kwargs) -> SampleOutput:
   body = functools.partial(_device_body, config=config, max_new_tokens=max_new_tokens,

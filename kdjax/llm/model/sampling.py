@@ -39,7 +39,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdjax import compiled
 from kdjax.llm.model import decode, truncation
 from kdjax.llm.model.config import LlamaConfig
 # the decode path and its price, for callers of the sampler
@@ -125,9 +124,10 @@ def _emit(i, logits, state, key, draw_args, eos_id, pad_id):
   return tok, (tokens, logps, lengths, done)
 
 
-def _sample_body(config, max_new_tokens, top_k, use_top_p, use_min_p,
-                 params, ids_BxP, mask_BxP, key, temperature, top_p, min_p, eos_id, pad_id,
-                 kv_block=KV_BLOCK):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=("kv_block",))
+def _sample_jit(config, max_new_tokens, top_k, use_top_p, use_min_p,
+                params, ids_BxP, mask_BxP, key, temperature, top_p, min_p, eos_id, pad_id,
+                kv_block=KV_BLOCK):
   c = config
   n = max_new_tokens
   b, p = ids_BxP.shape
@@ -163,13 +163,6 @@ def _sample_body(config, max_new_tokens, top_k, use_top_p, use_min_p,
     carry = jax.lax.while_loop(cond, body, carry)
   tokens, logps, lengths, _ = carry[-1]
   return SampleOutput(tokens, lengths, logps)
-
-_STATIC = dict(static_argnums=(0, 1, 2, 3, 4), static_argnames=("kv_block",))
-# The sampler as its own program (compiled.NO_YNN_FUSIONS: XLA options only a top-level jit takes)
-# and as a piece of another (on-policy training, sample_rows' shard_map; footprint prices this one).
-_sample_top = jax.jit(_sample_body, **_STATIC, compiler_options=compiled.NO_YNN_FUSIONS)
-_sample_jit = jax.jit(_sample_body, **_STATIC)
-
 
 
 def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
@@ -215,9 +208,7 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
   if eos_id is None:
     eos_id = config.eos_token_id
   eos_id = -1 if eos_id is None or int(eos_id) < 0 else int(eos_id)
-  traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
-  fn = _sample_jit if traced else _sample_top
-  return fn(config, int(max_new_tokens), top_k, use_top_p, use_min_p, params,
+  return _sample_jit(config, int(max_new_tokens), top_k, use_top_p, use_min_p, params,
                      jnp.asarray(prompt_ids_BxP, jnp.int32), prompt_mask_BxP, key,
                      rows(temperature), rows(top_p), rows(min_p),
                      jnp.asarray(eos_id, jnp.int32), jnp.asarray(pad_id, jnp.int32),
