@@ -18,7 +18,7 @@ import shutil
 import numpy as np
 import pytest
 
-from kdjax.llm.study import pipeline, plots, stats, units, work
+from kdjax.llm.study import pipeline, plots, records, stats, units, work
 from tests.helpers import TINY_STUDY as TINY
 from tests.helpers import dataset_rows as _dataset_rows
 
@@ -89,7 +89,7 @@ def test_scores_are_generated_tokens_under_the_right_model(study):
   val = _dataset_rows(os.path.join(workdir, "pstar", "val"))[0]
   for k, (row, name) in enumerate(zip(rows, TINY.student_names())):
     run = os.path.join(workdir, "seed_0", "students", row["objective"])
-    done = units.read_record(run)
+    done = records.read_record(run)
     student = loading.load_model("ckpt:" + os.path.join(run, done["models"][max(k - 1, 0)]["checkpoint"]))
     samples = _dataset_rows(os.path.join(workdir, "seed_0", "student_samples", name))[0]
     assert all(r[:3] == prompt and len(r) > 3 for r in samples)
@@ -186,7 +186,7 @@ def test_teacher_selects_on_its_own_split(study):
   for name in ("direct", "seqkd"):
     with open(os.path.join(workdir, "seed_0", "students", name, "config.json")) as f:
       assert json.load(f)["val_data"] == ""
-  kept = units.read_record(os.path.join(workdir, "teacher"))["models"][0]
+  kept = records.read_record(os.path.join(workdir, "teacher"))["models"][0]
   assert not os.path.isabs(kept["checkpoint"])  # relative: a copied workdir reads its own
   teacher = loading.load_model("ckpt:" + os.path.join(workdir, "teacher", kept["checkpoint"]))
   ll = {s: work.mean_loglik(*teacher, work.load_dataset(os.path.join(workdir, "pstar", s)),
@@ -271,7 +271,7 @@ def test_token_level_and_on_policy_students_train_and_score(study, tmp_path, mon
     assert np.isfinite([r["precision"], r["recall"]]).all()
     assert r["val_perplexity"] == pytest.approx(np.exp(-r["recall"]))  # p*'s val set
   teacher = "ckpt:" + os.path.join(workdir, "teacher",
-                                   units.read_record(os.path.join(workdir, "teacher"))["models"][0]["checkpoint"])
+                                   records.read_record(os.path.join(workdir, "teacher"))["models"][0]["checkpoint"])
   for kind, onpolicy in (("fkl", False), ("onpolicy_rkl", True)):
     with open(os.path.join(workdir, "seed_0", "students", kind, "config.json")) as f:
       tc = json.load(f)

@@ -16,7 +16,7 @@ import pytest
 
 from kdjax.cli import UserError
 from kdjax.llm.model.config import get_preset
-from kdjax.llm.study import cost, inputs, pipeline, plots, units, work
+from kdjax.llm.study import cost, inputs, pipeline, plots, records, units, work
 from kdjax.llm.study.config import validate
 from kdjax.llm.study.cost import format_plan, make_plan
 from tests.helpers import TINY_STUDY as TINY
@@ -143,7 +143,7 @@ def test_sample_dataset_resumes_exactly(tmp_path):
   ids, texts, lengths = _dataset_rows(full)
   assert len(ids) == 20 and all(r[:3] == prompt and len(r) == 3 + 8 for r in ids)
   assert lengths == [len(r) for r in ids] and texts[0] == tok.decode(ids[0])
-  assert units.read_record(full)["shards"] == 3
+  assert records.read_record(full)["shards"] == 3
   # a run killed after two shards (the third never renamed into place) resumes to the same rows
   part = str(tmp_path / "part")
   shutil.copytree(full, part)

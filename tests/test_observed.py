@@ -8,7 +8,7 @@ import pytest
 from kdjax.llm import data
 from kdjax.llm.study import cost, hardware, observed
 from kdjax.llm.study.layout import Layout
-from kdjax.llm.study.units import DONE
+from kdjax.llm.study.records import DONE
 from tests.helpers import TINY_STUDY
 
 

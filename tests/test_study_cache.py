@@ -13,7 +13,7 @@ import pytest
 
 from kdjax import checkpoint
 from kdjax.llm import data
-from kdjax.llm.study import pipeline, units
+from kdjax.llm.study import pipeline, records, units
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.weights import digest, loading
 
@@ -42,7 +42,7 @@ def copy(study, tmp_path):
 
 
 def _verdicts(cfg, workdir):
-  return {u.rel: units.status(u, workdir)
+  return {u.rel: records.status(u, workdir)
           for us in units.StudyUnits(cfg).by_stage().values() for u in us}
 
 
@@ -67,7 +67,7 @@ def test_deleted_shard_is_resampled_before_anyone_reads_it(study, copy):
   more = dataclasses.replace(TINY, students=("direct", "seqkd", "rkl"))
   rows = pipeline.run_study(more, copy)
   assert _rows_of(os.path.join(copy, "pstar", "train")) == before
-  steps = {r: units.read_record(os.path.join(copy, units.Layout(more).students(0, r)))["steps"]
+  steps = {r: records.read_record(os.path.join(copy, units.Layout(more).students(0, r)))["steps"]
            for r in ("direct", "rkl")}
   assert steps == {"direct": 4, "rkl": 4}
   assert [r for r in rows if r["objective"] != "rkl"] == study[1]

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from kdjax.llm.study import pipeline, report, runs, stats, units
+from kdjax.llm.study import pipeline, records, report, runs, stats, units
 from kdjax.llm.study.config import StudyConfig
 from kdjax.llm.study.work import mark_done
 from tests.helpers import TINY_STUDY
@@ -59,7 +59,7 @@ def _selected(tmp_path, cfg, seed, kind, chosen):
   """A done selection unit in tmp_path choosing `chosen` (every rate's loglik made up)."""
   u = units.StudyUnits(cfg, digests={})
   sel = u.selection(seed, kind)
-  units.claim(sel, str(tmp_path))
+  records.claim(sel, str(tmp_path))
   names = [n for n, _, _ in cfg.student_grid(kind)]
   mark_done(sel.dir(str(tmp_path)), {"select_loglik": {n: -1.0 for n in names},
                                       "chosen": chosen})
@@ -99,5 +99,5 @@ def test_a_sweep_whose_best_rate_is_known(tmp_path):
   assert all(r.get("scored") is False and "precision" not in r for r in low)
   assert sorted(os.listdir(tmp_path / "seed_0" / "scores")) == ["direct_lr0.003",
                                                                 "fkl_T1_lr0.003"]
-  done = units.read_record(os.path.join(tmp_path, "seed_0", "students", "direct"))
+  done = records.read_record(os.path.join(tmp_path, "seed_0", "students", "direct"))
   assert len(done["models"]) == 2  # both rates in one run

@@ -173,25 +173,15 @@ def validate(cfg: StudyConfig) -> None:
   require(cfg.warmup_fraction + cfg.decay_fraction <= 1,
           "--warmup_fraction + --decay_fraction must be <= 1")
   require(cfg.weight_decay >= 0, f"--weight_decay={cfg.weight_decay}: must be >= 0")
-  require(cfg.dtype in ("float32", "bfloat16"), f"--dtype={cfg.dtype!r}: float32 or bfloat16")
-  require(cfg.embedding_map in EMBEDDING_MAPS,
-          f"--embedding_map={cfg.embedding_map!r}: one of {', '.join(EMBEDDING_MAPS)}")
   for r in cfg.student_learning_rates:
     require(math.isfinite(r) and r > 0, f"--student_learning_rates: {r:g} is not a positive rate")
   require(len(set(cfg.student_learning_rates)) == len(cfg.student_learning_rates),
           "--student_learning_rates: a rate is repeated")
-  require(cfg.score_rates in SCORE_RATES,
-          f"--score_rates={cfg.score_rates!r}: one of {', '.join(SCORE_RATES)}")
-  require(cfg.seed_scope in SEED_SCOPES,
-          f"--seed_scope={cfg.seed_scope!r}: one of {', '.join(SEED_SCOPES)}")
+  _validate_choices(cfg)
   require(cfg.knn_k >= 1, f"--knn_k={cfg.knn_k}: must be >= 1")
   require(cfg.eval_sequences >= 0, f"--eval_sequences={cfg.eval_sequences}: must be >= 0 (0: all)")
   require(cfg.eval_sequences <= cfg.num_select, f"--eval_sequences={cfg.eval_sequences}: more "
           f"than the {cfg.num_select} --num_select sequences the teacher is selected on")
-  require(cfg.remat in REMAT_POLICIES, f"--remat={cfg.remat!r}: expected "
-          f"{', '.join(REMAT_POLICIES)}")
-  require(cfg.attention in ATTENTION_IMPLS,
-          f"--attention={cfg.attention!r}: expected {', '.join(ATTENTION_IMPLS)}")
   require(bool(cfg.prompt), "--prompt: must not be empty")
   for name in ("ground_truth", "teacher", "student"):
     spec = getattr(cfg, name)
@@ -201,6 +191,15 @@ def validate(cfg: StudyConfig) -> None:
     require(getattr(cfg, name).startswith("preset:"),
             f"--{name}={getattr(cfg, name)!r}: the study trains from scratch; give "
             "preset:NAME[@SEED]")
+
+
+def _validate_choices(cfg: StudyConfig) -> None:
+  """The flags that take one of a few names."""
+  for name, choices in (("score_rates", SCORE_RATES), ("seed_scope", SEED_SCOPES),
+                        ("embedding_map", EMBEDDING_MAPS), ("remat", REMAT_POLICIES),
+                        ("attention", ATTENTION_IMPLS), ("dtype", ("float32", "bfloat16"))):
+    require(getattr(cfg, name) in choices,
+            f"--{name}={getattr(cfg, name)!r}: one of {', '.join(choices)}")
 
 
 def _validate_knob(cfg: StudyConfig) -> None:

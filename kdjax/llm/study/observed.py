@@ -24,7 +24,7 @@ import numpy as np
 
 from kdjax.llm import data
 from kdjax.llm.study.layout import Layout
-from kdjax.llm.study.units import DONE
+from kdjax.llm.study.records import DONE
 
 
 def chunk_steps(drawn: np.ndarray, shard_size: int, rows: int) -> np.ndarray:

@@ -54,7 +54,7 @@ from kdjax import cli, distributed
 from kdjax.cli import require
 from kdjax.llm import data
 from kdjax.llm.model import embeddings, truncation
-from kdjax.llm.study import entropy, inputs, plots, report, runs, stats, units
+from kdjax.llm.study import entropy, inputs, plots, records, report, runs, stats, units
 from kdjax.llm.study.config import StudyConfig, validate
 from kdjax.llm.study.units import Unit
 from kdjax.llm.study.work import (is_done, load_dataset, loglik_and_embeddings, mark_done,
@@ -118,7 +118,7 @@ class Study:
   def run(self, name: str, todo: list[Unit], fn) -> None:
     """Run fn(unit, *unit.args) for the units not done for their key (a stale unit is removed
     first, a partial one of the same key resumed), timed as stage `name`."""
-    verdicts = {u.rel: units.status(u, self.workdir) for u in todo}
+    verdicts = {u.rel: records.status(u, self.workdir) for u in todo}
     todo_now = [u for u in todo if verdicts[u.rel][0] != "cached"]
     distributed.sync("kdjax_stage_listed")  # every process has its list before any unit changes
     if not todo_now:
@@ -137,9 +137,9 @@ class Study:
 
 
 def claim(unit: Unit, workdir: str, redo: bool = False) -> None:
-  """units.claim by process 0, the others waiting until the unit's directory is ready."""
+  """records.claim by process 0, the others waiting until the unit's directory is ready."""
   if jax.process_index() == 0:
-    units.claim(unit, workdir, redo)
+    records.claim(unit, workdir, redo)
   distributed.sync("kdjax_claimed")
 
 
@@ -162,7 +162,7 @@ def cache_report(cfg: StudyConfig, workdir: str) -> str:
   for name, us in study_units.by_stage(workdir).items():
     by = {"cached": [], "resume": [], "run": [], "redo": []}
     for u in us:
-      verdict, reason = units.status(u, workdir)
+      verdict, reason = records.status(u, workdir)
       by[verdict].append(f"{u.rel}: {reason}" if reason else u.rel)
     parts = [f"{len(by['cached'])} cached"]
     for what, label in (("redo", "to redo"), ("resume", "to resume"), ("run", "to run")):
@@ -235,7 +235,7 @@ def teacher_spec(st: Study, seed: int) -> str:
 def checkpoint_spec(st: Study, rel: str, j: int) -> str:
   """The `ckpt:` spec of model j of the training run at `rel` (its DONE.json names checkpoints
   relative to the run's directory)."""
-  model = units.read_record(st.path(rel))["models"][j]
+  model = records.read_record(st.path(rel))["models"][j]
   return "ckpt:" + os.path.join(st.path(rel), model["checkpoint"])
 
 

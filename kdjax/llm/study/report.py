@@ -10,7 +10,7 @@ import numpy as np
 from kdjax import cli, sample_metrics
 from kdjax.llm import data
 from kdjax.llm.model import embeddings
-from kdjax.llm.study import cost, embedding_map, inputs, plots, stats, units
+from kdjax.llm.study import cost, embedding_map, inputs, plots, records, stats, units
 from kdjax.llm.study.config import StudyConfig
 
 
@@ -46,12 +46,12 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
   for seed in cfg.seeds:
     reference = embeddings.load(path(layout.pstar_embeddings(layout.pstar_seed(seed))))
     for kind, knob in cfg.student_runs():
-      trained = units.read_record(path(layout.students(seed, kind, knob)))["steps"]
-      selection = (units.read_record(path(layout.selection(seed, kind, knob)))
+      trained = records.read_record(path(layout.students(seed, kind, knob)))["steps"]
+      selection = (records.read_record(path(layout.selection(seed, kind, knob)))
                    if cfg.lr_sweep else {})
       for name, t, lr in cfg.student_grid(kind, knob):
         b = budgets[kind]
-        entropy = None if t is None else units.read_record(path(layout.teacher_entropy(
+        entropy = None if t is None else records.read_record(path(layout.teacher_entropy(
             layout.teacher_seed(seed), t, knob)))["entropy"]
         row = {"objective": kind, "temperature": t if t is None or knob == "temperature" else 1.0,
                "knob": None if t is None else knob, "knob_value": t, "teacher_entropy": entropy,
@@ -63,7 +63,7 @@ def results_rows(cfg: StudyConfig, workdir: str, seq_len: int) -> list[dict]:
           rows.append({**row, "scored": False})  # a rate not chosen: measured on select only
           continue
         scores = path(layout.scores(seed, name))
-        s = units.read_record(scores)
+        s = records.read_record(scores)
         rows.append({**row, "precision": s["precision"], "recall": s["recall"],
                      "val_perplexity": s["val_perplexity"],
                      **sample_metrics.sample_measures(

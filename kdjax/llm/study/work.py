@@ -27,7 +27,7 @@ from kdjax.llm import data
 from kdjax.llm.dataset_record import verify_dataset_dir
 from kdjax.llm.model import embeddings, evaluate, sample_rows
 from kdjax.llm.study.config import StudyConfig
-from kdjax.llm.study.units import DONE
+from kdjax.llm.study.records import DONE
 from kdjax.llm.train import loop as trainlib
 from kdjax.llm.train.state import params_checksum
 from kdjax.llm.weights import loading
