@@ -2,7 +2,6 @@
 the FSDP mesh checked on the compiled train step: activations sharded over the batch, the LM
 head's weight gradient reduced once per step."""
 
-import functools
 import json
 
 import jax
@@ -101,17 +100,7 @@ def test_fsdp_shards_activations_over_the_batch_and_reduces_the_head_once():
   head's [256, 64] weight gradient is reduced over devices once per step (the fused head's loop
   runs over the device's own rows), not once per chunk of positions."""
   mesh = sharding.make_mesh(1, 8, 1)
-  from kdjax.llm.train import state as train_state
-  from kdjax.llm.train.step import StepSpec, compile_train_step
-  spec = StepSpec(model=CFG, total_steps=10)
-  state = jax.eval_shape(functools.partial(train_state._init_fn, spec), jax.random.PRNGKey(0), None)
-  sh = train_state.state_shardings(spec, mesh, state)
-  bsh = sharding.batch_sharding(mesh)
-  tokens = {k: jax.ShapeDtypeStruct((16, 128), dt, sharding=bsh)
-            for k, dt in (("input_ids", jnp.int32), ("attention_mask", jnp.bool_))}
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
-  text = compile_train_step(spec, sh, bsh).lower(abstract, tokens, None).compile(
-      USERS_EMITTERS).as_text()
+  text = footprint.lower_train_step(CFG, mesh, 16, 128).compile(USERS_EMITTERS).as_text()
   assert "f32[2,128,64]" in text          # the residual stream: 2 rows per device, D whole
   assert "f32[16,128,8]" not in text      # not all rows with D over fsdp
   head = [i for i in compiled.collectives(text, 8)["instructions"]

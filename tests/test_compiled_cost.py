@@ -2,7 +2,6 @@
 counts the TPU compiler leaves unprinted, the TPU topologies, and programs compiled by the TPU
 compiler on this CPU (skipped without libtpu: `pip install -e ".[tpu]"`)."""
 
-import functools
 import json
 import re
 
@@ -15,8 +14,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from kdjax import compiled, sharding
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train import footprint
-from kdjax.llm.train import state as train_state
-from kdjax.llm.train import step as step_lib
 from tests.helpers import run_module
 
 N = 64  # a 64 x 64 matmul on 8 rows: 2 * 8 * 64 * 64 = 65536 FLOPs
@@ -103,14 +100,7 @@ def _head_chunk_logits(devices) -> set:
   cfg = get_preset("test-tiny").replace(hidden_size=512, intermediate_size=512, num_layers=1,
                                         vocab_size=256)
   mesh = sharding.make_mesh(1, 1, 1, devices=devices[:1])
-  spec = step_lib.StepSpec(model=cfg, total_steps=10)
-  state = jax.eval_shape(functools.partial(train_state._init_fn, spec), jax.random.PRNGKey(0), None)
-  sh = train_state.state_shardings(spec, mesh, state)
-  bsh = sharding.batch_sharding(mesh)
-  tokens = {k: jax.ShapeDtypeStruct((2, 256), dt, sharding=bsh)
-            for k, dt in (("input_ids", jnp.int32), ("attention_mask", jnp.bool_))}
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, sh)
-  text = step_lib.compile_train_step(spec, sh, bsh).lower(abstract, tokens, None).as_text()
+  text = footprint.lower_train_step(cfg, mesh, 2, 256).as_text()
   return set(re.findall(r"tensor<2x(\d+)x256xf32>", text))
 
 

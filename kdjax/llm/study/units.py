@@ -276,7 +276,7 @@ class StudyUnits:
     c = self.cfg
     if not c.scores_chosen_only:
       return 0
-    return sum(len(c.knob_values_of(knob)) if kinds.get(kind).per_temperature else 1
+    return sum(c.num_scored(len(c.student_grid(kind, knob)))
                for seed in c.seeds for kind, knob in c.student_runs()
                if self.chosen(seed, kind, knob, workdir) is None)
 

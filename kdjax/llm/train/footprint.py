@@ -67,6 +67,16 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
 
   num_students: N students vmapped (the study's students stage), each on its own batch [N, B, T]
   (or on one shared batch with shared_batch and a teacher: the token-level KD kinds)."""
+  started = time.perf_counter()
+  return _report(lower_train_step(config, mesh, batch, seq, num_students, teacher, shared_batch,
+                                  grad_accum), mesh, started)
+
+
+def lower_train_step(config: LlamaConfig, mesh, batch: int, seq: int,
+                     num_students: Optional[int] = None, teacher: Optional[LlamaConfig] = None,
+                     shared_batch: bool = False, grad_accum: int = 1):
+  """The train step as the loop compiles it (compile_train_step, on `mesh`), lowered from
+  abstract state and a [B, T] token batch (train_step's arguments), nothing allocated."""
   spec = StepSpec(model=config, total_steps=1000, num_students=num_students, teacher=teacher,
                   tempered_teacher=teacher is not None, shared_batch=shared_batch,
                   grad_accum=grad_accum)
@@ -85,8 +95,7 @@ def train_step(config: LlamaConfig, mesh, batch: int, seq: int,
                         tsh)
     temps = (num_students,) if num_students is not None else ()
     args.append(jax.ShapeDtypeStruct(temps, jnp.float32, sharding=sharding_lib.replicated(mesh)))
-  started = time.perf_counter()
-  return _report(compile_train_step(spec, shardings, bsh, tsh).lower(*args), mesh, started)
+  return compile_train_step(spec, shardings, bsh, tsh).lower(*args)
 
 
 def _abstract_params(config: LlamaConfig, sharding):
