@@ -127,3 +127,19 @@ def test_bench_train_compile_only_for_a_tpu_topology():
   bad = run_module("experiments.bench_train", "--compile_only", "--preset=test-tiny",
                    "--topology=v5p:3x3x3", timeout=120)
   assert bad.returncode != 0 and "error: --topology=v5p:3x3x3" in bad.stderr, bad.stderr[-2000:]
+
+
+@needs_tpu
+def test_the_sampler_blocks_its_cache_by_the_platform_compiled_for():
+  """decode.kv_block: 64-slot KV blocks on CPU, 128 on a TPU: 200 new tokens are 4 block loops
+  on one and 2 on the other, each weighted by its own trip count (none unknown), and the cache
+  blocks in the programs have those sizes."""
+  from kdjax.llm.model import decode
+  cfg = get_preset("test-tiny")
+  _, tpu = compiled.tpu_devices("v5p", 1)
+  for devices, block in ((jax.devices()[:1], 64), (tpu[:1], 128)):
+    assert decode.kv_block(devices[0].platform) == block
+    mesh = sharding.make_mesh(1, 1, 1, devices=devices)
+    out = footprint.sampler(cfg, mesh, 2, 1, 200)
+    assert out["compiler"] == devices[0].platform and out["unknown_trip_counts"] == 0
+    assert out["loops"] == -(-200 // block)  # the prompt's slot 0, then 199 slots drawn into

@@ -59,6 +59,18 @@ def rotary(x_BxTxNxE: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.
   return rotate(x_BxTxNxE, *rope_tables(positions_BxT, x_BxTxNxE.shape[-1], theta))
 
 
+def _scores(q_BxKxGxTxE: jax.Array, k_BxKxSxE: jax.Array) -> jax.Array:
+  """q k^T per kv head in float32 -> [B, K, G, T, S]. A single query (decoding, T = 1) is
+  computed as k q^T, the keys the dot's left operand, then transposed: XLA:CPU runs these many
+  tiny dots (G rows each) about 1.6x faster that way round (30 layers x 16 rows x 512 keys of
+  SmolLM2-135M: 11.4 vs 18 ms here); longer queries keep the plain form."""
+  if q_BxKxGxTxE.shape[3] != 1:
+    return jnp.einsum("bkgte,bkse->bkgts", q_BxKxGxTxE, k_BxKxSxE, preferred_element_type=jnp.float32)
+  s_BxKxSxG = jnp.einsum("bkse,bkge->bksg", k_BxKxSxE, q_BxKxGxTxE[:, :, :, 0],
+                         preferred_element_type=jnp.float32)
+  return s_BxKxSxG.transpose(0, 1, 3, 2)[:, :, :, None, :]
+
+
 def attend_grouped(q_BxKxGxTxE: jax.Array, k_blocks: Sequence[jax.Array],
                    v_blocks: Sequence[jax.Array], allowed_BxTxS: jax.Array) -> jax.Array:
   """softmax(q k^T / sqrt(E), keys not allowed masked) v -> [B, K, G, T, E] in q's dtype.
@@ -69,8 +81,7 @@ def attend_grouped(q_BxKxGxTxE: jax.Array, k_blocks: Sequence[jax.Array],
   share. Every query must be allowed at least one key, so a masked score's weight is exactly 0.
   """
   e = q_BxKxGxTxE.shape[-1]
-  scores = [jnp.einsum("bkgte,bkse->bkgts", q_BxKxGxTxE, kb.astype(q_BxKxGxTxE.dtype),
-                       preferred_element_type=jnp.float32) for kb in k_blocks]
+  scores = [_scores(q_BxKxGxTxE, kb.astype(q_BxKxGxTxE.dtype)) for kb in k_blocks]
   scores = (scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)) * (e ** -0.5)
   scores = jnp.where(allowed_BxTxS[:, None, None], scores, MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(q_BxKxGxTxE.dtype)

@@ -9,11 +9,11 @@ and min-p are on at all are static.
 
 Speed. Decoding does not go through the linen module but through kdjax.llm.model.decode's layout
 (per-layer fused weights, built once per call, on the same layer functions as the model) and its
-KV cache in blocks of KV_BLOCK slots. The loop is one `lax.while_loop` per block of the cache: the
-loop of block j runs the steps whose new token goes to block j, each attending over blocks 0..j
-only, so a step's attention reads the slots filled so far (rounded up to a block) instead of the
-whole cache; each loop also ends as soon as every row has ended (EOS), and the later ones then run
-no step. Tokens are drawn by inverse CDF on one uniform per row (block sums, then a cumsum inside
+KV cache in blocks (decode.kv_block: 64 slots on a CPU, 128 on an accelerator). The loop is one
+`lax.while_loop` per block of the cache: the loop of block j runs the steps whose new token goes to
+block j, each attending over blocks 0..j only, so a step's attention reads the slots filled so far
+(rounded up to a block) instead of the whole cache; each loop also ends as soon as every row has
+ended (EOS), and the later ones then run no step. Tokens are drawn by inverse CDF on one uniform per row (block sums, then a cumsum inside
 the chosen block of 256) instead of Gumbel-max, which would draw one random number per vocabulary
 entry. Top-k / top-p / min-p set the cut tokens' logits to -inf before that draw, by
 kdjax.llm.model.truncation's rule (one per-row logit threshold; ties at the boundary kept), the
@@ -167,7 +167,8 @@ def _sample_jit(config, max_new_tokens, top_k, use_top_p, use_min_p,
 
 def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
            max_new_tokens: int, temperature=1.0, top_k: int = 0, top_p: float = 1.0,
-           min_p: float = 0.0, eos_id: Optional[int] = None, pad_id: int = 0, kv_block: int = KV_BLOCK) -> SampleOutput:
+           min_p: float = 0.0, eos_id: Optional[int] = None, pad_id: int = 0,
+           kv_block: Optional[int] = None) -> SampleOutput:
   """Sample `max_new_tokens` new tokens per row after (left- or right-padded) prompts.
 
   temperature: traced, a scalar or one per row (<= 0 is greedy); top_k: static, 0 = off; top_p:
@@ -178,10 +179,13 @@ def sample(config: LlamaConfig, params, prompt_ids_BxP, prompt_mask_BxP, key, *,
   reproducible from `key` on the same devices; params and prompts may arrive sharded (e.g. the
   batch over 'data': the same uniforms and the same tokens up to rounding, see the module doc).
   kv_block: KV cache slots per block (kdjax.llm.model.decode): a step reads the blocks filled so
-  far; any value gives the same samples up to rounding.
+  far; any value gives the same samples up to rounding; default decode.kv_block of the default
+  backend (64 on a CPU, 128 on an accelerator).
   """
   if int(max_new_tokens) < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if kv_block is None:
+    kv_block = decode.kv_block(jax.default_backend())
   if int(kv_block) < 1:
     raise ValueError(f"kv_block must be >= 1, got {kv_block}")
   top_k = int(top_k)

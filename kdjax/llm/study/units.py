@@ -50,10 +50,13 @@ SPLITS = ("train", "val", "select")  # p*'s splits; a split's index names its ra
 # What each stage computes, versioned (see the module docstring). 2: the version field itself
 # (keys before it had none); students 2: common random numbers (identity by seed, not position);
 # samples 3: rows drawn in chunks of --sample_batch_size per device (kdjax.llm.model.sample_rows);
-# selection 1: the students' select-split log-likelihoods, apart from their scores (--score_rates).
+# selection 1: the students' select-split log-likelihoods, apart from their scores (--score_rates);
+# samples 4: the sampler's programs changed on CPU (output-major kernels, keys as the scores dot's
+# left operand, 64-slot KV blocks): the same distribution, rows that differ where a draw sits
+# within rounding of a boundary.
 # Not versioned: changes that only round differently, as another compiler release does (the fused
 # heads' chunks sized by the platform, head_nll.chunk_rows: on CPU the same programs as before).
-VERSIONS = {"pstar": 3, "teacher": 2, "teacher_samples": 3, "students": 2, "student_samples": 3,
+VERSIONS = {"pstar": 4, "teacher": 2, "teacher_samples": 4, "students": 2, "student_samples": 4,
             "pstar_embeddings": 2, "scores": 2, "teacher_entropy": 1, "selection": 1}
 
 # fold_in tags of the sampling streams: seed_key(seed, tag, ...)

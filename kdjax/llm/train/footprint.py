@@ -36,7 +36,7 @@ from kdjax import hbm
 from kdjax import sharding as sharding_lib
 from kdjax.llm.model import evaluate
 from kdjax.llm.model import llama as model
-from kdjax.llm.model import partition, sampling
+from kdjax.llm.model import decode, partition, sampling
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.train import state as train_state
 from kdjax.llm.train.step import StepSpec, compile_train_step
@@ -55,7 +55,7 @@ def _report(lowered, mesh, started: float, trips=()) -> dict:
   out["collective_unknown_trip_counts"] = out["unknown_trip_counts"]  # their loops counted once
   out.update(flops=cost["flops"], bytes_accessed=hbm.traffic(compiled.as_text(), trips)["bytes"],
              xla_bytes=cost["bytes"], xla_flops=cost["xla_flops"],
-             unknown_trip_counts=cost["unknown_trip_counts"],
+             unknown_trip_counts=cost["unknown_trip_counts"], loops=len(cost["loops"]),
              compiler=mesh.devices.flat[0].platform)
   return out
 
@@ -105,7 +105,7 @@ def _abstract_params(config: LlamaConfig, sharding):
 
 
 def decode_trips(prompt_len: int, max_new_tokens: int, steps: Optional[int] = None,
-                 kv_block: int = sampling.KV_BLOCK) -> list[int]:
+                 kv_block: int = decode.KV_BLOCK) -> list[int]:
   """Steps each of sampling._sample_jit's block loops runs when the longest row draws `steps`
   tokens (default max_new_tokens): the loop of block j runs the steps i in [1, steps) whose new
   slot prompt_len + i - 1 lies in block j."""
@@ -124,13 +124,15 @@ def sampler(config: LlamaConfig, mesh, batch: int, prompt_len: int, max_new_toke
   rep, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
   arr = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   key = jax.eval_shape(lambda: jax.random.key(0))
+  block = decode.kv_block(mesh.devices.flat[0].platform)
   started = time.perf_counter()
   lowered = sampling._sample_jit.lower(
       config, max_new_tokens, 0, False, False, _abstract_params(config, rep),
       arr((batch, prompt_len), jnp.int32, rows), arr((batch, prompt_len), jnp.bool_, rows),
       arr((), key.dtype, rep), arr((batch,), jnp.float32, rows), arr((batch,), jnp.float32, rows),
-      arr((batch,), jnp.float32, rows), arr((), jnp.int32, rep), arr((), jnp.int32, rep))
-  return _report(lowered, mesh, started, decode_trips(prompt_len, max_new_tokens, steps))
+      arr((batch,), jnp.float32, rows), arr((), jnp.int32, rep), arr((), jnp.int32, rep),
+      kv_block=block)
+  return _report(lowered, mesh, started, decode_trips(prompt_len, max_new_tokens, steps, block))
 
 
 def scorer(config: LlamaConfig, mesh, batch: int, seq_len: int) -> dict:
