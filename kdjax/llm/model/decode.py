@@ -4,8 +4,9 @@ Layout. The canonical parameters are rearranged once per sampling call into per-
 fused q|k|v and gate|up kernels in the compute dtype (`decode_params`): layers are a Python loop
 inside the step, so no step slices stacked weights; every kernel is stored output-major [N, K] (the
 dot x @ W^T streams W about twice as fast on XLA:CPU at a few rows), and the tied embedding serves
-as the LM head as is. The math on those arrays is kdjax.llm.model.layers', the functions the Flax model calls
-(rms_norm, rotate, attend_grouped, glu, lm_head): only the fused projections are laid out here.
+as the LM head as is. The math on those arrays is kdjax.llm.model.layers', the functions the Flax
+model calls (rms_norm, rotate, attend_grouped, glu, lm_head): only the fused projections are laid
+out here.
 
 KV cache in blocks. Each layer's cache is a list of blocks (K, V) of KV_BLOCK slots, [B, K, KV_BLOCK,
 E] each, covering the prompt and every new token but the last (which is drawn, never fed back). A
@@ -36,7 +37,7 @@ from kdjax.llm.model import llama as model
 from kdjax.llm.model.config import LlamaConfig
 from kdjax.llm.model.layers import attend_grouped, glu, lm_head, rms_norm, rope_tables, rotate
 
-KV_BLOCK = 128  # KV cache slots per block on an accelerator: a decode step reads the blocks filled so far
+KV_BLOCK = 128  # KV cache slots per block on an accelerator: a step reads the blocks filled so far
 CPU_KV_BLOCK = 64  # and on a CPU
 
 

@@ -13,9 +13,9 @@ KV cache in blocks (decode.kv_block: 64 slots on a CPU, 128 on an accelerator). 
 `lax.while_loop` per block of the cache: the loop of block j runs the steps whose new token goes to
 block j, each attending over blocks 0..j only, so a step's attention reads the slots filled so far
 (rounded up to a block) instead of the whole cache; each loop also ends as soon as every row has
-ended (EOS), and the later ones then run no step. Tokens are drawn by inverse CDF on one uniform per row (block sums, then a cumsum inside
-the chosen block of 256) instead of Gumbel-max, which would draw one random number per vocabulary
-entry. Top-k / top-p / min-p set the cut tokens' logits to -inf before that draw, by
+ended (EOS), and the later ones then run no step. Tokens are drawn by inverse CDF on one uniform
+per row (block sums, then a cumsum inside the chosen block of 256) instead of Gumbel-max, which
+would draw one random number per vocabulary entry. Top-k / top-p / min-p set the cut tokens' logits to -inf before that draw, by
 kdjax.llm.model.truncation's rule (one per-row logit threshold; ties at the boundary kept), the
 function the token-level distillation targets use too; each is traced only when enabled.
 `decode.decode_cost` prices a call as it runs; `decode_logits` exposes the path for parity tests.
