@@ -127,7 +127,7 @@ def _emit(i, logits, state, key, draw_args, eos_id, pad_id):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4), static_argnames=("kv_block",))
 def _sample_jit(config, max_new_tokens, top_k, use_top_p, use_min_p,
                 params, ids_BxP, mask_BxP, key, temperature, top_p, min_p, eos_id, pad_id,
-                kv_block=KV_BLOCK):
+                kv_block):
   c = config
   n = max_new_tokens
   b, p = ids_BxP.shape
