@@ -19,7 +19,6 @@ setup(
         "safetensors",
         "datasets>=3",
         "transformers>=4.50",
-        "tensorboardX",
         # The SmolLM2 study's embedding map (--embedding_map=umap, the paper's choice); pulls
         # numba, pynndescent and scikit-learn. MAUVE (mauve-text) is optional, not listed: it
         # imports faiss.
@@ -41,6 +40,8 @@ setup(
             # CPU build; an unpinned torch pulls a multi-GB CUDA build.
             "torch==2.13.0",
             "accelerate",
+            # Reads kdjax.events' TensorBoard files back with its own protocol buffers and CRC.
+            "tensorboardX",
             # The TPU compiler (libtpu, paired with jax's version): tests compile the train step
             # and a tiny study for TPU topologies on the CPU (kdjax.compiled.tpu_devices); a
             # 213 MB wheel, 684 MB installed (~8 s from a local wheel). Without it those tests

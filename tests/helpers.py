@@ -11,8 +11,10 @@ runs (a flagfile, an entry point in a subprocess, a whole tiny study) and multi-
 """
 
 import dataclasses
+import glob
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -157,3 +159,33 @@ def dataset_rows(path) -> tuple[list, list, list]:
   """A sampled dataset directory's (token rows, texts, lengths) as Python lists."""
   ds = work.load_dataset(path)
   return [list(r) for r in ds["input_ids"]], list(ds["text"]), list(ds["length"])
+
+
+# TensorBoard files (kdjax.events) read with tensorboardX's protocol buffers and checksums.
+def read_events(path) -> list:
+  """Every Event of a file (tensorboardX's event_pb2.Event), each record's two checksums checked
+  as TensorBoard's reader does."""
+  from tensorboardX.proto import event_pb2  # a test extra, imported where used
+  from tensorboardX.record_writer import masked_crc32c
+  data, out, pos = open(path, "rb").read(), [], 0
+  while pos < len(data):
+    header = data[pos:pos + 8]
+    (length,) = struct.unpack("<Q", header)
+    (crc,) = struct.unpack("<I", data[pos + 8:pos + 12])
+    assert crc == masked_crc32c(header), "length checksum"
+    body = data[pos + 12:pos + 12 + length]
+    (crc,) = struct.unpack("<I", data[pos + 12 + length:pos + 16 + length])
+    assert crc == masked_crc32c(body), "data checksum"
+    out.append(event_pb2.Event.FromString(body))
+    pos += 16 + length
+  return out
+
+
+def scalars(logdir) -> dict:
+  """{tag: [(step, value), ...]} of every event file under logdir."""
+  out = {}
+  for path in sorted(glob.glob(f"{logdir}/events.out.tfevents.*")):
+    for e in read_events(path)[1:]:
+      for v in e.summary.value:
+        out.setdefault(v.tag, []).append((e.step, v.simple_value))
+  return out

@@ -12,7 +12,7 @@ LAYERS = [
     ("shared", ("kdjax.cli", "kdjax.metrics", "kdjax.sample_metrics", "kdjax.mixture",
                 "kdjax.linalg", "kdjax.objectives", "kdjax.sharding", "kdjax.compiled",
                 "kdjax.hbm",
-                "kdjax.checkpoint", "kdjax.distributed")),
+                "kdjax.checkpoint", "kdjax.distributed", "kdjax.events")),
     ("gmm", ("kdjax.gmm",)),
     ("model", ("kdjax.llm.model",)),
     ("weights", ("kdjax.llm.weights",)),

@@ -11,7 +11,7 @@ from kdjax import checkpoint as ckpt_lib
 from kdjax.llm import data as data_lib
 from kdjax.llm.model.config import get_preset
 from kdjax.llm.train.state import params_checksum
-from tests.helpers import entry_point_runs, module_argv, run
+from tests.helpers import entry_point_runs, module_argv, run, scalars
 
 pytestmark = pytest.mark.slow  # train_lm in subprocesses
 
@@ -46,7 +46,10 @@ def test_students_with_online_kd_on_a_mesh(tmp_path):
   for i in range(2):
     config, _ = loading.load_model_checkpoint(os.path.join(w, "best", str(i)))
     assert config.replace(dtype="float32") == get_preset("test-tiny")
-  assert glob.glob(os.path.join(w, "tb", "events.out.tfevents.*"))
+  logged = scalars(os.path.join(w, "tb"))  # every 10th step (log_every) and the last, each student
+  assert [s for s, _ in logged["train/loss/1"]] == [4]
+  assert [s for s, _ in logged["val/perplexity/0"]] == [2, 4]
+  assert logged["train/lr"] and logged["train/grad_norm/0"]
   # the same workdir with another learning rate is refused, naming the flag
   r = run(_cmd(*args, "--lr=1e-3"))
   assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error: workdir")

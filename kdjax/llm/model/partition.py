@@ -17,7 +17,7 @@ from kdjax.llm.model import llama
 def param_shardings(config, mesh: Mesh, num_students: Optional[int] = None):
   """NamedShardings of the model's parameters (with a leading student axis if num_students)."""
   logical = llama.logical_axes(config)
-  abstract = jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
+  abstract = llama.abstract_params(config)
   if num_students is not None:
     logical = jax.tree.map(lambda s: P("students", *s), logical,
                            is_leaf=lambda x: isinstance(x, P))

@@ -91,8 +91,7 @@ def lower_train_step(config: LlamaConfig, mesh, batch: int, seq: int,
   tsh = None
   if teacher is not None:
     tsh = partition.param_shardings(teacher, mesh)
-    args[2] = _abstract(jax.eval_shape(lambda: model.init_params(teacher, jax.random.PRNGKey(0))),
-                        tsh)
+    args[2] = _abstract(model.abstract_params(teacher), tsh)
     temps = (num_students,) if num_students is not None else ()
     args.append(jax.ShapeDtypeStruct(temps, jnp.float32, sharding=sharding_lib.replicated(mesh)))
   return compile_train_step(spec, shardings, bsh, tsh).lower(*args)
@@ -100,8 +99,8 @@ def lower_train_step(config: LlamaConfig, mesh, batch: int, seq: int,
 
 def _abstract_params(config: LlamaConfig, sharding):
   """The model's parameters as abstract arrays, every leaf with `sharding`."""
-  tree = jax.eval_shape(lambda: model.init_params(config, jax.random.PRNGKey(0)))
-  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                      model.abstract_params(config))
 
 
 def decode_trips(prompt_len: int, max_new_tokens: int, steps: Optional[int] = None,

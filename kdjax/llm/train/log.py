@@ -13,7 +13,9 @@ from typing import Callable
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
+from kdjax import events
 from kdjax.cli import UserError
 
 
@@ -34,12 +36,10 @@ class MetricsLog:
 
   def __init__(self, workdir: str, total: int, start: int, students: bool, log_every: int,
                progress: bool, last_loss, last_good: Callable[[], str]):
-    from tqdm import tqdm
     primary = jax.process_index() == 0
     self.writer = None
     if primary:
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tb"))
+      self.writer = events.ScalarWriter(os.path.join(workdir, "tb"))
     self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True,
                     disable=not (primary and progress), desc=os.path.basename(workdir) or "train")
     self.total, self.students, self.log_every = total, students, log_every

@@ -29,9 +29,8 @@ import jax.numpy as jnp
 
 from kdjax import checkpoint
 from kdjax.cli import UserError, read_json
-from kdjax.llm.model import llama
 from kdjax.llm.model.config import LlamaConfig, get_preset
-from kdjax.llm.model.llama import init_params
+from kdjax.llm.model.llama import abstract_params, init_params
 from kdjax.llm.weights import convert, gguf_io
 
 SCHEMES = ("gguf", "hf", "ckpt", "preset")
@@ -98,11 +97,6 @@ def load_model(spec: str, default_seed: int = 0) -> tuple[LlamaConfig, Any]:
     config, seed = parse_preset(spec)
     return config, init_preset(config, default_seed if seed is None else seed)
   return config, jax.tree.map(jnp.asarray, params)
-
-
-def abstract_params(config: LlamaConfig):
-  """The parameter tree a config implies, as ShapeDtypeStructs (no memory)."""
-  return jax.eval_shape(lambda: llama.init_params(config, jax.random.PRNGKey(0)))
 
 
 def load_model_checkpoint(directory: str, sharding=None) -> tuple[LlamaConfig, Any]:
