@@ -181,3 +181,13 @@ def test_one_gaussian_fkl_is_checked_against_its_known_optimum():
   flagged = study._against_the_optimum(cfg, passed, teacher, off, optimum)
   excess = 0.5 * 0.05 ** 2 * float(jnp.sum(jnp.linalg.inv(mx.covariances(optimum)[0])))
   assert not bool(flagged.converged) and float(flagged.gap) == pytest.approx(excess, rel=1e-3)
+
+
+def test_compiler_options_leave_what_xla_flags_names_to_it(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+  assert study.compiler_options()["xla_backend_optimization_level"] == 1
+  monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0 --other=1")
+  options = study.compiler_options()
+  assert "xla_backend_optimization_level" not in options
+  assert options["xla_cpu_use_fusion_emitters"] is False
