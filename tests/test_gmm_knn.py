@@ -1,8 +1,7 @@
 """The GMM study's k-NN precision / recall (--knn_samples): the grid's numbers are the metric on the
 grid's own samples, they order the students as the likelihood measures do, the report's rank
-agreement, flag validation, and the entry point on the paper flagfile scaled down."""
-
-import json
+agreement and flag validation (the entry point on the paper flagfile with --knn_samples:
+tests/test_readme.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,6 @@ import pytest
 from kdjax import mixture as mx
 from kdjax.cli import UserError
 from kdjax.gmm import ground_truth, report, study
-from tests.helpers import run_module
 from tests.test_sample_metrics import _reference
 
 CFG = study.StudyConfig(n_eval=300, objectives=("direct", "seqkd"), knn_samples=200)
@@ -101,15 +99,5 @@ def test_bad_knn_flags_are_refused(change):
     study.StudyConfig(n_eval=300, **change)
 
 
-@pytest.mark.slow
-def test_paper_flagfile_with_knn_scaled_down(tmp_path):
-  """The README's line with --knn_samples: rows, summary and knn_agreement in results.json."""
-  proc = run_module("experiments.gmm", "--flagfile=experiments/flags/gmm_paper.flags",
-                    f"--workdir={tmp_path}", "--knn_samples=100", "--num_betas=2",
-                    "--num_seeds=2", "--n_eval=500", "--steps=20", "--objectives=direct,seqkd,fkl",
-                    devices=None)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  result = json.load(open(tmp_path / "results.json"))
-  assert all(r["knn_precision"] is not None for r in result["rows"])
-  assert set(result["knn_agreement"]) == {"seqkd", "fkl", "exact"}
-  assert "rank correlation of precision with knn precision" in proc.stderr
+# The paper flagfile with --knn_samples end to end: tests/test_readme.py's scaled-down run of the
+# README's first command.

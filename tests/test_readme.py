@@ -1,6 +1,7 @@
 """Every command line the README shows is exercised: flagfiles exist and parse, the cluster launch
 lines are dry-run verbatim, the paper flagfiles run (scaled down by flags after the flagfile)."""
 
+import json
 import os
 import re
 import shlex
@@ -44,11 +45,17 @@ def test_gmm_paper_flagfile_runs_scaled_down(tmp_path):
   (argv,) = [a for a in _commands("python -m experiments.gmm") if "gmm_paper.flags" in " ".join(a)]
   argv = [sys.executable if a == "python" else a for a in argv]
   argv = [f"--workdir={tmp_path}" if a.startswith("--workdir=") else a for a in argv]
-  # Later flags override the flagfile's: the paper's protocol on a 2 x 2 grid with fewer samples.
-  argv += ["--num_betas=2", "--num_seeds=2", "--n_eval=500", "--steps=20", "--noexact"]
+  # Later flags override the flagfile's: the paper's protocol on a 2 x 2 grid with fewer samples
+  # and three of its objectives, with the k-NN measures (README: --knn_samples) in the same run.
+  argv += ["--num_betas=2", "--num_seeds=2", "--n_eval=500", "--steps=20",
+           "--objectives=direct,seqkd,fkl", "--knn_samples=100"]
   r = _run(argv)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert os.path.exists(tmp_path / "results.json")
+  result = json.load(open(tmp_path / "results.json"))
+  assert {r["objective"] for r in result["rows"]} == {"direct", "seqkd", "fkl", "exact"}
+  assert all(r["knn_precision"] is not None for r in result["rows"])
+  assert set(result["knn_agreement"]) == {"seqkd", "fkl", "exact"}
+  assert "rank correlation of precision with knn precision" in r.stderr
 
 
 def test_tpu_pod_line_dry_runs():
