@@ -256,7 +256,7 @@ def _memory_maps() -> int:
 
 # Half the kernel's default vm.max_map_count (65530): room for the next module's compiles (the
 # whole suite on 2 workers, 2026-12-06: at most 7047 maps added by one module, 34320 reached, the
-# caches dropped 3 times instead of 61).
+# caches dropped 2 times instead of 61).
 MAX_MAPS = 32768
 
 
