@@ -1,7 +1,7 @@
 """TensorBoard scalar event files, written without TensorFlow or tensorboardX.
 
 `tensorboard --logdir DIR` reads what ScalarWriter writes: a file `events.out.tfevents.<time>.
-<host>` of TFRecords, each an `Event` protocol buffer (tensorboard's event.proto): first one with
+<host>.<pid>` of TFRecords, each an `Event` protocol buffer (tensorboard's event.proto): first one with
 `file_version = "brain.Event:2"`, then one per scalar with `wall_time`, `step` and a `Summary`
 holding one `Value{tag, simple_value}`. A TFRecord is the data's length (uint64, little endian),
 the length's masked CRC-32C, the data, the data's masked CRC-32C.

@@ -167,7 +167,9 @@ def read_events(path) -> list:
   as TensorBoard's reader does."""
   from tensorboardX.proto import event_pb2  # a test extra, imported where used
   from tensorboardX.record_writer import masked_crc32c
-  data, out, pos = open(path, "rb").read(), [], 0
+  with open(path, "rb") as f:
+    data = f.read()
+  out, pos = [], 0
   while pos < len(data):
     header = data[pos:pos + 8]
     (length,) = struct.unpack("<Q", header)
